@@ -1,0 +1,1 @@
+"""kvtrie: a prefix-trie KV cache for MLX inference servers."""
