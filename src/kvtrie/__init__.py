@@ -1,1 +1,7 @@
 """kvtrie: a prefix-trie KV cache for MLX inference servers."""
+
+from .cache import PrefixCache, Session
+from .errors import CacheMismatchError, SessionError
+from .trie import Trie
+
+__all__ = ["PrefixCache", "Session", "Trie", "SessionError", "CacheMismatchError"]
