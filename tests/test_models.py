@@ -31,7 +31,7 @@ SEQ_LEN = 20
 def _reference(name: str):
     """(model, tokens [1, SEQ_LEN], logits of one uncached full prefill)."""
     model, _ = load_model(name, seed=0)
-    tokens = mx.array(np.random.default_rng(1).integers(0, 320, (1, SEQ_LEN)), dtype=mx.int32)
+    tokens = mx.array(np.random.default_rng(1).integers(0, 261, (1, SEQ_LEN)), dtype=mx.int32)
     logits = model(tokens)
     mx.eval(logits)
     return model, tokens, logits
@@ -53,12 +53,12 @@ def _params(model) -> dict[str, mx.array]:
 @pytest.mark.parametrize("name", NAMES)
 def test_forward_shapes_and_cache_kinds(name):
     model, tokenizer = load_model(name)
-    assert isinstance(tokenizer, ByteTokenizer) and tokenizer.vocab_size <= 320
+    assert isinstance(tokenizer, ByteTokenizer) and tokenizer.vocab_size == 261
     cache = model.make_cache()
     assert len(cache) == len(model.layers)
     tokens = mx.array([[1, 2, 3, 4, 5, 6, 7]])
     logits = model(tokens, cache=cache)
-    assert logits.shape == (1, 7, 320) and logits.dtype == mx.float32
+    assert logits.shape == (1, 7, 261) and logits.dtype == mx.float32
     assert mx.all(mx.isfinite(logits)).item()
     assert all(c.offset == 7 for c in cache)
     if name == "tiny-qwen3-next":
@@ -199,7 +199,7 @@ def test_matches_mlx_lm_on_the_same_hf_weights(name):
     family = importlib.import_module(f"mlx_lm.models.{model.model_type}")
     ref = family.Model(family.ModelArgs.from_dict(MODELS[name][1]))
     ref.load_weights(list(ref.sanitize(_params(model)).items()), strict=True)
-    tokens = mx.array(np.random.default_rng(0).integers(0, 320, (1, 17)))
+    tokens = mx.array(np.random.default_rng(0).integers(0, 261, (1, 17)))
     np.testing.assert_allclose(np.array(model(tokens)), np.array(ref(tokens)), atol=1e-4)
 
 

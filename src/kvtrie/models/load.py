@@ -32,7 +32,7 @@ TINY_LLAMA: dict[str, Any] = {
     "num_key_value_heads": 2,
     "head_dim": 16,
     "rms_norm_eps": 1e-5,
-    "vocab_size": 320,
+    "vocab_size": 261,  # exactly the ByteTokenizer ids, so every sampled id decodes
     "rope_theta": 10000.0,
     "tie_word_embeddings": True,
     "max_position_embeddings": 4096,
@@ -49,7 +49,7 @@ TINY_QWEN3_NEXT: dict[str, Any] = {
     "head_dim": 16,
     "partial_rotary_factor": 0.25,
     "rms_norm_eps": 1e-6,
-    "vocab_size": 320,
+    "vocab_size": 261,  # exactly the ByteTokenizer ids, so every sampled id decodes
     "rope_theta": 10000.0,
     "tie_word_embeddings": False,
     "max_position_embeddings": 4096,
