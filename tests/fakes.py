@@ -10,7 +10,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from kvtrie.models.cache import KVCache
+from kvtrie.models.cache import KVCache, RecurrentCache
 
 MOD = 65521
 
@@ -25,13 +25,21 @@ def prefix_hashes(tokens, h0: int = 0) -> np.ndarray:
 
 
 class FakeModel:
-    """Fills `layers` KV caches with `[1, heads, L, dim]` keys/values derived from prefix hashes."""
+    """Fills KV layers ("K") with `[1, heads, L, dim]` keys/values derived from prefix hashes, and
+    recurrent layers ("R") with a state that is the hash of the whole prefix plus its last tokens.
 
-    def __init__(self, layers: int = 2, heads: int = 2, dim: int = 4, dtype=mx.float32):
-        self.num_layers, self.heads, self.dim, self.dtype = layers, heads, dim, dtype
+    Before running, it reads the previous hash from every layer it can and raises if they
+    disagree, so a restore that mixes states of different prefixes cannot go unnoticed.
+    """
+
+    TAIL = 3
+
+    def __init__(self, layers: int = 2, heads: int = 2, dim: int = 4, dtype=mx.float32, kinds: str | None = None):
+        self.kinds = kinds or "K" * layers
+        self.num_layers, self.heads, self.dim, self.dtype = len(self.kinds), heads, dim, dtype
 
     def make_cache(self) -> list:
-        return [KVCache() for _ in range(self.num_layers)]
+        return [KVCache() if k == "K" else RecurrentCache(2) for k in self.kinds]
 
     def kv_from_hashes(self, hashes: np.ndarray, layer: int) -> tuple[np.ndarray, np.ndarray]:
         h = hashes.astype(np.float64)[None, None, :, None]
@@ -42,21 +50,48 @@ class FakeModel:
         values = -keys * 0.5 + layer
         return keys.astype(np.float32), values.astype(np.float32)
 
+    def state_from(self, last_hash: int, tail: list[int], layer: int) -> list[np.ndarray]:
+        padded = ([-1] * self.TAIL + list(tail))[-self.TAIL :]
+        return [np.array([[last_hash + layer]], np.float32), np.array([padded], np.float32)]
+
     def cold_kv(self, tokens, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """The KV a cold run over `tokens` leaves in `layer`."""
         return self.kv_from_hashes(prefix_hashes(tokens), layer)
 
+    def cold_state(self, tokens, layer: int) -> list[np.ndarray]:
+        """The recurrent state a cold run over `tokens` leaves in `layer`."""
+        return self.state_from(int(prefix_hashes(tokens)[-1]), [int(t) for t in tokens], layer)
+
+    def _previous(self, cache: list) -> tuple[int, list[int]]:
+        seen = set()
+        tail: list[int] = []
+        for layer, (kind, c) in enumerate(zip(self.kinds, cache)):
+            if not c.offset:
+                continue
+            if kind == "K":
+                seen.add(int(np.array(c.state[0][0, 0, c.offset - 1, 0])) - layer)
+            else:
+                seen.add(int(np.array(c[0])[0, 0]) - layer)
+                tail = [int(t) for t in np.array(c[1])[0] if t >= 0]
+        offsets = {c.offset for c in cache}
+        if len(seen) > 1 or len(offsets) > 1:
+            raise AssertionError(f"layers disagree on the prefix: hashes {seen}, offsets {offsets}")
+        return (seen.pop() if seen else 0), tail
+
     def __call__(self, tokens, cache: list) -> None:
         """Run over `tokens`, appending to `cache` (whose offset says where they start)."""
-        c0 = cache[0]
-        h0 = 0
-        if c0.offset:
-            keys, _ = c0.state[0], c0.state[1]
-            h0 = int(np.array(keys[0, 0, c0.offset - 1, 0]))
+        if len(tokens) == 0:
+            return
+        h0, tail = self._previous(cache)
         hashes = prefix_hashes(tokens, h0)
-        for layer, c in enumerate(cache):
-            k, v = self.kv_from_hashes(hashes, layer)
-            c.update_and_fetch(mx.array(k, dtype=self.dtype), mx.array(v, dtype=self.dtype))
+        tail = tail + [int(t) for t in tokens]
+        for layer, (kind, c) in enumerate(zip(self.kinds, cache)):
+            if kind == "K":
+                k, v = self.kv_from_hashes(hashes, layer)
+                c.update_and_fetch(mx.array(k, dtype=self.dtype), mx.array(v, dtype=self.dtype))
+            else:
+                c.state = [mx.array(a) for a in self.state_from(int(hashes[-1]), tail, layer)]
+                c.advance(len(tokens))
 
 
 def live_arrays(cache) -> tuple[np.ndarray, np.ndarray]:
@@ -67,18 +102,22 @@ def live_arrays(cache) -> tuple[np.ndarray, np.ndarray]:
 
 def assert_cold(model: FakeModel, caches: list, tokens, n: int) -> None:
     """The first `n` positions of `caches` equal, element for element, a cold run over tokens[:n]."""
-    for layer, c in enumerate(caches):
+    for layer, (kind, c) in enumerate(zip(model.kinds, caches)):
         assert c.offset == n
         if n == 0:
             continue
-        k, v = live_arrays(c)
-        ck, cv = model.cold_kv(tokens[:n], layer)
-        np.testing.assert_array_equal(k, ck)
-        np.testing.assert_array_equal(v, cv)
+        if kind == "K":
+            k, v = live_arrays(c)
+            ck, cv = model.cold_kv(tokens[:n], layer)
+            np.testing.assert_array_equal(k, ck)
+            np.testing.assert_array_equal(v, cv)
+        else:
+            for got, want in zip(c.state, model.cold_state(tokens[:n], layer)):
+                np.testing.assert_array_equal(np.array(got), want)
 
 
 def check_invariants(pc, open_sessions=(), model: FakeModel | None = None) -> None:
-    """DESIGN.md invariants 1, 2, 4 and 6 over the whole trie (and payload == cold KV if model given)."""
+    """DESIGN.md invariants 1, 2, 4 and 6 over the whole trie (and payload == cold state if model given)."""
     total = 0
     pinned_by = {}
     for s in open_sessions:
@@ -90,10 +129,15 @@ def check_invariants(pc, open_sessions=(), model: FakeModel | None = None) -> No
         parent = node.parent
         assert node.start == parent.end, "child must start at its parent's end"
         assert parent.children[int(node.tokens[0])] is node, "children are keyed by first token"
+        path_tokens = np.concatenate([n.tokens for n in node.path()])
         for layer, p in enumerate(node.payload.layers):
+            if layer in pc.recurrent_layers:
+                if p is not None and model is not None:
+                    for got, want in zip(p.states, model.cold_state(path_tokens, layer)):
+                        np.testing.assert_array_equal(np.array(got), want)
+                continue
             assert p.length == node.end - node.start, "KV payload must span exactly its edge"
             if model is not None:
-                path_tokens = np.concatenate([n.tokens for n in node.path()])
                 ck, cv = model.cold_kv(path_tokens, layer)
                 np.testing.assert_array_equal(np.array(p.keys), ck[..., node.start :, :])
                 np.testing.assert_array_equal(np.array(p.values), cv[..., node.start :, :])

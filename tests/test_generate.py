@@ -25,32 +25,49 @@ def assert_warm_equals_cold(model, warm, prompt, max_tokens):
         np.testing.assert_allclose(w, c, atol=1e-5, rtol=0)
 
 
+def random_requests(model, pc, data, max_tokens=4):
+    """Drive random fresh / resume / branch / regenerate requests through `generate`.
+
+    Checks each request's cached length against the trace and yields (prompt, result).
+    """
+    vocab = st.integers(0, 260)
+    history: list[list[int]] = []  # full sequences committed so far (prompt + reply - 1)
+    prompts: list[list[int]] = []
+    for _ in range(data.draw(st.integers(3, 6), label="requests")):
+        kind = data.draw(st.sampled_from(["fresh", "resume", "branch", "regenerate"]) if history else st.just("fresh"))
+        floor = 0  # what this request must restore at least
+        if kind == "fresh":
+            prompt = data.draw(st.lists(vocab, min_size=1, max_size=40), label="fresh")
+        elif kind == "resume":  # the next turn of a conversation: previous prompt + reply + new text
+            base = data.draw(st.sampled_from(history))
+            prompt = base + data.draw(st.lists(vocab, min_size=1, max_size=12))
+            floor = len(base)
+        elif kind == "branch":  # diverge from an earlier sequence at any point (often mid-edge)
+            base = data.draw(st.sampled_from(history))
+            cut = data.draw(st.integers(0, len(base)))
+            prompt = (base[:cut] + data.draw(st.lists(vocab, min_size=1, max_size=12))) or [1]
+        else:  # regenerate: the same prompt again
+            prompt = list(data.draw(st.sampled_from(prompts)))
+            floor = len(prompt) - 1
+        step_size = data.draw(st.integers(1, 24), label="prefill step")
+        warm = generate(model, pc, prompt, max_tokens=max_tokens, prefill_step_size=step_size, return_logits=True)
+        best = min(max((_lcp(prompt, h) for h in history), default=0), len(prompt) - 1)
+        assert floor <= warm.cached_tokens <= best
+        if not pc.recurrent_layers:
+            assert warm.cached_tokens == best
+        assert warm.prefill_tokens == len(prompt) - warm.cached_tokens
+        yield prompt, warm
+        history.append(prompt + warm.tokens[:-1])
+        prompts.append(prompt)
+
+
 @settings(max_examples=8)
 @given(data=st.data())
 def test_warm_equals_cold_over_random_patterns(llama, data):
     model, _ = llama
     pc = PrefixCache(model.make_cache)
-    vocab = st.integers(0, 260)
-    history: list[list[int]] = []  # full sequences seen so far (prompt + reply)
-    for step in range(data.draw(st.integers(3, 6), label="requests")):
-        kind = data.draw(st.sampled_from(["fresh", "resume", "branch", "regenerate"]) if history else st.just("fresh"))
-        if kind == "fresh":
-            prompt = data.draw(st.lists(vocab, min_size=1, max_size=40), label="fresh")
-        elif kind == "resume":  # the next turn of a conversation: previous prompt + reply + new text
-            prompt = data.draw(st.sampled_from(history)) + data.draw(st.lists(vocab, min_size=1, max_size=12))
-        elif kind == "branch":  # diverge from an earlier sequence at any point (often mid-edge)
-            base = data.draw(st.sampled_from(history))
-            cut = data.draw(st.integers(0, len(base)))
-            prompt = (base[:cut] + data.draw(st.lists(vocab, min_size=1, max_size=12))) or [1]
-        else:
-            prompt = list(data.draw(st.sampled_from(history)))
-        step_size = data.draw(st.integers(1, 24), label="prefill step")
-        warm = generate(model, pc, prompt, max_tokens=4, prefill_step_size=step_size, return_logits=True)
-        expected = max((_lcp(prompt, h) for h in history), default=0)
-        assert warm.cached_tokens == min(expected, len(prompt) - 1)
-        assert warm.prefill_tokens == len(prompt) - warm.cached_tokens
+    for prompt, warm in random_requests(model, pc, data):
         assert_warm_equals_cold(model, warm, prompt, 4)
-        history.append(prompt + warm.tokens[:-1])
 
 
 def _lcp(a, b):

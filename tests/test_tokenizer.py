@@ -22,7 +22,7 @@ from kvtrie.models.tokenizer import (
 # Text that stresses multi-byte UTF-8: accents, CJK, emoji with modifiers / ZWJ, newlines.
 PIECES = ["a", "Z", " ", "\n", "é", "ß", "中", "文", "😀", "🎉", "👍🏽", "👩‍💻", "\u0301", "ﬁ"]
 TEXT = st.lists(
-    st.sampled_from(PIECES) | st.characters(exclude_characters="\ufffd"), max_size=30
+    st.sampled_from(PIECES) | st.characters(codec="utf-8", exclude_characters="\ufffd"), max_size=30
 ).map("".join)
 
 BYTE = ByteTokenizer()
@@ -79,6 +79,8 @@ def test_byte_decode_replaces_invalid_utf8_and_checks_ids():
         BYTE.decode([1.5])
     with pytest.raises(TypeError, match="str"):
         BYTE.encode(b"bytes")
+    with pytest.raises(ValueError, match="surrogate"):
+        BYTE.encode("a\ud800")
 
 
 # --- StreamingDetokenizer over bytes ----------------------------------------------------
@@ -157,6 +159,8 @@ def test_hf_specials_map_to_ids(hf):
     assert hf.decode(plain) == "<|im_start|>user"
     # the special-free copy does not change the main tokenizer
     assert hf.encode("<|im_start|>")[0] == 1
+    with pytest.raises(ValueError, match="surrogate"):
+        hf.encode("\udc80")
 
 
 @settings(max_examples=25)
@@ -248,8 +252,15 @@ def check_conversation(tokenizer, system, turns):
         "user",
         "assistant",
     ] * len(turns)
+    ends = conv.boundaries
+    assert len(ends) == len(conv.messages) and ends[-1] == len(conv.tokens)
+    assert all(conv.tokens[e - len(template.separator) : e] == template.separator for e in ends)
     if all_valid:
         assert template.render(conv.messages, add_generation_prompt=False) == conv.tokens
+        starts = [0] + ends[:-1]
+        assert [template.render_message(m) for m in conv.messages] == [
+            conv.tokens[a:b] for a, b in zip(starts, ends)
+        ]
         assert template.render(conv.messages) == conv.prompt()
 
 

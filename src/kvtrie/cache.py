@@ -12,13 +12,21 @@ import itertools
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import attrs
 import mlx.core as mx
 import numpy as np
 
 from .errors import CacheMismatchError, SessionError
+from .recurrent import (
+    RecurrentPayload,
+    RecurrentSignature,
+    capture_recurrent,
+    is_recurrent,
+    recurrent_signature,
+    restore_recurrent,
+)
 from .snapshot import KVPayload, KVSignature, capture_kv, evaluate, kv_signature, merge_kv, split_kv, stitch_kv
 from .trie import Match, Node, Trie, as_token_array
 
@@ -27,26 +35,48 @@ logger = logging.getLogger("kvtrie")
 DEVICE = "device"
 
 
+LayerPayload = Optional[Union[KVPayload, RecurrentPayload]]
+
+
 @attrs.define(slots=True, eq=False)
 class NodeData:
-    """Everything a node stores: one payload per model layer, and the tier it lives in."""
+    """Everything a node stores: one payload per model layer, and the tier it lives in.
 
-    layers: tuple[KVPayload, ...]
+    KV layers always hold the edge's keys/values; a recurrent layer holds its state at
+    the node's end, or `None` where no snapshot was captured.
+    """
+
+    layers: tuple[LayerPayload, ...]
     tier: str = DEVICE
 
     @property
     def nbytes(self) -> int:
-        return sum(p.nbytes for p in self.layers)
+        return sum(p.nbytes for p in self.layers if p is not None)
+
+    @property
+    def has_state(self) -> bool:
+        """Every layer can be restored at this node's end (always true for a pure transformer)."""
+        return all(p is not None for p in self.layers)
 
 
 def _split_data(data: NodeData, k: int) -> tuple[NodeData, NodeData]:
-    pairs = [split_kv(p, k) for p in data.layers]
-    evaluate(p for pair in pairs for p in pair)
-    return NodeData(tuple(a for a, _ in pairs), data.tier), NodeData(tuple(b for _, b in pairs), data.tier)
+    """KV payloads split at `k`; a recurrent snapshot stays with the lower part (it is at the end)."""
+    upper: list[LayerPayload] = []
+    lower: list[LayerPayload] = []
+    for p in data.layers:
+        if isinstance(p, KVPayload):
+            a, b = split_kv(p, k)
+        else:
+            a, b = None, p
+        upper.append(a)
+        lower.append(b)
+    evaluate(upper + lower)
+    return NodeData(tuple(upper), data.tier), NodeData(tuple(lower), data.tier)
 
 
 def _merge_data(upper: NodeData, lower: NodeData) -> NodeData:
-    merged = tuple(merge_kv(a, b) for a, b in zip(upper.layers, lower.layers))
+    """KV payloads concatenate; the upper node's recurrent snapshot (mid-edge now) is dropped."""
+    merged = tuple(merge_kv(a, b) if isinstance(b, KVPayload) else b for a, b in zip(upper.layers, lower.layers))
     evaluate(merged)
     return NodeData(merged, lower.tier)
 
@@ -55,16 +85,30 @@ class Session:
     """One request's view of the cache: restored live caches, pinned path, one commit.
 
     `cached` tokens were restored into `caches` (at most `len(tokens) - 1`, so the
-    caller always has logits to compute). Use as a context manager: the path stays
-    pinned (never evicted) until the session closes.
+    caller always has logits to compute). For models with recurrent layers,
+    `capture_at` lists the offsets at which the caller should call `capture()` while
+    prefilling (the divergence point, `len(tokens) - 1`, every `snapshot_interval`), so
+    later requests that stop there restore fully. Use as a context manager: the path
+    stays pinned (never evicted) until the session closes.
     """
 
-    def __init__(self, owner: "PrefixCache", namespace: str, tokens: np.ndarray, cached: int, caches: list, leaf: Optional[Node]):
+    def __init__(
+        self,
+        owner: "PrefixCache",
+        namespace: str,
+        tokens: np.ndarray,
+        cached: int,
+        caches: list,
+        leaf: Optional[Node],
+        capture_at: tuple[int, ...] = (),
+    ):
         self._owner = owner
         self.namespace = namespace
         self.tokens = tokens
         self.cached = cached
         self.caches: Optional[list] = caches
+        self.capture_at = capture_at
+        self._captures: dict[int, tuple[RecurrentPayload, ...]] = {}
         self._leaf = leaf
         self._committed = False
         self._closed = False
@@ -77,16 +121,28 @@ class Session:
     def committed(self) -> bool:
         return self._committed
 
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise SessionError(f"{what} on a closed session: begin a new session for this request")
+        if self._committed:
+            raise SessionError(f"{what} after commit: this session has already committed; begin a new one")
+
+    def capture(self) -> int:
+        """Snapshot the recurrent layers' state at the caches' current offset; returns that offset.
+
+        Call it when the prefill reaches an offset in `capture_at`; `commit` stores the
+        snapshot at that position. A no-op returning the offset for pure transformers.
+        """
+        self._check_open("capture")
+        return self._owner._capture(self)
+
     def commit(self, tokens: Sequence[int], caches: Optional[list] = None) -> int:
         """Store the state of `tokens` held by `caches` (default: this session's); returns tokens added.
 
         The caches' offsets must equal `len(tokens)` and `tokens` must begin with the
         restored prefix. On any error nothing is stored.
         """
-        if self._closed:
-            raise SessionError("commit on a closed session: begin a new session for this request")
-        if self._committed:
-            raise SessionError("this session has already committed; begin a new session to store more")
+        self._check_open("commit")
         return self._owner._commit(self, tokens, self.caches if caches is None else caches)
 
     def close(self) -> None:
@@ -107,30 +163,43 @@ class Session:
         return f"Session({len(self.tokens)} tokens, cached={self.cached}, {state})"
 
 
+Signature = tuple[Union[KVSignature, RecurrentSignature], ...]
+
+
 class PrefixCache:
     """Prefix-trie KV cache: every stored token's KV exists once, any stored prefix restores.
 
     `make_cache` is the model's `make_cache` (a callable returning one fresh live cache
     per layer, mlx-lm's protocol). `namespace` is the default namespace (model id,
-    tenant salt); different namespaces never share nodes.
+    tenant salt); different namespaces never share nodes. For hybrid models (layers
+    whose cache has no `update_and_fetch` are recurrent), sessions also plan recurrent
+    snapshots every `snapshot_interval` tokens (`None`: only at divergence points and
+    ends), at most `max_snapshots_per_path` of those on one path.
     """
 
-    def __init__(self, make_cache: Callable[[], list], *, namespace: str = "default"):
+    def __init__(
+        self,
+        make_cache: Callable[[], list],
+        *,
+        namespace: str = "default",
+        snapshot_interval: Optional[int] = 256,
+        max_snapshots_per_path: int = 32,
+    ):
         if not callable(make_cache):
             raise TypeError(f"make_cache must be callable (a model's make_cache), got {type(make_cache).__name__}")
+        if snapshot_interval is not None:
+            _check_positive_int("snapshot_interval", snapshot_interval)
+        _check_positive_int("max_snapshots_per_path", max_snapshots_per_path)
         probe = make_cache()
         if not isinstance(probe, (list, tuple)) or not probe:
             raise ValueError("make_cache() must return a non-empty list with one live cache per layer")
-        for i, c in enumerate(probe):
-            if not hasattr(c, "update_and_fetch"):
-                raise TypeError(
-                    f"layer {i}: {type(c).__name__} is not a KV cache (no update_and_fetch); "
-                    "recurrent layers are not supported by this PrefixCache"
-                )
         self._make_cache = make_cache
         self._layer_types = tuple(type(c) for c in probe)
+        self._recurrent = tuple(i for i, c in enumerate(probe) if is_recurrent(c))
         self._namespace = self._check_namespace(namespace)
-        self._signature: Optional[tuple[KVSignature, ...]] = None
+        self._interval = snapshot_interval
+        self._max_snapshots = max_snapshots_per_path
+        self._signature: Optional[Signature] = None
         self._tries: dict[str, Trie] = {}
         self._lock = threading.RLock()
         self._clock = itertools.count(1)
@@ -144,41 +213,104 @@ class PrefixCache:
     def num_layers(self) -> int:
         return len(self._layer_types)
 
+    @property
+    def recurrent_layers(self) -> tuple[int, ...]:
+        """Indices of the layers whose state is a snapshot at node ends, not per-token KV."""
+        return self._recurrent
+
     # --- the request API -----------------------------------------------------------
 
-    def begin(self, tokens: Sequence[int], *, namespace: Optional[str] = None) -> Session:
-        """Restore the longest stored prefix of `tokens` (holding back at least one token)."""
+    def begin(
+        self, tokens: Sequence[int], *, namespace: Optional[str] = None, capture_hints: Sequence[int] = ()
+    ) -> Session:
+        """Restore the longest usable stored prefix of `tokens` (holding back at least one token).
+
+        For a hybrid model the usable length is the deepest node end, up to the match,
+        where every recurrent layer has a snapshot. `capture_hints` are offsets where
+        later requests are likely to diverge (e.g. the ends of chat messages); they join
+        the session's `capture_at` plan.
+        """
         arr = as_token_array(tokens)
         ns = self._namespace if namespace is None else self._check_namespace(namespace)
+        hints = _check_offsets(capture_hints)
         caches = self._make_cache()
         with self._lock:
             trie = self._tries.get(ns)
             match = trie.match(arr) if trie is not None else Match((), 0)
-            cached = min(match.length, len(arr) - 1)
+            limit = min(match.length, len(arr) - 1)
+            if self._recurrent:
+                cached = max((n.end for n in match.path if n.end <= limit and n.payload.has_state), default=0)
+            else:
+                cached = limit
             used = [n for n in match.path if n.start < cached]
             if used:
-                for i, cache in enumerate(caches):
-                    stitch_kv(cache, [n.payload.layers[i] for n in used], cached)
-                mx.eval(*[a for c in caches for a in (c.keys, c.values)])
+                self._restore(caches, used, cached)
             leaf = used[-1] if used else None
+            capture_at = self._plan_captures(used, match.length, cached, len(arr), hints) if self._recurrent else ()
             self._pin(leaf, +1)
             self._touch(used)
             self._requests += 1
             self._prompt_tokens += len(arr)
             self._cached_tokens += cached
             self._hits += bool(cached)
-        logger.debug("begin ns=%s: %d tokens, matched %d, restored %d from %d nodes", ns, len(arr), match.length, cached, len(used))
-        return Session(self, ns, arr, cached, caches, leaf)
+        logger.debug(
+            "begin ns=%s: %d tokens, matched %d, restored %d from %d nodes, capture at %s",
+            ns, len(arr), match.length, cached, len(used), capture_at,
+        )
+        return Session(self, ns, arr, cached, caches, leaf, capture_at)
+
+    def _restore(self, caches: list, used: list[Node], cached: int) -> None:
+        """Stitch the path's KV into the live caches and load the recurrent state at `cached`."""
+        arrays = []
+        for i, cache in enumerate(caches):
+            if i in self._recurrent:
+                restore_recurrent(cache, used[-1].payload.layers[i], cached)
+                arrays.extend(a for a in cache.state if a is not None)
+            else:
+                stitch_kv(cache, [n.payload.layers[i] for n in used], cached)
+                arrays.extend((cache.keys, cache.values))
+        mx.eval(*arrays)
+
+    def _plan_captures(
+        self, used: list[Node], matched: int, cached: int, n: int, hints: tuple[int, ...]
+    ) -> tuple[int, ...]:
+        """Offsets in `(cached, n)` where this prefill should snapshot the recurrent state."""
+        points = {matched, n - 1, *hints}  # where this request diverges; where its regenerate restores
+        if self._interval is not None:
+            room = self._max_snapshots - sum(1 for node in used if node.payload.has_state)
+            first = (cached // self._interval + 1) * self._interval
+            points.update(itertools.islice(range(first, n, self._interval), max(room, 0)))
+        return tuple(sorted(p for p in points if cached < p < n))
+
+    def _capture(self, session: Session) -> int:
+        caches = session.caches
+        offsets = {int(c.offset) for c in caches if hasattr(c, "offset")}
+        if len(offsets) != 1:
+            raise CacheMismatchError(f"layer caches disagree on their offset ({sorted(offsets)}); capture between forward passes")
+        (offset,) = offsets
+        if self._recurrent and offset > session.cached:
+            if offset > len(session.tokens):
+                raise CacheMismatchError(f"caches are at offset {offset}, past the {len(session.tokens)} tokens of begin()")
+            snap = tuple(capture_recurrent(caches[i]) for i in self._recurrent)
+            evaluate(snap)
+            session._captures[offset] = snap
+        return offset
 
     def _commit(self, session: Session, tokens: Sequence[int], caches: Any) -> int:
         arr = as_token_array(tokens)
         n = len(arr)
-        if n < session.cached or not np.array_equal(arr[: session.cached], session.tokens[: session.cached]):
+        agreed = max([session.cached, *session._captures])
+        if n < agreed or not np.array_equal(arr[:agreed], session.tokens[:agreed]):
             raise ValueError(
-                f"committed tokens must begin with the {session.cached} tokens this session restored; "
+                f"committed tokens must begin with the {agreed} tokens this session restored or captured; "
                 "commit the prompt (plus generated tokens) that was passed to begin()"
             )
         signature = self._check_caches(caches, n)
+        snapshots = dict(session._captures)
+        if self._recurrent:
+            final = tuple(capture_recurrent(caches[i]) for i in self._recurrent)
+            evaluate(final)
+            snapshots[n] = final
         with self._lock:
             if self._signature is None:
                 self._signature = signature
@@ -192,21 +324,38 @@ class PrefixCache:
             match = trie.match(arr)
             added = n - match.length
             if added:
-                layers = tuple(capture_kv(c, match.length, n) for c in caches)
+                layers = tuple(None if i in self._recurrent else capture_kv(c, match.length, n) for i, c in enumerate(caches))
                 evaluate(layers)
                 parent = trie.split(match.last, match.length) if match.ends_mid_edge else (match.last or trie.root)
                 data = NodeData(layers)
-                leaf = trie.add_child(parent, arr[match.length :], data)
+                trie.add_child(parent, arr[match.length :], data)
                 self._device_bytes += data.nbytes
-            else:
-                leaf = match.last
+            for offset in sorted(snapshots):
+                self._attach(self._boundary(trie, arr, offset), snapshots[offset])
+            leaf = self._boundary(trie, arr, n)
             self._pin(session._leaf, -1)
             self._pin(leaf, +1)
             session._leaf = leaf
             self._touch(leaf.path())
             session._committed = True
-        logger.debug("commit ns=%s: %d tokens, %d new", session.namespace, n, added)
+        logger.debug("commit ns=%s: %d tokens, %d new, snapshots at %s", session.namespace, n, added, sorted(snapshots))
         return added
+
+    @staticmethod
+    def _boundary(trie: Trie, arr: np.ndarray, offset: int) -> Node:
+        """The node on `arr`'s stored path that ends exactly at `offset`, splitting an edge if needed."""
+        match = trie.match(arr[:offset])
+        node = match.last
+        return trie.split(node, offset) if node.end > offset else node
+
+    def _attach(self, node: Node, snapshot: tuple[RecurrentPayload, ...]) -> None:
+        """Give `node` the recurrent snapshot taken at its end, unless it has one already."""
+        layers = list(node.payload.layers)
+        for i, payload in zip(self._recurrent, snapshot):
+            if layers[i] is None:
+                layers[i] = payload
+                self._device_bytes += payload.nbytes
+        node.payload.layers = tuple(layers)
 
     def _close(self, session: Session) -> None:
         with self._lock:
@@ -214,6 +363,7 @@ class PrefixCache:
             session._leaf = None
             session._closed = True
             session.caches = None
+            session._captures = {}
 
     # --- validation ----------------------------------------------------------------
 
@@ -223,7 +373,7 @@ class PrefixCache:
             raise TypeError(f"namespace must be a str (model id, tenant salt), got {type(namespace).__name__}")
         return namespace
 
-    def _check_caches(self, caches: Any, offset: int) -> tuple[KVSignature, ...]:
+    def _check_caches(self, caches: Any, offset: int) -> Signature:
         if not isinstance(caches, (list, tuple)):
             raise TypeError(f"caches must be the list of live layer caches, got {type(caches).__name__}")
         if len(caches) != self.num_layers:
@@ -231,15 +381,18 @@ class PrefixCache:
                 f"got caches for {len(caches)} layers, this PrefixCache's model has {self.num_layers}; "
                 "pass the caches of the model whose make_cache built this PrefixCache"
             )
-        signature = []
+        signature: list[Union[KVSignature, RecurrentSignature]] = []
         for i, (c, expected) in enumerate(zip(caches, self._layer_types)):
             if type(c) is not expected:
                 raise CacheMismatchError(f"layer {i}: expected a {expected.__name__}, got {type(c).__name__}")
-            if int(c.offset) != offset:
+            if hasattr(c, "offset") and int(c.offset) != offset:
                 raise CacheMismatchError(
                     f"layer {i}: cache offset is {c.offset} but {offset} tokens were committed; "
                     "run the model over every token before committing"
                 )
+            if i in self._recurrent:
+                signature.append(recurrent_signature(c))
+                continue
             sig = kv_signature(c)
             if sig.batch != 1:
                 raise CacheMismatchError(f"layer {i}: batch size {sig.batch}; a session holds one sequence (batch 1)")
@@ -271,18 +424,20 @@ class PrefixCache:
     def stats(self) -> dict[str, int]:
         """Counters since creation and the current size of the cache."""
         with self._lock:
+            nodes = [node for _, node, _ in self.walk()]
             return {
                 "requests": self._requests,
                 "hits": self._hits,
                 "prompt_tokens": self._prompt_tokens,
                 "cached_tokens": self._cached_tokens,
-                "nodes": sum(t.num_nodes for t in self._tries.values()),
+                "nodes": len(nodes),
                 "tokens_stored": sum(t.num_tokens for t in self._tries.values()),
+                "snapshots": sum(1 for node in nodes if self._recurrent and node.payload.has_state),
                 "device_bytes": self._device_bytes,
             }
 
     def dump(self) -> str:
-        """Readable tree: one line per node, `[start, end) tokens bytes tier pinned`."""
+        """Readable tree: one line per node, `[start, end) tokens bytes tier pinned` (+ `state` at snapshots)."""
         lines: list[str] = []
         current = None
         for ns, node, depth in self.walk():
@@ -290,8 +445,27 @@ class PrefixCache:
                 lines.append(f"namespace {ns!r}")
                 current = ns
             head = " ".join(str(t) for t in node.tokens[:8]) + (" ..." if len(node.tokens) > 8 else "")
+            state = " state" if self._recurrent and node.payload.has_state else ""
             lines.append(
                 f"{'  ' * depth}[{node.start}, {node.end}) {len(node.tokens)} tokens "
-                f"{node.payload.nbytes} B {node.payload.tier} pinned={node.pins} <{head}>"
+                f"{node.payload.nbytes} B {node.payload.tier} pinned={node.pins}{state} <{head}>"
             )
         return "\n".join(lines)
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}")
+
+
+def _check_offsets(offsets: Any) -> tuple[int, ...]:
+    try:
+        values = tuple(offsets)
+    except TypeError:
+        raise TypeError(f"capture_hints must be a sequence of token offsets, got {type(offsets).__name__}") from None
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+            raise ValueError(f"capture_hints must be non-negative int offsets, got {v!r}")
+    return tuple(int(v) for v in values)

@@ -122,8 +122,11 @@ def stitch_kv(cache: Any, parts: Sequence[KVPayload], length: int) -> None:
     cache.offset = length
 
 
-def evaluate(payloads: Iterable[KVPayload]) -> None:
-    """Evaluate all payload arrays in one graph run, so they stop referencing their sources."""
-    arrays = [a for p in payloads for a in p.arrays()]
+def evaluate(payloads: Iterable[Any]) -> None:
+    """Evaluate the arrays of all payloads (any kind; `None` skipped) in one graph run.
+
+    Until evaluated, a payload is a graph that still references the live buffers.
+    """
+    arrays = [a for p in payloads if p is not None for a in p.arrays()]
     if arrays:
         mx.eval(*arrays)

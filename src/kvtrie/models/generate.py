@@ -2,6 +2,8 @@
 
 The committed tokens are exactly those whose state is in the live caches: the prompt
 and every generated token except the last one, which was sampled but never fed back.
+For hybrid models the prefill is also cut where the session asks for recurrent
+snapshots (`session.capture_at`), and `commit` snapshots the state at the end.
 The next turn's prompt (prompt + reply + new text) therefore restores all but that
 one token, which it prefills together with the new text.
 """
@@ -70,9 +72,11 @@ class Generation:
         stop_tokens: Sequence[int] = (),
         prefill_step_size: int = 512,
         namespace: Optional[str] = None,
+        capture_hints: Sequence[int] = (),
         return_logits: bool = False,
     ):
         _check_args(max_tokens, prefill_step_size)
+        self._hints = tuple(capture_hints)
         self._prompt = as_token_array(prompt_tokens)
         self._model = model
         self._pc = prefix_cache
@@ -95,18 +99,29 @@ class Generation:
         logits = self._model(mx.array(tokens, dtype=mx.int32)[None], cache=caches)
         return logits[0, -1]
 
+    def _prefill(self, rest: np.ndarray, caches: list, session: Any) -> mx.array:
+        """Run the uncached tail in chunks, cut also at the session's capture offsets."""
+        start = session.cached if session is not None else 0
+        captures = {p - start for p in session.capture_at} if session is not None else set()
+        cuts = sorted(set(range(self._step, len(rest), self._step)) | captures | {len(rest)})
+        logits, done = None, 0
+        for cut in cuts:
+            logits = self._forward(rest[done:cut], caches)
+            mx.eval(logits)
+            done = cut
+            if cut in captures:
+                session.capture()
+        return logits
+
     def _run(self) -> Iterator[int]:
         prompt = self._prompt
         t0 = time.perf_counter()
-        session = self._pc.begin(prompt, namespace=self._namespace) if self._pc is not None else None
+        session = self._pc.begin(prompt, namespace=self._namespace, capture_hints=self._hints) if self._pc is not None else None
         try:
             cached = session.cached if session is not None else 0
             caches = session.caches if session is not None else self._model.make_cache()
             rest = prompt[cached:]
-            logits = None
-            for i in range(0, len(rest), self._step):
-                logits = self._forward(rest[i : i + self._step], caches)
-                mx.eval(logits)
+            logits = self._prefill(rest, caches, session)
             history = prompt.tolist()
             kept: list[np.ndarray] = []
             generated: list[int] = []
@@ -168,12 +183,15 @@ def generate(
     stop_tokens: Sequence[int] = (),
     prefill_step_size: int = 512,
     namespace: Optional[str] = None,
+    capture_hints: Sequence[int] = (),
     return_logits: bool = False,
 ) -> GenerationResult:
     """Generate up to `max_tokens` after `prompt_tokens`, reusing and extending `prefix_cache`.
 
     `prefix_cache=None` runs cold. `sampler(logits, history) -> token` defaults to greedy;
     generation stops after a token in `stop_tokens` (which is kept in the reply).
+    `capture_hints` (e.g. `Conversation.boundaries`) are offsets where later requests may
+    diverge; hybrid models snapshot their recurrent state there.
     """
     gen = Generation(
         model,
@@ -184,6 +202,7 @@ def generate(
         stop_tokens=stop_tokens,
         prefill_step_size=prefill_step_size,
         namespace=namespace,
+        capture_hints=capture_hints,
         return_logits=return_logits,
     )
     for _ in gen:

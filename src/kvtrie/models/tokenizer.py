@@ -54,8 +54,16 @@ def _as_ids(ids: Iterable[int], vocab_size: int) -> list[int]:
 
 
 def _check_text(text: str) -> None:
+    """Reject non-str input and strings UTF-8 cannot encode (lone surrogates)."""
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"text holds a lone surrogate {text[e.start]!r} at index {e.start}, which UTF-8 "
+            "cannot encode; decode your input with errors='replace' or 'surrogatepass' first"
+        ) from None
 
 
 class ByteTokenizer:
@@ -360,6 +368,7 @@ class Conversation:
         self.template = template
         self._tokens: list[int] = []
         self._messages: list[dict[str, str]] = []
+        self._ends: list[int] = []
         if system is not None:
             self._add("system", system)
 
@@ -372,6 +381,16 @@ class Conversation:
     def messages(self) -> list[dict[str, str]]:
         """The history as text messages (copies), e.g. for `template.render(conv.messages)`."""
         return [dict(m) for m in self._messages]
+
+    @property
+    def boundaries(self) -> list[int]:
+        """Token offsets where each message ends (and the next begins).
+
+        These are where later requests diverge (an edited or new message, a different
+        conversation with the same system prompt): pass them as `capture_hints` so a
+        hybrid model snapshots its recurrent state there.
+        """
+        return list(self._ends)
 
     def add_user(self, text: str) -> None:
         """Append a user message."""
@@ -390,8 +409,10 @@ class Conversation:
         closing = ([] if ended else [self.template.im_end_id]) + self.template.separator
         self._tokens += self.template.generation_prompt + reply + closing
         self._messages.append({"role": "assistant", "content": content})
+        self._ends.append(len(self._tokens))
 
     def _add(self, role: str, text: str) -> None:
         message = {"role": role, "content": text}
         self._tokens += self.template.render_message(message)
         self._messages.append(message)
+        self._ends.append(len(self._tokens))
