@@ -6,6 +6,7 @@ everything; with kvtrie each turn only prefills what is new. Prints one row per 
 and a summary. Runs offline on the bundled tiny model by default.
 
     python examples/multi_conversation.py [--model tiny-llama|tiny-qwen3-next|PATH]
+    python examples/multi_conversation.py --replay-on tiny-qwen3-next   # same tokens, second model
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--prefill-step", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--replay-on", metavar="MODEL", help="replay the same requests (prompts and replies) on a second model and compare prefill")
     p.add_argument("--verbose", action="store_true", help="debug logging of per-request cache decisions")
     return p.parse_args(argv)
 
@@ -70,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     print("-" * len(header))
     total_prompt = total_cached = total_prefill = 0
     failed_checks = 0
+    trace: list[tuple[list[int], list[int], list[int]]] = []
     started = time.perf_counter()
     with tqdm(total=args.conversations * args.turns, desc="turns", leave=False, file=sys.stderr) as bar:
         for turn in range(args.turns):
@@ -85,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
                     sampler=sampler,
                     stop_tokens=sorted(tokenizer.eos_ids),
                     prefill_step_size=args.prefill_step,
+                    capture_hints=conv.boundaries,
                 )
+                trace.append((prompt, result.tokens, conv.boundaries))
                 ok = turn == 0 or result.cached_tokens >= last_seen[i] - 1
                 failed_checks += not ok
                 conv.add_reply(result.tokens)
@@ -111,10 +116,37 @@ def main(argv: list[str] | None = None) -> int:
         f"cache holds {stats['tokens_stored']} tokens in {stats['nodes']} nodes, "
         f"{stats['device_bytes'] / 2**20:.2f} MB; {elapsed:.1f} s in all"
     )
+    if args.replay_on:
+        replay_prefill = replay(args.replay_on, args, trace)
+        ratio = replay_prefill / total_prefill
+        print(
+            f"replayed the same {len(trace)} requests on {args.replay_on}: {replay_prefill} tokens prefilled, "
+            f"{ratio:.3f}x the {total_prefill} of {args.model}"
+        )
     if failed_checks:
         print(f"{failed_checks} turns restored less than the previous prompt + reply - 1", file=sys.stderr)
         return 1
     return 0
+
+
+def replay(model_name: str, args: argparse.Namespace, trace: list) -> int:
+    """Serve recorded requests on another model, forcing the recorded replies; returns tokens prefilled."""
+    model, _ = load_model(model_name, seed=args.seed)
+    cache = PrefixCache(model.make_cache, namespace=model_name)
+    prefilled = 0
+    for prompt, reply, hints in tqdm(trace, desc=f"replay on {model_name}", leave=False, file=sys.stderr):
+        forced = iter(reply)
+        result = generate(
+            model,
+            cache,
+            prompt,
+            max_tokens=len(reply),
+            sampler=lambda logits, history: next(forced),
+            prefill_step_size=args.prefill_step,
+            capture_hints=hints,
+        )
+        prefilled += result.prefill_tokens
+    return prefilled
 
 
 if __name__ == "__main__":
