@@ -51,6 +51,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--prefill-step", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device-mb", type=float, help="device-memory budget for cached payloads (default unlimited)")
+    p.add_argument("--host-mb", type=float, help="host-memory budget for paged-out payloads (default unlimited)")
     p.add_argument("--replay-on", metavar="MODEL", help="replay the same requests (prompts and replies) on a second model and compare prefill")
     p.add_argument("--verbose", action="store_true", help="debug logging of per-request cache decisions")
     return p.parse_args(argv)
@@ -61,18 +63,24 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     model, tokenizer = load_model(args.model, seed=args.seed)
     template = ChatTemplate(tokenizer)
-    cache = PrefixCache(model.make_cache, namespace=args.model)
+    cache = PrefixCache(
+        model.make_cache,
+        namespace=args.model,
+        device_bytes=None if args.device_mb is None else int(args.device_mb * 2**20),
+        host_bytes=None if args.host_mb is None else int(args.host_mb * 2**20),
+    )
     rng = random.Random(args.seed)
     convs = [Conversation(template, system=SYSTEM) for _ in range(args.conversations)]
     last_seen = [0] * args.conversations  # prompt + reply tokens at the end of the previous turn
 
-    header = f"{'conv':>4} {'turn':>4} {'prompt':>7} {'cached':>7} {'prefill':>7} {'ttft ms':>8} {'tok/s':>7} {'cache MB':>9} {'mlx MB':>7}  check"
+    header = f"{'conv':>4} {'turn':>4} {'prompt':>7} {'cached':>7} {'prefill':>7} {'ttft ms':>8} {'tok/s':>7} {'dev MB':>7} {'host MB':>7} {'mlx MB':>7}  check"
     print(f"model {args.model}: {args.conversations} conversations x {args.turns} turns, system prompt {len(template.render([{'role': 'system', 'content': SYSTEM}], False))} tokens")
     print(header)
     print("-" * len(header))
     total_prompt = total_cached = total_prefill = 0
     failed_checks = 0
     trace: list[tuple[list[int], list[int], list[int]]] = []
+    peak_device = 0
     started = time.perf_counter()
     with tqdm(total=args.conversations * args.turns, desc="turns", leave=False, file=sys.stderr) as bar:
         for turn in range(args.turns):
@@ -99,9 +107,11 @@ def main(argv: list[str] | None = None) -> int:
                 total_cached += result.cached_tokens
                 total_prefill += result.prefill_tokens
                 stats = cache.stats()
+                peak_device = max(peak_device, stats["device_bytes"])
                 tqdm.write(
                     f"{i:>4} {turn:>4} {result.prompt_tokens:>7} {result.cached_tokens:>7} {result.prefill_tokens:>7} "
-                    f"{result.ttft_s * 1e3:>8.1f} {result.decode_tokens_per_s:>7.0f} {stats['device_bytes'] / 2**20:>9.2f} "
+                    f"{result.ttft_s * 1e3:>8.1f} {result.decode_tokens_per_s:>7.0f} {stats['device_bytes'] / 2**20:>7.2f} "
+                    f"{stats['host_bytes'] / 2**20:>7.2f} "
                     f"{mx.get_active_memory() / 2**20:>7.1f}  {'ok' if ok else 'MISS'}"
                 )
                 bar.update()
@@ -113,8 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         f"restored, {total_prefill} prefilled (a cacheless server prefills all {total_prompt})"
     )
     print(
-        f"cache holds {stats['tokens_stored']} tokens in {stats['nodes']} nodes, "
-        f"{stats['device_bytes'] / 2**20:.2f} MB; {elapsed:.1f} s in all"
+        f"cache holds {stats['tokens_stored']} tokens in {stats['nodes']} nodes: "
+        f"{stats['device_bytes'] / 2**20:.2f} MB on device (peak {peak_device / 2**20:.2f} MB), "
+        f"{stats['host_bytes'] / 2**20:.2f} MB on host; {elapsed:.1f} s in all"
+    )
+    print(
+        f"restored from device {stats['cached_tokens_device']} tokens, from host {stats['cached_tokens_host']}; "
+        f"{stats['page_outs']} page-outs, {stats['evictions']} evictions ({stats['evicted_tokens']} tokens)"
     )
     if args.replay_on:
         replay_prefill = replay(args.replay_on, args, trace)

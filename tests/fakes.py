@@ -10,6 +10,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
+from kvtrie.arrays import to_device
 from kvtrie.models.cache import KVCache, RecurrentCache
 
 MOD = 65521
@@ -69,7 +70,7 @@ class FakeModel:
             if not c.offset:
                 continue
             if kind == "K":
-                seen.add(int(np.array(c.state[0][0, 0, c.offset - 1, 0])) - layer)
+                seen.add(int(np.array(c.state[0][0, 0, c.offset - 1, 0].astype(mx.float32))) - layer)
             else:
                 seen.add(int(np.array(c[0])[0, 0]) - layer)
                 tail = [int(t) for t in np.array(c[1])[0] if t >= 0]
@@ -92,6 +93,11 @@ class FakeModel:
             else:
                 c.state = [mx.array(a) for a in self.state_from(int(hashes[-1]), tail, layer)]
                 c.advance(len(tokens))
+
+
+def as_numpy(a) -> np.ndarray:
+    """A payload array from either tier as float32 numpy."""
+    return np.array(to_device(a).astype(mx.float32))
 
 
 def live_arrays(cache) -> tuple[np.ndarray, np.ndarray]:
@@ -134,13 +140,14 @@ def check_invariants(pc, open_sessions=(), model: FakeModel | None = None) -> No
             if layer in pc.recurrent_layers:
                 if p is not None and model is not None:
                     for got, want in zip(p.states, model.cold_state(path_tokens, layer)):
-                        np.testing.assert_array_equal(np.array(got), want)
+                        np.testing.assert_array_equal(as_numpy(got), want)
                 continue
             assert p.length == node.end - node.start, "KV payload must span exactly its edge"
             if model is not None:
                 ck, cv = model.cold_kv(path_tokens, layer)
-                np.testing.assert_array_equal(np.array(p.keys), ck[..., node.start :, :])
-                np.testing.assert_array_equal(np.array(p.values), cv[..., node.start :, :])
+                np.testing.assert_array_equal(as_numpy(p.keys), ck[..., node.start :, :])
+                np.testing.assert_array_equal(as_numpy(p.values), cv[..., node.start :, :])
         total += node.payload.nbytes
         assert node.pins == pinned_by.get(id(node), 0), "pins must count the open sessions using the node"
-    assert pc.stats()["device_bytes"] == total, "byte accounting must be exact"
+    stats = pc.stats()
+    assert stats["device_bytes"] + stats["host_bytes"] == total, "byte accounting must be exact"

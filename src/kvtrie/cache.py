@@ -2,8 +2,14 @@
 
 A request calls `begin(tokens)`, runs the model over `tokens[session.cached:]` on
 `session.caches`, then `session.commit(tokens)`; only the tokens the trie did not hold
-yet are stored, as new nodes or edge splits. Every public method takes one lock, so a
-PrefixCache may be shared by several threads; the model itself runs outside the lock.
+yet are stored, as new nodes or edge splits. After every public call the byte budgets
+hold: least recently used payloads move from device to host memory and, past the host
+budget, are evicted (see `paging.py`).
+
+Concurrency: every public method takes one lock, so a PrefixCache may be shared by
+several threads. Matching, restoring (the copy into the new live caches), committing,
+paging and eviction run under it, one call at a time; the model's forward passes run
+outside it, on each session's own live caches, and so run concurrently.
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ import attrs
 import mlx.core as mx
 import numpy as np
 
+from .arrays import HostArray, HostPool
 from .errors import CacheMismatchError, SessionError
+from .paging import DEVICE, HOST, Pager, layers_to_device, layers_to_host, release
 from .recurrent import (
     RecurrentPayload,
     RecurrentSignature,
@@ -31,8 +39,6 @@ from .snapshot import KVPayload, KVSignature, capture_kv, evaluate, kv_signature
 from .trie import Match, Node, Trie, as_token_array
 
 logger = logging.getLogger("kvtrie")
-
-DEVICE = "device"
 
 
 LayerPayload = Optional[Union[KVPayload, RecurrentPayload]]
@@ -58,27 +64,10 @@ class NodeData:
         """Every layer can be restored at this node's end (always true for a pure transformer)."""
         return all(p is not None for p in self.layers)
 
-
-def _split_data(data: NodeData, k: int) -> tuple[NodeData, NodeData]:
-    """KV payloads split at `k`; a recurrent snapshot stays with the lower part (it is at the end)."""
-    upper: list[LayerPayload] = []
-    lower: list[LayerPayload] = []
-    for p in data.layers:
-        if isinstance(p, KVPayload):
-            a, b = split_kv(p, k)
-        else:
-            a, b = None, p
-        upper.append(a)
-        lower.append(b)
-    evaluate(upper + lower)
-    return NodeData(tuple(upper), data.tier), NodeData(tuple(lower), data.tier)
-
-
-def _merge_data(upper: NodeData, lower: NodeData) -> NodeData:
-    """KV payloads concatenate; the upper node's recurrent snapshot (mid-edge now) is dropped."""
-    merged = tuple(merge_kv(a, b) if isinstance(b, KVPayload) else b for a, b in zip(upper.layers, lower.layers))
-    evaluate(merged)
-    return NodeData(merged, lower.tier)
+    @property
+    def has_snapshot(self) -> bool:
+        """Some recurrent layer holds a snapshot here (one that could be dropped under pressure)."""
+        return any(isinstance(p, RecurrentPayload) for p in self.layers)
 
 
 class Session:
@@ -175,6 +164,14 @@ class PrefixCache:
     whose cache has no `update_and_fetch` are recurrent), sessions also plan recurrent
     snapshots every `snapshot_interval` tokens (`None`: only at divergence points and
     ends), at most `max_snapshots_per_path` of those on one path.
+
+    `device_bytes` / `host_bytes` are byte budgets (None: unlimited). Over the device
+    budget the least recently used unpinned payloads move to host memory; over the host
+    budget they are evicted (leaves first; an interior node first drops its recurrent
+    snapshot). Paths pinned by open sessions never move, so a session whose own path
+    exceeds a budget still works, and the budget holds again once it closes.
+    `promote_on_restore=True` copies restored host payloads back to the device tier;
+    by default cold payloads stay on host and restore straight from there.
     """
 
     def __init__(
@@ -184,12 +181,16 @@ class PrefixCache:
         namespace: str = "default",
         snapshot_interval: Optional[int] = 256,
         max_snapshots_per_path: int = 32,
+        device_bytes: Optional[int] = None,
+        host_bytes: Optional[int] = None,
+        promote_on_restore: bool = False,
     ):
         if not callable(make_cache):
             raise TypeError(f"make_cache must be callable (a model's make_cache), got {type(make_cache).__name__}")
         if snapshot_interval is not None:
             _check_positive_int("snapshot_interval", snapshot_interval)
         _check_positive_int("max_snapshots_per_path", max_snapshots_per_path)
+        pager = Pager(device_bytes, host_bytes)
         probe = make_cache()
         if not isinstance(probe, (list, tuple)) or not probe:
             raise ValueError("make_cache() must return a non-empty list with one live cache per layer")
@@ -203,15 +204,27 @@ class PrefixCache:
         self._tries: dict[str, Trie] = {}
         self._lock = threading.RLock()
         self._clock = itertools.count(1)
-        self._device_bytes = 0
+        self._pager = pager
+        self._pool = HostPool()
+        self._promote = bool(promote_on_restore)
         self._requests = 0
         self._prompt_tokens = 0
         self._cached_tokens = 0
+        self._cached_by_tier = {DEVICE: 0, HOST: 0}
         self._hits = 0
+        self._page_outs = 0
+        self._host_restores = 0
+        self._evictions = 0
+        self._evicted_tokens = 0
 
     @property
     def num_layers(self) -> int:
         return len(self._layer_types)
+
+    @property
+    def budgets(self) -> dict[str, Optional[int]]:
+        """The byte budget per tier (None: unlimited)."""
+        return {DEVICE: self._pager.device_budget, HOST: self._pager.host_budget}
 
     @property
     def recurrent_layers(self) -> tuple[int, ...]:
@@ -247,12 +260,17 @@ class PrefixCache:
                 self._restore(caches, used, cached)
             leaf = used[-1] if used else None
             capture_at = self._plan_captures(used, match.length, cached, len(arr), hints) if self._recurrent else ()
+            if self._promote:
+                for node in used:
+                    if node.payload.tier == HOST:
+                        self._move(node, DEVICE)
             self._pin(leaf, +1)
             self._touch(used)
             self._requests += 1
             self._prompt_tokens += len(arr)
             self._cached_tokens += cached
             self._hits += bool(cached)
+            self._enforce()
         logger.debug(
             "begin ns=%s: %d tokens, matched %d, restored %d from %d nodes, capture at %s",
             ns, len(arr), match.length, cached, len(used), capture_at,
@@ -260,16 +278,20 @@ class PrefixCache:
         return Session(self, ns, arr, cached, caches, leaf, capture_at)
 
     def _restore(self, caches: list, used: list[Node], cached: int) -> None:
-        """Stitch the path's KV into the live caches and load the recurrent state at `cached`."""
+        """Stitch the path's KV (from either tier) into the live caches and load the recurrent state at `cached`."""
         arrays = []
         for i, cache in enumerate(caches):
             if i in self._recurrent:
                 restore_recurrent(cache, used[-1].payload.layers[i], cached)
                 arrays.extend(a for a in cache.state if a is not None)
             else:
-                stitch_kv(cache, [n.payload.layers[i] for n in used], cached)
+                stitch_kv(cache, [n.payload.layers[i] for n in used], cached, self._pool)
                 arrays.extend((cache.keys, cache.values))
         mx.eval(*arrays)
+        for node in used:
+            tier = node.payload.tier
+            self._cached_by_tier[tier] += min(node.end, cached) - node.start
+            self._host_restores += tier == HOST
 
     def _plan_captures(
         self, used: list[Node], matched: int, cached: int, n: int, hints: tuple[int, ...]
@@ -320,16 +342,17 @@ class PrefixCache:
                 )
             trie = self._tries.get(session.namespace)
             if trie is None:
-                trie = self._tries[session.namespace] = Trie(_split_data, _merge_data)
+                trie = self._tries[session.namespace] = Trie(self._split_data, self._merge_data)
             match = trie.match(arr)
             added = n - match.length
             if added:
                 layers = tuple(None if i in self._recurrent else capture_kv(c, match.length, n) for i, c in enumerate(caches))
                 evaluate(layers)
-                parent = trie.split(match.last, match.length) if match.ends_mid_edge else (match.last or trie.root)
+                parent = self._split(trie, match.last, match.length) if match.ends_mid_edge else (match.last or trie.root)
                 data = NodeData(layers)
-                trie.add_child(parent, arr[match.length :], data)
-                self._device_bytes += data.nbytes
+                node = trie.add_child(parent, arr[match.length :], data)
+                self._pager.bytes[DEVICE] += data.nbytes
+                self._reindex(node, parent)
             for offset in sorted(snapshots):
                 self._attach(self._boundary(trie, arr, offset), snapshots[offset])
             leaf = self._boundary(trie, arr, n)
@@ -338,24 +361,33 @@ class PrefixCache:
             session._leaf = leaf
             self._touch(leaf.path())
             session._committed = True
+            self._enforce()
         logger.debug("commit ns=%s: %d tokens, %d new, snapshots at %s", session.namespace, n, added, sorted(snapshots))
         return added
 
-    @staticmethod
-    def _boundary(trie: Trie, arr: np.ndarray, offset: int) -> Node:
+    def _boundary(self, trie: Trie, arr: np.ndarray, offset: int) -> Node:
         """The node on `arr`'s stored path that ends exactly at `offset`, splitting an edge if needed."""
         match = trie.match(arr[:offset])
         node = match.last
-        return trie.split(node, offset) if node.end > offset else node
+        return self._split(trie, node, offset) if node.end > offset else node
+
+    def _split(self, trie: Trie, node: Node, at: int) -> Node:
+        upper = trie.split(node, at)
+        self._reindex(upper, node)
+        return upper
 
     def _attach(self, node: Node, snapshot: tuple[RecurrentPayload, ...]) -> None:
         """Give `node` the recurrent snapshot taken at its end, unless it has one already."""
-        layers = list(node.payload.layers)
+        data = node.payload
+        layers = list(data.layers)
         for i, payload in zip(self._recurrent, snapshot):
             if layers[i] is None:
+                if data.tier == HOST:
+                    (payload,) = layers_to_host([payload], self._pool)
                 layers[i] = payload
-                self._device_bytes += payload.nbytes
-        node.payload.layers = tuple(layers)
+                self._pager.bytes[data.tier] += payload.nbytes
+        data.layers = tuple(layers)
+        self._reindex(node)
 
     def _close(self, session: Session) -> None:
         with self._lock:
@@ -364,6 +396,117 @@ class PrefixCache:
             session._closed = True
             session.caches = None
             session._captures = {}
+            self._enforce()
+
+    # --- payload callbacks for the trie ----------------------------------------------------
+
+    def _split_data(self, data: NodeData, k: int) -> tuple[NodeData, NodeData]:
+        """KV payloads split at `k`; a recurrent snapshot stays with the lower part (it is at the end)."""
+        upper: list[LayerPayload] = []
+        lower: list[LayerPayload] = []
+        for p in data.layers:
+            a, b = split_kv(p, k) if isinstance(p, KVPayload) else (None, p)
+            upper.append(a)
+            lower.append(b)
+        evaluate(upper + lower)
+        release([p for p in data.layers if isinstance(p, KVPayload)], self._pool)
+        return NodeData(tuple(upper), data.tier), NodeData(tuple(lower), data.tier)
+
+    def _merge_data(self, upper: NodeData, lower: NodeData) -> NodeData:
+        """KV payloads concatenate; the upper node's recurrent snapshot (mid-edge now) is dropped."""
+        merged = tuple(merge_kv(a, b) if isinstance(b, KVPayload) else b for a, b in zip(upper.layers, lower.layers))
+        evaluate(merged)
+        release(upper.layers, self._pool)
+        release([p for p in lower.layers if isinstance(p, KVPayload)], self._pool)
+        return NodeData(merged, lower.tier)
+
+    # --- paging and eviction (under the lock) ----------------------------------------------
+
+    def _evictable(self, node: Node) -> bool:
+        return node.is_leaf or node.payload.has_snapshot
+
+    def _reindex(self, *nodes: Node) -> None:
+        for node in nodes:
+            self._pager.unindex(node)
+            if node.parent is not None:
+                self._pager.index(node, self._evictable(node))
+
+    def _move(self, node: Node, tier: str) -> None:
+        """Copy a node's payloads to `tier` (device <-> host) and account for it."""
+        data = node.payload
+        if tier == HOST:
+            layers = layers_to_host(data.layers, self._pool)
+            self._page_outs += 1
+        else:
+            layers = layers_to_device(data.layers)
+            release(data.layers, self._pool)
+        self._pager.bytes[data.tier] -= data.nbytes
+        node.payload = NodeData(layers, tier)
+        self._pager.bytes[tier] += node.payload.nbytes
+        self._reindex(node)
+
+    def _enforce(self) -> None:
+        """Page out and evict in LRU order until both budgets hold (or only pinned nodes are left)."""
+        pager = self._pager
+        while pager.over(DEVICE):
+            node = pager.next_page_out()
+            if node is None:
+                break
+            self._move(node, HOST)
+        while pager.over(HOST):
+            node = pager.next_eviction()
+            if node is None:
+                # a host node whose children are still on device waits for them to leave first
+                node = pager.next_page_out()
+                if node is None:
+                    break
+                self._move(node, HOST)
+                continue
+            self._evict(node)
+
+    def _evict(self, node: Node) -> None:
+        """Free what `node` holds on host: a leaf goes; an interior node drops its recurrent snapshot."""
+        trie = self._trie_of(node)
+        data = node.payload
+        parent = node.parent
+        if node.is_leaf:
+            self._pager.unindex(node)
+            trie.remove_leaf(node)
+            release(data.layers, self._pool)
+            self._pager.bytes[data.tier] -= data.nbytes
+            self._evictions += 1
+            self._evicted_tokens += len(node.tokens)
+            logger.debug("evict [%d, %d) %d B", node.start, node.end, data.nbytes)
+            self._reindex(parent)
+            if not parent.is_root and len(parent.children) == 1 and not parent.payload.has_snapshot:
+                self._merge(trie, parent)  # keep the trie a radix trie: no lone-child chains
+            return
+        if len(node.children) == 1 and not node.pins:
+            self._merge(trie, node)
+            return
+        dropped = [p for p in data.layers if isinstance(p, RecurrentPayload)]
+        data.layers = tuple(None if isinstance(p, RecurrentPayload) else p for p in data.layers)
+        release(dropped, self._pool)
+        self._pager.bytes[data.tier] -= sum(p.nbytes for p in dropped)
+        self._reindex(node)
+
+    def _merge(self, trie: Trie, node: Node) -> None:
+        """Fold a lone-child node into its child when both are unpinned and in the same tier."""
+        (child,) = node.children.values()
+        if node.pins or child.pins or node.payload.tier != child.payload.tier:
+            return
+        before = node.payload.nbytes + child.payload.nbytes
+        self._pager.unindex(node)
+        self._pager.unindex(child)
+        merged = trie.merge(node)
+        self._pager.bytes[merged.payload.tier] += merged.payload.nbytes - before
+        self._reindex(merged)
+
+    def _trie_of(self, node: Node) -> Trie:
+        root = node
+        while root.parent is not None:
+            root = root.parent
+        return next(t for t in self._tries.values() if t.root is root)
 
     # --- validation ----------------------------------------------------------------
 
@@ -401,17 +544,18 @@ class PrefixCache:
 
     # --- bookkeeping ---------------------------------------------------------------
 
-    @staticmethod
-    def _pin(leaf: Optional[Node], delta: int) -> None:
+    def _pin(self, leaf: Optional[Node], delta: int) -> None:
         node = leaf
         while node is not None and node.parent is not None:
             node.pins += delta
+            self._reindex(node)
             node = node.parent
 
     def _touch(self, nodes: Sequence[Node]) -> None:
         now = next(self._clock)
         for node in nodes:
             node.last_used = now
+            self._reindex(node)
 
     # --- inspection ----------------------------------------------------------------
 
@@ -433,7 +577,14 @@ class PrefixCache:
                 "nodes": len(nodes),
                 "tokens_stored": sum(t.num_tokens for t in self._tries.values()),
                 "snapshots": sum(1 for node in nodes if self._recurrent and node.payload.has_state),
-                "device_bytes": self._device_bytes,
+                "device_bytes": self._pager.bytes[DEVICE],
+                "host_bytes": self._pager.bytes[HOST],
+                "cached_tokens_device": self._cached_by_tier[DEVICE],
+                "cached_tokens_host": self._cached_by_tier[HOST],
+                "page_outs": self._page_outs,
+                "host_restores": self._host_restores,
+                "evictions": self._evictions,
+                "evicted_tokens": self._evicted_tokens,
             }
 
     def dump(self) -> str:

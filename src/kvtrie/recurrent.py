@@ -14,19 +14,25 @@ from typing import Any, Optional
 import attrs
 import mlx.core as mx
 
+from .arrays import AnyArray, to_device
+
 
 @attrs.frozen(eq=False)
 class RecurrentPayload:
     """The full state of one recurrent layer at a node's end (`None` entries stay `None`)."""
 
-    states: tuple[Optional[mx.array], ...]
+    states: tuple[Optional[AnyArray], ...]
 
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.states if a is not None)
 
-    def arrays(self) -> tuple[mx.array, ...]:
+    def arrays(self) -> tuple[AnyArray, ...]:
         return tuple(a for a in self.states if a is not None)
+
+    def map(self, fn) -> "RecurrentPayload":
+        """The same payload with `fn` applied to every state array (e.g. a tier move)."""
+        return RecurrentPayload(tuple(None if a is None else fn(a) for a in self.states))
 
 
 @attrs.frozen
@@ -65,7 +71,7 @@ def capture_recurrent(cache: Any) -> RecurrentPayload:
 
 def restore_recurrent(cache: Any, payload: RecurrentPayload, offset: int) -> None:
     """Load a snapshot into a fresh live cache; `offset` is the node end it was taken at."""
-    cache.state = list(payload.states)
+    cache.state = [None if a is None else to_device(a) for a in payload.states]
     if hasattr(cache, "offset"):
         cache.offset = offset
 

@@ -1,0 +1,149 @@
+"""Tier-neutral array helpers: host arrays outside MLX's allocator, conversions, a buffer pool.
+
+A payload array lives on the *device* tier as an `mx.array` or on the *host* tier as a
+`HostArray` (a numpy buffer; bfloat16 travels as a uint16 view, numpy has no bfloat16).
+Fresh allocations page-fault at a fraction of memcpy speed on these machines, so host
+buffers come from a `HostPool` and go back to it when a payload leaves the host tier.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Union
+
+import attrs
+import mlx.core as mx
+import numpy as np
+
+_VIEW_AS = {mx.bfloat16: mx.uint16}
+
+
+@attrs.frozen(eq=False)
+class HostArray:
+    """An array on the host tier: `data` holds the bytes, `dtype` the MLX dtype they encode."""
+
+    data: np.ndarray
+    dtype: mx.Dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.data.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes
+
+
+AnyArray = Union[mx.array, HostArray]
+
+
+def on_cpu() -> bool:
+    """MLX computes on the CPU: an mx.array's memory can be read by numpy without a copy."""
+    return mx.default_device().type == mx.DeviceType.cpu
+
+
+def numpy_view(a: AnyArray) -> np.ndarray:
+    """The bytes of `a` as numpy (bfloat16 as uint16); zero-copy for host arrays and on CPU/unified memory."""
+    if isinstance(a, HostArray):
+        return a.data
+    return np.asarray(a.view(_VIEW_AS[a.dtype]) if a.dtype in _VIEW_AS else a)
+
+
+def from_numpy(data: np.ndarray, dtype: mx.Dtype) -> mx.array:
+    """An mx.array copy of `data` holding `dtype` values.
+
+    The copy goes through a flat view: MLX copies a 1-D buffer at memcpy speed but a
+    4-D one element by element.
+    """
+    flat = mx.array(np.ascontiguousarray(data).reshape(-1))
+    if dtype in _VIEW_AS:
+        flat = flat.view(dtype)
+    return flat.reshape(data.shape)
+
+
+def _size_class(nbytes: int) -> int:
+    """Round up to one of four sizes per power of two (at most 19% slack), 4 KiB at least."""
+    if nbytes <= 4096:
+        return 4096
+    exp = math.floor(math.log2(nbytes))
+    for quarter in (1.0, 1.189207115, 1.414213562, 1.681792831, 2.0):
+        size = int(math.ceil((2**exp) * quarter / 64) * 64)
+        if size >= nbytes:
+            return size
+    return 2 ** (exp + 1)
+
+
+class HostPool:
+    """Free host buffers by size class, reused by later page-outs and restores.
+
+    At most `max_free_bytes` are kept free; beyond that, returned buffers are dropped.
+    """
+
+    def __init__(self, max_free_bytes: int = 256 << 20):
+        self.max_free_bytes = max_free_bytes
+        self._free: dict[int, list[np.ndarray]] = defaultdict(list)
+        self._free_bytes = 0
+        self._lock = threading.Lock()
+
+    @property
+    def free_bytes(self) -> int:
+        return self._free_bytes
+
+    def take(self, shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
+        """An uninitialised array of `shape`/`dtype` backed by a pooled (or new) buffer."""
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        size = _size_class(nbytes)
+        with self._lock:
+            stack = self._free.get(size)
+            buf = stack.pop() if stack else None
+            if buf is not None:
+                self._free_bytes -= size
+        if buf is None:
+            buf = np.empty(size, dtype=np.uint8)
+        return buf[:nbytes].view(dtype).reshape(shape)
+
+    def give(self, arr: np.ndarray) -> None:
+        """Return the buffer behind an array made by `take`."""
+        base = arr
+        while base.base is not None and isinstance(base.base, np.ndarray):
+            base = base.base
+        size = base.nbytes
+        if base.dtype != np.uint8 or base.ndim != 1 or _size_class(size) != size:
+            return  # not one of ours
+        with self._lock:
+            if self._free_bytes + size <= self.max_free_bytes:
+                self._free[size].append(base)
+                self._free_bytes += size
+
+
+def to_host(a: AnyArray, pool: HostPool) -> HostArray:
+    """Copy a device array into a pooled host buffer (host arrays pass through)."""
+    if isinstance(a, HostArray):
+        return a
+    src = numpy_view(a)
+    buf = pool.take(src.shape, src.dtype)
+    np.copyto(buf, src)
+    return HostArray(buf, a.dtype)
+
+
+def to_device(a: AnyArray) -> mx.array:
+    """An mx.array with the values of `a` (device arrays pass through)."""
+    return from_numpy(a.data, a.dtype) if isinstance(a, HostArray) else a
+
+
+def slice_axis(a: AnyArray, axis: int, start: int, stop: int) -> AnyArray:
+    """A compact copy of `a[..., start:stop, ...]` along `axis`, in the tier `a` lives in (lazy on device)."""
+    index = (slice(None),) * axis + (slice(start, stop),)
+    if isinstance(a, HostArray):
+        return HostArray(np.array(a.data[index], copy=True), a.dtype)  # never a view of a pooled buffer
+    return mx.contiguous(a[index])
+
+
+def concat_axis(parts: Sequence[AnyArray], axis: int) -> AnyArray:
+    """Concatenate along `axis`; the result is on the host only if every part is."""
+    if all(isinstance(p, HostArray) for p in parts):
+        return HostArray(np.concatenate([p.data for p in parts], axis=axis), parts[0].dtype)
+    return mx.concatenate([to_device(p) for p in parts], axis=axis)

@@ -1,0 +1,329 @@
+"""Paging: device/host tiers, byte budgets, LRU page-out and eviction, pinning, thread safety."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from kvtrie import PrefixCache
+from kvtrie.arrays import HostArray, HostPool, to_device, to_host
+from kvtrie.recurrent import RecurrentPayload
+
+from fakes import FakeModel, assert_cold, check_invariants, live_arrays
+from test_cache import serve
+
+DEVICE, HOST = "device", "host"
+
+
+def lru_key(node):
+    return (node.last_used, -node.start, node.id)
+
+
+def nodes_of(pc):
+    return [node for _, node, _ in pc.walk()]
+
+
+def check_tiers_and_budgets(pc, strict: bool) -> None:
+    """Per-tier byte accounting is exact, arrays live in their node's tier, and budgets hold.
+
+    With sessions open a budget may be exceeded only while nothing movable is left
+    (every remaining node is pinned or waits for pinned children); with none open, strictly.
+    """
+    by_tier = {DEVICE: 0, HOST: 0}
+    for node in nodes_of(pc):
+        data = node.payload
+        by_tier[data.tier] += data.nbytes
+        for p in data.layers:
+            for a in p.arrays() if p is not None else ():
+                assert isinstance(a, HostArray if data.tier == HOST else mx.array)
+    stats = pc.stats()
+    assert stats["device_bytes"] == by_tier[DEVICE] and stats["host_bytes"] == by_tier[HOST]
+    budget = pc.budgets
+    movable_device = [n for n in nodes_of(pc) if n.payload.tier == DEVICE and not n.pins]
+    evictable_host = [
+        n for n in nodes_of(pc) if n.payload.tier == HOST and not n.pins and (n.is_leaf or n.payload.has_snapshot)
+    ]
+    if budget[DEVICE] is not None and stats["device_bytes"] > budget[DEVICE]:
+        assert not strict and not movable_device
+    if budget[HOST] is not None and stats["host_bytes"] > budget[HOST]:
+        assert not strict and not movable_device and not evictable_host
+
+
+def spy_on_lru(pc):
+    """Assert that every page-out and eviction takes the least recently used candidate."""
+    move, evict = pc._move, pc._evict
+
+    def checked_move(node, tier):
+        if tier == HOST:
+            candidates = [n for n in nodes_of(pc) if n.payload.tier == DEVICE and not n.pins]
+            assert node is min(candidates, key=lru_key), "page-out must take the LRU unpinned device node"
+        move(node, tier)
+
+    def checked_evict(node):
+        candidates = [
+            n for n in nodes_of(pc) if n.payload.tier == HOST and not n.pins and (n.is_leaf or n.payload.has_snapshot)
+        ]
+        assert node is min(candidates, key=lru_key), "eviction must take the LRU evictable host node"
+        evict(node)
+
+    pc._move, pc._evict = checked_move, checked_evict
+
+
+budgets = st.sampled_from([None, 0, 1, 200, 700, 3000, 20000])
+
+
+class PagingMachine(RuleBasedStateMachine):
+    """Random requests under random budgets (tiny ones included), KV-only and hybrid layouts."""
+
+    @initialize(
+        kinds=st.sampled_from(["KK", "KR", "RKR"]),
+        device=budgets,
+        host=budgets,
+        promote=st.booleans(),
+    )
+    def setup(self, kinds, device, host, promote):
+        self.model = FakeModel(kinds=kinds, heads=1, dim=4)
+        self.pc = PrefixCache(
+            self.model.make_cache, device_bytes=device, host_bytes=host, promote_on_restore=promote, snapshot_interval=5
+        )
+        spy_on_lru(self.pc)
+        self.stored: list[list[int]] = []
+        self.open: list = []
+
+    def _tokens(self, data):
+        if self.stored and data.draw(st.booleans()):
+            base = data.draw(st.sampled_from(self.stored))
+            tokens = base[: data.draw(st.integers(0, len(base)))] + data.draw(st.lists(st.integers(0, 3), max_size=10))
+        else:
+            tokens = data.draw(st.lists(st.integers(0, 3), max_size=20))
+        return tokens or [0]
+
+    @rule(data=st.data(), keep_open=st.booleans())
+    def request(self, data, keep_open):
+        tokens = self._tokens(data)
+        s = self.pc.begin(tokens)
+        best = max((sum(1 for _ in iter_common(tokens, t)) for t in self.stored), default=0)
+        assert s.cached <= min(best, len(tokens) - 1)
+        assert_cold(self.model, s.caches, tokens, s.cached)  # whichever tier it came from
+        done = s.cached
+        for p in s.capture_at:
+            self.model(tokens[done:p], s.caches)
+            s.capture()
+            done = p
+        self.model(tokens[done:], s.caches)
+        s.commit(tokens)
+        self.stored.append(tokens)
+        if keep_open and len(self.open) < 2:
+            self.open.append(s)
+        else:
+            s.close()
+
+    @precondition(lambda self: self.open)
+    @rule()
+    def close_oldest(self):
+        self.open.pop(0).close()
+
+    @invariant()
+    def invariants_hold(self):
+        if not hasattr(self, "pc"):
+            return
+        check_invariants(self.pc, self.open, self.model)
+        check_tiers_and_budgets(self.pc, strict=not self.open)
+
+    def teardown(self):
+        for s in getattr(self, "open", []):
+            s.close()
+        if hasattr(self, "pc"):
+            check_tiers_and_budgets(self.pc, strict=True)
+
+
+def iter_common(a, b):
+    for x, y in zip(a, b):
+        if x != y:
+            return
+        yield x
+
+
+TestPagingMachine = PagingMachine.TestCase
+TestPagingMachine.settings = settings(max_examples=120, stateful_step_count=12)
+
+
+def test_everything_paged_out_restores_bit_identically_in_bfloat16():
+    model = FakeModel(layers=1, heads=2, dim=8, dtype=mx.bfloat16)  # one layer: bf16 rounds the hash
+    hot = PrefixCache(model.make_cache)
+    cold = PrefixCache(model.make_cache, device_bytes=0)
+    rng = np.random.default_rng(3)
+    seqs = [rng.integers(0, 5, int(n)).tolist() for n in rng.integers(3, 60, 10)]
+    for tokens in seqs:
+        for pc in (hot, cold):
+            with pc.begin(tokens) as s:
+                model(tokens[s.cached :], s.caches)
+                s.commit(tokens)
+    assert cold.stats()["device_bytes"] == 0 and cold.stats()["host_bytes"] == hot.stats()["device_bytes"]
+    for tokens in seqs:
+        with hot.begin(tokens) as a, cold.begin(tokens) as b:
+            assert a.cached == b.cached == len(tokens) - 1
+            for x, y in zip(a.caches, b.caches):
+                assert x.keys.dtype == y.keys.dtype == mx.bfloat16
+                assert mx.array_equal(x.state[0], y.state[0]) and mx.array_equal(x.state[1], y.state[1])
+    assert cold.stats()["cached_tokens_host"] > 0 and cold.stats()["host_restores"] > 0
+
+
+def test_pinned_path_stays_put_and_the_budget_returns_when_it_closes():
+    model = FakeModel(layers=2, heads=2, dim=4)
+    pc = PrefixCache(model.make_cache, device_bytes=0, host_bytes=0)
+    tokens = list(range(40))
+    with pc.begin(tokens) as s:
+        model(tokens, s.caches)
+        s.commit(tokens)
+        # the session's own path exceeds both budgets: it stays on device while pinned
+        assert pc.stats()["device_bytes"] > 0 and pc.stats()["evictions"] == 0
+        with pc.begin(tokens + [99]) as s2:
+            assert s2.cached == 40
+    stats = pc.stats()
+    assert stats["device_bytes"] == 0 and stats["host_bytes"] == 0 and stats["evictions"] >= 1
+    assert stats["nodes"] == 0
+
+
+def test_eviction_goes_leaf_first_and_merges_a_lone_child():
+    model = FakeModel(layers=1, heads=1, dim=4)
+    per_token = 2 * 4 * 4
+    pc = PrefixCache(model.make_cache, device_bytes=0, host_bytes=None)
+    shared = list(range(10))
+    serve(pc, model, shared + [50, 51])
+    serve(pc, model, shared + [60, 61])
+    assert pc.stats()["nodes"] == 3 and pc.stats()["host_bytes"] == 14 * per_token
+    pc._pager.host_budget = 12 * per_token  # room for one branch only
+    pc._enforce()
+    stats = pc.stats()
+    assert stats["evictions"] == 1 and stats["evicted_tokens"] == 2
+    # the older branch went; the shared prefix merged into the remaining child
+    assert stats["nodes"] == 1 and stats["tokens_stored"] == 12
+    assert serve(pc, model, shared + [60, 61, 7]) == 12
+    assert serve(pc, model, shared + [50, 51, 7]) == 10
+
+
+def test_interior_node_drops_its_snapshot_before_its_kv():
+    model = FakeModel(kinds="KR", heads=1, dim=4)
+    pc = PrefixCache(model.make_cache, device_bytes=0, snapshot_interval=None)
+    shared = list(range(8))
+    for tail in ([20, 21], [30, 31], [40, 41]):
+        tokens = shared + tail
+        with pc.begin(tokens, capture_hints=[8]) as s:
+            model(tokens[s.cached : 8], s.caches) if s.cached < 8 else None
+            if s.cached < 8:
+                s.capture()
+            model(tokens[max(s.cached, 8) :], s.caches)
+            s.commit(tokens)
+    interior = [n for n in nodes_of(pc) if n.end == 8][0]
+    assert interior.payload.has_snapshot and len(interior.children) == 3
+    leaves_before = sum(1 for n in nodes_of(pc) if n.is_leaf)
+    interior.last_used = -1  # make it the least recently used evictable node
+    pc._reindex(interior)
+    pc._pager.host_budget = pc.stats()["host_bytes"] - 1
+    pc._enforce()
+    assert not interior.payload.has_snapshot and interior.payload.layers[0] is not None
+    assert sum(1 for n in nodes_of(pc) if n.is_leaf) == leaves_before and pc.stats()["evictions"] == 0
+    check_invariants(pc, (), model)
+
+
+def test_host_pool_reuses_buffers_and_round_trips():
+    pool = HostPool()
+    a = mx.random.normal((1, 4, 300, 16))
+    h = to_host(a, pool)
+    assert np.array_equal(np.array(to_device(h)), np.array(a))
+    base = h.data.base
+    pool.give(h.data)
+    h2 = to_host(mx.random.normal((1, 4, 290, 16)), pool)  # same size class
+    assert h2.data.base is base
+    assert pool.free_bytes == 0
+
+
+@pytest.mark.parametrize("value, error", [(-1, ValueError), (1.5, TypeError), ("1GB", TypeError), (True, TypeError)])
+def test_bad_budgets_raise(value, error):
+    with pytest.raises(error):
+        PrefixCache(FakeModel().make_cache, device_bytes=value)
+    with pytest.raises(error):
+        PrefixCache(FakeModel().make_cache, host_bytes=value)
+
+
+def test_four_threads_hammering_keep_every_invariant():
+    model = FakeModel(kinds="KRK", heads=1, dim=4)
+    pc = PrefixCache(model.make_cache, device_bytes=2000, host_bytes=6000, snapshot_interval=4)
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            start.wait()
+            for _ in range(60):
+                tokens = [rng.randrange(3) for _ in range(rng.randrange(1, 24))]
+                s = pc.begin(tokens)
+                assert_cold(model, s.caches, tokens, s.cached)
+                if rng.random() < 0.2:
+                    s.close()  # abandoned request
+                    continue
+                done = s.cached
+                for p in s.capture_at:
+                    model(tokens[done:p], s.caches)
+                    s.capture()
+                    done = p
+                model(tokens[done:], s.caches)
+                s.commit(tokens)
+                s.close()
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    check_invariants(pc, (), model)
+    check_tiers_and_budgets(pc, strict=True)
+    assert pc.stats()["requests"] == 240 and pc.stats()["page_outs"] > 0 and pc.stats()["evictions"] > 0
+
+
+def test_example_with_a_quarter_on_device_restores_as_much_as_unlimited(capsys):
+    from test_example import load_example
+
+    example = load_example()
+    args = ["--conversations", "4", "--turns", "3", "--max-tokens", "8"]
+    assert example.main(args) == 0
+    unlimited = capsys.readouterr().out
+    total = float(_grab(r"([\d.]+) MB on device", unlimited))
+    assert example.main(args + ["--device-mb", f"{total / 4:.4f}", "--host-mb", f"{total:.4f}"]) == 0
+    budgeted = capsys.readouterr().out
+    assert _grab(r"(\d+) of \d+ prompt tokens restored", budgeted) == _grab(r"(\d+) of \d+ prompt tokens restored", unlimited)
+    peak = float(_grab(r"peak ([\d.]+) MB", budgeted))
+    assert peak <= total / 4 + 1e-4
+    assert int(_grab(r"from host (\d+)", budgeted)) > 0
+
+
+def _grab(pattern, text):
+    import re
+
+    return re.search(pattern, text).group(1)
+
+
+def test_host_parent_waiting_for_device_children_does_not_stall_the_host_budget():
+    model = FakeModel(layers=1, heads=1, dim=4)
+    pc = PrefixCache(model.make_cache, device_bytes=0)
+    serve(pc, model, list(range(10)))  # paged out to host at once
+    pc._pager.device_budget = None
+    serve(pc, model, list(range(10)) + [50, 51])  # a device child under a host parent
+    (parent,) = [n for n in nodes_of(pc) if n.end == 10]
+    assert parent.payload.tier == HOST and parent.children and all(c.payload.tier == DEVICE for c in parent.children.values())
+    pc._pager.host_budget = 0
+    pc._enforce()
+    check_tiers_and_budgets(pc, strict=True)
+    assert pc.stats()["nodes"] == 0
