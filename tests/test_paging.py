@@ -200,8 +200,7 @@ def test_eviction_goes_leaf_first_and_merges_a_lone_child():
     serve(pc, model, shared + [50, 51])
     serve(pc, model, shared + [60, 61])
     assert pc.stats()["nodes"] == 3 and pc.stats()["host_bytes"] == 14 * per_token
-    pc._pager.host_budget = 12 * per_token  # room for one branch only
-    pc._enforce()
+    pc.set_budgets(host_bytes=12 * per_token)  # room for one branch only
     stats = pc.stats()
     assert stats["evictions"] == 1 and stats["evicted_tokens"] == 2
     # the older branch went; the shared prefix merged into the remaining child
@@ -227,8 +226,7 @@ def test_interior_node_drops_its_snapshot_before_its_kv():
     leaves_before = sum(1 for n in nodes_of(pc) if n.is_leaf)
     interior.last_used = -1  # make it the least recently used evictable node
     pc._reindex(interior)
-    pc._pager.host_budget = pc.stats()["host_bytes"] - 1
-    pc._enforce()
+    pc.set_budgets(host_bytes=pc.stats()["host_bytes"] - 1)
     assert not interior.payload.has_snapshot and interior.payload.layers[0] is not None
     assert sum(1 for n in nodes_of(pc) if n.is_leaf) == leaves_before and pc.stats()["evictions"] == 0
     check_invariants(pc, (), model)
@@ -252,6 +250,10 @@ def test_bad_budgets_raise(value, error):
         PrefixCache(FakeModel().make_cache, device_bytes=value)
     with pytest.raises(error):
         PrefixCache(FakeModel().make_cache, host_bytes=value)
+    pc = PrefixCache(FakeModel().make_cache, device_bytes=10)
+    with pytest.raises(error):
+        pc.set_budgets(host_bytes=value)
+    assert pc.budgets == {"device": 10, "host": None}
 
 
 def test_four_threads_hammering_keep_every_invariant():
@@ -319,11 +321,10 @@ def test_host_parent_waiting_for_device_children_does_not_stall_the_host_budget(
     model = FakeModel(layers=1, heads=1, dim=4)
     pc = PrefixCache(model.make_cache, device_bytes=0)
     serve(pc, model, list(range(10)))  # paged out to host at once
-    pc._pager.device_budget = None
+    pc.set_budgets(device_bytes=None)
     serve(pc, model, list(range(10)) + [50, 51])  # a device child under a host parent
     (parent,) = [n for n in nodes_of(pc) if n.end == 10]
     assert parent.payload.tier == HOST and parent.children and all(c.payload.tier == DEVICE for c in parent.children.values())
-    pc._pager.host_budget = 0
-    pc._enforce()
+    pc.set_budgets(host_bytes=0)
     check_tiers_and_budgets(pc, strict=True)
     assert pc.stats()["nodes"] == 0

@@ -26,7 +26,7 @@ import numpy as np
 
 from .arrays import HostArray, HostPool
 from .errors import CacheMismatchError, SessionError
-from .paging import DEVICE, HOST, Pager, layers_to_device, layers_to_host, release
+from .paging import DEVICE, HOST, Pager, check_budget, layers_to_device, layers_to_host, release
 from .recurrent import (
     RecurrentPayload,
     RecurrentSignature,
@@ -226,6 +226,14 @@ class PrefixCache:
         """The byte budget per tier (None: unlimited)."""
         return {DEVICE: self._pager.device_budget, HOST: self._pager.host_budget}
 
+    def set_budgets(self, *, device_bytes: Any = ..., host_bytes: Any = ...) -> None:
+        """Change byte budgets at run time (omit one to keep it; None = unlimited); enforced at once."""
+        device = self._pager.device_budget if device_bytes is ... else check_budget("device_bytes", device_bytes)
+        host = self._pager.host_budget if host_bytes is ... else check_budget("host_bytes", host_bytes)
+        with self._lock:
+            self._pager.device_budget, self._pager.host_budget = device, host
+            self._enforce()
+
     @property
     def recurrent_layers(self) -> tuple[int, ...]:
         """Indices of the layers whose state is a snapshot at node ends, not per-token KV."""
@@ -279,14 +287,12 @@ class PrefixCache:
 
     def _restore(self, caches: list, used: list[Node], cached: int) -> None:
         """Stitch the path's KV (from either tier) into the live caches and load the recurrent state at `cached`."""
-        arrays = []
-        for i, cache in enumerate(caches):
-            if i in self._recurrent:
-                restore_recurrent(cache, used[-1].payload.layers[i], cached)
-                arrays.extend(a for a in cache.state if a is not None)
-            else:
-                stitch_kv(cache, [n.payload.layers[i] for n in used], cached, self._pool)
-                arrays.extend((cache.keys, cache.values))
+        kv = [(cache, [n.payload.layers[i] for n in used]) for i, cache in enumerate(caches) if i not in self._recurrent]
+        stitch_kv(kv, cached, self._pool)
+        arrays = [a for cache, _ in kv for a in (cache.keys, cache.values)]
+        for i in self._recurrent:
+            restore_recurrent(caches[i], used[-1].payload.layers[i], cached)
+            arrays.extend(a for a in caches[i].state if a is not None)
         mx.eval(*arrays)
         for node in used:
             tier = node.payload.tier

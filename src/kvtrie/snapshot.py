@@ -10,6 +10,7 @@ protocol (`state`, `offset`, and the `keys`/`values`/`offset` attributes).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import attrs
@@ -110,12 +111,8 @@ def _take_prefix(parts: Sequence[KVPayload], length: int) -> list[tuple[KVPayloa
     raise ValueError(f"payloads cover {length - left} positions, {length} were asked for")
 
 
-def _assemble(arrays: Sequence[tuple[AnyArray, int]], capacity: int, pool: HostPool) -> mx.array:
-    """Copy the first n positions of each array into one `[B, H, capacity, D]` buffer, zeros after.
-
-    Assembled in a pooled numpy buffer and handed to MLX in one flat copy: on the CPU
-    this runs near memcpy speed, where MLX's own 4-D concatenation copies element-wise.
-    """
+def _assemble(arrays: Sequence[tuple[AnyArray, int]], capacity: int, pool: HostPool) -> np.ndarray:
+    """Copy the first n positions of each array into one pooled `[B, H, capacity, D]` numpy buffer, zeros after."""
     first = numpy_view(arrays[0][0])
     B, H, _, D = first.shape
     buf = pool.take((B, H, capacity, D), first.dtype)
@@ -124,34 +121,48 @@ def _assemble(arrays: Sequence[tuple[AnyArray, int]], capacity: int, pool: HostP
         np.copyto(buf[:, :, at : at + n], numpy_view(a)[:, :, :n])
         at += n
     buf[:, :, at:] = 0
-    out = from_numpy(buf, arrays[0][0].dtype)
-    mx.eval(out)
-    pool.give(buf)
-    return out
+    return buf
 
 
-def stitch_kv(cache: Any, parts: Sequence[KVPayload], length: int, pool: HostPool) -> None:
-    """Load the first `length` positions of the concatenated `parts` into a fresh live cache.
+_COPIERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvtrie-stitch")
 
-    Parts may come from either tier. The result has zeroed room up to the cache's next
-    step boundary, so the following prefill does not regrow the buffer, and it never
-    aliases a payload, so the live cache may be written in place.
+
+def stitch_kv(targets: Sequence[tuple[Any, Sequence[KVPayload]]], length: int, pool: HostPool) -> None:
+    """Load the first `length` positions of each target's concatenated parts into its fresh live cache.
+
+    `targets` pairs each live cache with the payloads of its layer along the path, from
+    either tier. The result has zeroed room up to the cache's next step boundary, so the
+    following prefill does not regrow the buffer, and it never aliases a payload, so the
+    live cache may be written in place.
     """
-    if length <= 0:
+    if length <= 0 or not targets:
         return
-    taken = _take_prefix(parts, length)
-    step = int(getattr(cache, "step", 256))
-    capacity = length + step - length % step
+    plans = []
+    for cache, parts in targets:
+        step = int(getattr(cache, "step", 256))
+        plans.append((cache, _take_prefix(parts, length), length + step - length % step))
     if on_cpu():
-        cache.keys = _assemble([(p.keys, n) for p, n in taken], capacity, pool)
-        cache.values = _assemble([(p.values, n) for p, n in taken], capacity, pool)
+        # Assemble all keys and values in pooled numpy buffers on two threads (numpy
+        # copies release the GIL), then hand each to MLX in one flat copy: on the CPU
+        # this runs near memcpy speed, where MLX's 4-D concatenation copies element-wise.
+        jobs = [
+            (cache, name, taken[0][0].keys.dtype, _COPIERS.submit(_assemble, [(getattr(p, name), n) for p, n in taken], capacity, pool))
+            for cache, taken, capacity in plans
+            for name in ("keys", "values")
+        ]
+        for cache, name, dtype, job in jobs:
+            buf = job.result()
+            setattr(cache, name, from_numpy(buf, dtype))
+            pool.give(buf)
     else:
-        for name in ("keys", "values"):
-            arrays = [to_device(getattr(p, name))[..., :n, :] for p, n in taken]
-            B, H, _, D = arrays[0].shape
-            arrays.append(mx.zeros((B, H, capacity - length, D), arrays[0].dtype))
-            setattr(cache, name, mx.concatenate(arrays, axis=2))
-    cache.offset = length
+        for cache, taken, capacity in plans:
+            for name in ("keys", "values"):
+                arrays = [to_device(getattr(p, name))[..., :n, :] for p, n in taken]
+                B, H, _, D = arrays[0].shape
+                arrays.append(mx.zeros((B, H, capacity - length, D), arrays[0].dtype))
+                setattr(cache, name, mx.concatenate(arrays, axis=2))
+    for cache, _, _ in plans:
+        cache.offset = length
 
 
 def evaluate(payloads: Iterable[Any]) -> None:
