@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 
 import mlx.core as mx
 import numpy as np
@@ -172,7 +173,7 @@ def test_continuation_after_decode_extends_the_cached_path():
 
 # MLX's buffer pool may hand a new array a recycled block slightly larger than asked
 # for (at most two pages more); that slack is allocator rounding, not a kept buffer.
-POOL_SLACK_PER_ARRAY = 2 * 16384
+POOL_SLACK_PER_ARRAY = 2 * os.sysconf("SC_PAGE_SIZE")
 
 
 def _held_after_cleanup(baseline: int) -> int:
@@ -184,7 +185,7 @@ def _held_after_cleanup(baseline: int) -> int:
 def test_payloads_are_compact_in_memory():
     """Invariant 3: with live caches gone, MLX holds the payload bytes, not the live buffers."""
     model = FakeModel(layers=2, heads=4, dim=64)  # 1 KiB per position per array
-    pc = PrefixCache(model.make_cache)
+    pc = PrefixCache(model.make_cache, hot_sessions=0)  # no live caches kept after close
     rng = np.random.default_rng(1)
     seqs = [rng.integers(0, 4, int(n)).tolist() for n in rng.integers(5, 300, 12)]
     baseline = _held_after_cleanup(0)
@@ -357,3 +358,41 @@ def test_live_kv_cache_protocol():
     np.testing.assert_array_equal(got_k[:, :, :3], np.array(k))
     np.testing.assert_array_equal(got_v[:, :, 3:], -np.repeat(np.array(k[:, :, :1]), 300, axis=2))
     assert c.nbytes == c.keys.nbytes + c.values.nbytes
+
+
+def test_continuing_the_last_session_takes_its_caches_without_a_copy():
+    model = FakeModel()
+    pc = PrefixCache(model.make_cache, device_bytes=0, host_bytes=0)  # the trie itself keeps nothing
+    turn1 = list(range(30))
+    with pc.begin(turn1) as s:
+        model(turn1, s.caches)
+        s.commit(turn1)
+        live = s.caches
+    turn2 = turn1 + [7, 8, 9]
+    with pc.begin(turn2) as s:
+        assert s.caches is live and s.cached == 30 and pc.stats()["hot_restores"] == 1
+        assert_cold(model, s.caches, turn2, 30)
+        model(turn2[30:], s.caches)
+        s.commit(turn2)
+    with pc.begin(turn2 + [1], namespace="other") as s:  # another namespace never takes it
+        assert s.cached == 0
+    with pc.begin(list(range(5)) + [1]) as s:  # not a continuation: no hot caches
+        assert s.cached == 0 and pc.stats()["hot_restores"] == 1
+
+
+def test_caches_passed_to_commit_are_never_kept_hot():
+    model = FakeModel()
+    pc = PrefixCache(model.make_cache)
+    tokens = list(range(10))
+    with pc.begin(tokens) as s:
+        mine = model.make_cache()
+        model(tokens, mine)
+        s.commit(tokens, mine)
+    with pc.begin(tokens + [1]) as s:
+        assert s.cached == 10 and s.caches is not mine and pc.stats()["hot_restores"] == 0
+    pc0 = PrefixCache(model.make_cache, hot_sessions=0)
+    serve(pc0, model, tokens)
+    with pc0.begin(tokens + [1]) as s:
+        assert s.cached == 10 and pc0.stats()["hot_restores"] == 0
+    with pytest.raises(ValueError):
+        PrefixCache(model.make_cache, hot_sessions=-1)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Optional, Union
 
@@ -99,6 +100,7 @@ class Session:
         self.capture_at = capture_at
         self._captures: dict[int, tuple[RecurrentPayload, ...]] = {}
         self._leaf = leaf
+        self._committed_tokens: Optional[np.ndarray] = None
         self._committed = False
         self._closed = False
 
@@ -135,7 +137,12 @@ class Session:
         return self._owner._commit(self, tokens, self.caches if caches is None else caches)
 
     def close(self) -> None:
-        """Unpin the session's path and release its live caches; closing twice is harmless."""
+        """Unpin the session's path and hand its live caches back; closing twice is harmless.
+
+        After a commit, the caches may serve the next request that continues this
+        sequence without copying (see `PrefixCache(hot_sessions=...)`): do not use them
+        after closing.
+        """
         if not self._closed:
             self._owner._close(self)
 
@@ -172,6 +179,11 @@ class PrefixCache:
     exceeds a budget still works, and the budget holds again once it closes.
     `promote_on_restore=True` copies restored host payloads back to the device tier;
     by default cold payloads stay on host and restore straight from there.
+
+    The live caches of the last `hot_sessions` committed sessions are kept after they
+    close: a request that continues one of those sequences (the next turn of a chat)
+    takes them over as they are, with no copy. They are live caches, outside the
+    budgets, like those of open sessions.
     """
 
     def __init__(
@@ -184,12 +196,15 @@ class PrefixCache:
         device_bytes: Optional[int] = None,
         host_bytes: Optional[int] = None,
         promote_on_restore: bool = False,
+        hot_sessions: int = 1,
     ):
         if not callable(make_cache):
             raise TypeError(f"make_cache must be callable (a model's make_cache), got {type(make_cache).__name__}")
         if snapshot_interval is not None:
             _check_positive_int("snapshot_interval", snapshot_interval)
         _check_positive_int("max_snapshots_per_path", max_snapshots_per_path)
+        if isinstance(hot_sessions, bool) or not isinstance(hot_sessions, int) or hot_sessions < 0:
+            raise ValueError(f"hot_sessions must be a non-negative int, got {hot_sessions!r}")
         pager = Pager(device_bytes, host_bytes)
         probe = make_cache()
         if not isinstance(probe, (list, tuple)) or not probe:
@@ -207,6 +222,9 @@ class PrefixCache:
         self._pager = pager
         self._pool = HostPool()
         self._promote = bool(promote_on_restore)
+        self._hot: deque[tuple[str, np.ndarray, list]] = deque(maxlen=hot_sessions or None)
+        self._hot_slots = hot_sessions
+        self._hot_restores = 0
         self._requests = 0
         self._prompt_tokens = 0
         self._cached_tokens = 0
@@ -263,8 +281,12 @@ class PrefixCache:
                 cached = max((n.end for n in match.path if n.end <= limit and n.payload.has_state), default=0)
             else:
                 cached = limit
+            hot = self._take_hot(ns, arr, cached)
+            if hot is not None:
+                cached, caches = len(hot[1]), hot[2]
+                self._hot_restores += 1
             used = [n for n in match.path if n.start < cached]
-            if used:
+            if used and hot is None:
                 self._restore(caches, used, cached)
             leaf = used[-1] if used else None
             capture_at = self._plan_captures(used, match.length, cached, len(arr), hints) if self._recurrent else ()
@@ -298,6 +320,16 @@ class PrefixCache:
             tier = node.payload.tier
             self._cached_by_tier[tier] += min(node.end, cached) - node.start
             self._host_restores += tier == HOST
+
+    def _take_hot(self, ns: str, arr: np.ndarray, cached: int) -> Optional[tuple[str, np.ndarray, list]]:
+        """A kept session whose sequence `arr` continues, at least as deep as the trie restore."""
+        for entry in self._hot:
+            hot_ns, tokens, _ = entry
+            n = len(tokens)
+            if hot_ns == ns and cached <= n < len(arr) and np.array_equal(arr[:n], tokens):
+                self._hot.remove(entry)
+                return entry
+        return None
 
     def _plan_captures(
         self, used: list[Node], matched: int, cached: int, n: int, hints: tuple[int, ...]
@@ -367,6 +399,8 @@ class PrefixCache:
             session._leaf = leaf
             self._touch(leaf.path())
             session._committed = True
+            if caches is session.caches:  # only the session's own caches may be kept hot
+                session._committed_tokens = arr
             self._enforce()
         logger.debug("commit ns=%s: %d tokens, %d new, snapshots at %s", session.namespace, n, added, sorted(snapshots))
         return added
@@ -397,6 +431,8 @@ class PrefixCache:
 
     def _close(self, session: Session) -> None:
         with self._lock:
+            if self._hot_slots and session._committed_tokens is not None and session.caches is not None:
+                self._hot.append((session.namespace, session._committed_tokens, session.caches))
             self._pin(session._leaf, -1)
             session._leaf = None
             session._closed = True
@@ -589,6 +625,7 @@ class PrefixCache:
                 "cached_tokens_host": self._cached_by_tier[HOST],
                 "page_outs": self._page_outs,
                 "host_restores": self._host_restores,
+                "hot_restores": self._hot_restores,
                 "evictions": self._evictions,
                 "evicted_tokens": self._evicted_tokens,
             }
