@@ -292,3 +292,14 @@ def test_conversation_closes_unterminated_reply():
     assert conv.tokens == prompt + BYTE.encode("ok<|eos|>\n")
     with pytest.raises(ValueError, match="token ids"):
         conv.add_reply([999])
+
+
+def test_conversation_fork_continues_independently():
+    from kvtrie.models.tokenizer import ByteTokenizer, ChatTemplate, Conversation
+
+    conv = Conversation(ChatTemplate(ByteTokenizer()), system="sys")
+    conv.add_user("hi")
+    fork = conv.fork()
+    fork.add_user("branch")
+    assert fork.tokens[: len(conv.tokens)] == conv.tokens and len(fork.tokens) > len(conv.tokens)
+    assert fork.boundaries[: len(conv.boundaries)] == conv.boundaries and len(conv.messages) == 2

@@ -311,11 +311,9 @@ class PrefixCache:
         """Stitch the path's KV (from either tier) into the live caches and load the recurrent state at `cached`."""
         kv = [(cache, [n.payload.layers[i] for n in used]) for i, cache in enumerate(caches) if i not in self._recurrent]
         stitch_kv(kv, cached, self._pool)
-        arrays = [a for cache, _ in kv for a in (cache.keys, cache.values)]
         for i in self._recurrent:
             restore_recurrent(caches[i], used[-1].payload.layers[i], cached)
-            arrays.extend(a for a in caches[i].state if a is not None)
-        mx.eval(*arrays)
+        mx.eval(_live_arrays(caches))
         for node in used:
             tier = node.payload.tier
             self._cached_by_tier[tier] += min(node.end, cached) - node.start
@@ -432,6 +430,8 @@ class PrefixCache:
     def _close(self, session: Session) -> None:
         with self._lock:
             if self._hot_slots and session._committed_tokens is not None and session.caches is not None:
+                # evaluated here: MLX cannot evaluate another thread's pending work later
+                mx.eval(_live_arrays(session.caches))
                 self._hot.append((session.namespace, session._committed_tokens, session.caches))
             self._pin(session._leaf, -1)
             session._leaf = None
@@ -663,3 +663,8 @@ def _check_offsets(offsets: Any) -> tuple[int, ...]:
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
             raise ValueError(f"capture_hints must be non-negative int offsets, got {v!r}")
     return tuple(int(v) for v in values)
+
+
+def _live_arrays(caches: Sequence[Any]) -> list[mx.array]:
+    """The arrays a list of live caches holds (their `state`, whatever its layout)."""
+    return [a for c in caches for a in c.state if isinstance(a, mx.array)]

@@ -125,6 +125,7 @@ def _assemble(arrays: Sequence[tuple[AnyArray, int]], capacity: int, pool: HostP
 
 
 _COPIERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvtrie-stitch")
+_PARALLEL_BYTES = 8 << 20  # below this, threads cost more than they save
 
 
 def stitch_kv(targets: Sequence[tuple[Any, Sequence[KVPayload]]], length: int, pool: HostPool) -> None:
@@ -142,16 +143,21 @@ def stitch_kv(targets: Sequence[tuple[Any, Sequence[KVPayload]]], length: int, p
         step = int(getattr(cache, "step", 256))
         plans.append((cache, _take_prefix(parts, length), length + step - length % step))
     if on_cpu():
-        # Assemble all keys and values in pooled numpy buffers on two threads (numpy
-        # copies release the GIL), then hand each to MLX in one flat copy: on the CPU
-        # this runs near memcpy speed, where MLX's 4-D concatenation copies element-wise.
-        jobs = [
-            (cache, name, taken[0][0].keys.dtype, _COPIERS.submit(_assemble, [(getattr(p, name), n) for p, n in taken], capacity, pool))
+        # Assemble keys and values in pooled numpy buffers, then hand each to MLX in one
+        # flat copy: on the CPU this runs near memcpy speed, where MLX's 4-D concatenation
+        # copies element by element. Large restores assemble on two threads (numpy copies
+        # release the GIL); small ones inline, where a thread hand-off would cost more.
+        tasks = [
+            (cache, name, taken[0][0].keys.dtype, [(getattr(p, name), n) for p, n in taken], capacity)
             for cache, taken, capacity in plans
             for name in ("keys", "values")
         ]
-        for cache, name, dtype, job in jobs:
-            buf = job.result()
+        parallel = sum(p.nbytes for _, taken, _ in plans for p, _ in taken) >= _PARALLEL_BYTES
+        for cache, name, dtype, job in [
+            (cache, name, dtype, _COPIERS.submit(_assemble, parts, cap, pool) if parallel else _assemble(parts, cap, pool))
+            for cache, name, dtype, parts, cap in tasks
+        ]:
+            buf = job.result() if parallel else job
             setattr(cache, name, from_numpy(buf, dtype))
             pool.give(buf)
     else:

@@ -102,10 +102,14 @@ def as_token_array(tokens: Any) -> np.ndarray:
             seq = list(tokens)
         except TypeError:
             raise TypeError(f"tokens must be a sequence of integer token ids, got {type(tokens).__name__}") from None
-        for t in seq:
-            if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)):
-                raise TypeError(f"token ids must be integers, got {t!r} of type {type(t).__name__}")
-        arr = np.asarray(seq, dtype=np.int64) if seq else np.zeros(0, dtype=np.int64)
+        for kind in set(map(type, seq)):  # one pass in C; usually just {int}
+            if issubclass(kind, (bool, np.bool_)) or not issubclass(kind, (int, np.integer)):
+                bad = next(t for t in seq if type(t) is kind)
+                raise TypeError(f"token ids must be integers, got {bad!r} of type {kind.__name__}")
+        try:
+            arr = np.asarray(seq, dtype=np.int64) if seq else np.zeros(0, dtype=np.int64)
+        except OverflowError:
+            raise ValueError("token ids must fit in int32") from None
     if arr.ndim != 1:
         raise ValueError(f"tokens must be one-dimensional, got shape {arr.shape}")
     if arr.size == 0:

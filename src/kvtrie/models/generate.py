@@ -31,7 +31,10 @@ def greedy(logits: mx.array, history: Sequence[int] = ()) -> int:
 
 @attrs.frozen
 class GenerationResult:
-    """What one request did: its tokens, how much the cache saved, and how fast it ran."""
+    """What one request did: its tokens, how much the cache saved, and how fast it ran.
+
+    `restore_s` is the lookup + restore part of `ttft_s` (the time spent in `begin`).
+    """
 
     tokens: list[int]
     prompt_tokens: int
@@ -41,6 +44,7 @@ class GenerationResult:
     finish_reason: str
     ttft_s: float
     decode_s: float
+    restore_s: float = 0.0
     logits: Optional[list[np.ndarray]] = None
 
     @property
@@ -117,6 +121,7 @@ class Generation:
         prompt = self._prompt
         t0 = time.perf_counter()
         session = self._pc.begin(prompt, namespace=self._namespace, capture_hints=self._hints) if self._pc is not None else None
+        restore_s = time.perf_counter() - t0
         try:
             cached = session.cached if session is not None else 0
             caches = session.caches if session is not None else self._model.make_cache()
@@ -164,6 +169,7 @@ class Generation:
             finish_reason=finish,
             ttft_s=ttft,
             decode_s=decode_s,
+            restore_s=restore_s,
             logits=kept if self._return_logits else None,
         )
 

@@ -372,6 +372,14 @@ class Conversation:
         if system is not None:
             self._add("system", system)
 
+    def fork(self) -> "Conversation":
+        """An independent copy, to continue this history along another branch (agents, edits)."""
+        other = Conversation(self.template)
+        other._tokens = list(self._tokens)
+        other._messages = self.messages
+        other._ends = list(self._ends)
+        return other
+
     @property
     def tokens(self) -> list[int]:
         """The ids of the history so far (a copy), without a generation prompt."""
