@@ -4,6 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
+OPENBLAS := /usr/lib/x86_64-linux-gnu/libopenblas.so.0
+BENCH_STAMP := $(VENV)/.bench-stamp
+
 .PHONY: demo test bench clean
 
 $(STAMP): pyproject.toml
@@ -17,6 +20,20 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[test,tokenizers,bench]'
+	touch $(BENCH_STAMP)
+
+# Benchmarks preload the system OpenBLAS when there is one (about 16x faster prefill
+# than the reference BLAS in the mlx wheel); each script prints which BLAS it ran on.
+bench: $(BENCH_STAMP)
+	@test -e $(OPENBLAS) || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+		{ apt-get install -y -qq libopenblas0-pthread || { apt-get update -qq && apt-get install -y -qq libopenblas0-pthread; }; } >/dev/null 2>&1; } || \
+		echo "no system OpenBLAS: MLX runs on the reference BLAS of its wheel"
+	LD_PRELOAD=$$(test -e $(OPENBLAS) && echo $(OPENBLAS)) $(PY) benchmarks/workloads_bench.py
+	LD_PRELOAD=$$(test -e $(OPENBLAS) && echo $(OPENBLAS)) $(PY) benchmarks/paging.py
+	LD_PRELOAD=$$(test -e $(OPENBLAS) && echo $(OPENBLAS)) $(PY) benchmarks/scale.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis

@@ -3,10 +3,11 @@
     python benchmarks/scale.py [--nodes 1000,10000,100000 --repeat 2000 --seed 0]
 
 Each size is built the same way, scaled: one document of `nodes` tokens stored as a
-path that other requests branched off at `nodes / 1000` points, plus conversations that
-copy a random prefix of an earlier one (or continue it whole) and add a 10-20 token tail,
-until the trie holds `nodes` nodes (about 1M tokens at 100k nodes). Payloads are tiny
-stand-ins: copying real KV payloads is measured by benchmarks/paging.py, not here.
+path that other requests branched off at `nodes / 1000` points, plus conversations under
+`nodes / 1000` system prompts, each request copying a random prefix of an earlier one
+and adding a 10-20 token tail, until the trie holds `nodes` nodes (about 1.2M tokens
+at 100k nodes). Payloads are tiny stand-ins: copying real KV payloads is measured by
+benchmarks/paging.py, not here.
 Sizes are timed in interleaved blocks so that load changes on a shared machine hit all alike.
 """
 
@@ -30,9 +31,9 @@ from common import machine, save, verdict
 
 VOCAB = 100_000
 TAIL = (10, 21)  # new tokens per request, [low, high)
-CONTINUE = 0.3  # share of requests that extend a whole earlier sequence (the next turn of a chat)
+TURNS = 30  # mean requests per conversation
+CONTINUE = 0.45  # share of requests that extend the latest one (the next turn); the rest branch off
 BLOCKS = 10  # each operation is timed in this many blocks per size, sizes taking turns
-
 
 
 @attrs.frozen
@@ -96,42 +97,50 @@ def tokens(rng: np.random.Generator, n: Optional[int] = None) -> np.ndarray:
 class World:
     trie: Trie
     document: np.ndarray
-    sequences: list[np.ndarray]  # every conversation inserted, to draw prompts from
+    sequences: list[np.ndarray]  # every conversation request inserted, to draw prompts from
     build_s: float
 
 
 def build(nodes: int, rng: np.random.Generator) -> World:
-    """A trie of `nodes` nodes shaped like a server's (see the module doc)."""
+    """A trie of `nodes` nodes shaped like a server's (see the module doc).
+
+    Conversations are independent of each other, as on a server: a larger trie holds more
+    of them, not deeper ones. Within one, a request extends the latest one (the next turn)
+    or copies a random earlier request cut inside that request's own new tokens (a
+    regenerated or edited message), and adds a 10-20 token tail.
+    """
     t = time.perf_counter()
     trie = Trie(split_payload, merge_payload)
     document = tokens(rng, nodes)
     trie.add_child(trie.root, document, Payload.of(len(document)))
     for p in rng.integers(1, len(document), max(1, nodes // 1000)):
         insert(trie, np.concatenate([document[:p], tokens(rng)]))
-    # system prompts / few-shot headers for conversations to start from
-    sequences = [tokens(rng, int(rng.integers(200, 400))) for _ in range(max(2, nodes // 1000))]
-    for s in sequences:
-        insert(trie, s)
+    headers = [tokens(rng, int(rng.integers(20, 100))) for _ in range(max(2, nodes // 1000))]  # system prompts
+    sequences: list[np.ndarray] = []
     while trie.num_nodes < nodes:
-        src = sequences[rng.integers(len(sequences))]
-        cut = len(src) if rng.random() < CONTINUE else int(rng.integers(0, len(src) + 1))
-        seq = np.concatenate([src[:cut], tokens(rng)])
-        insert(trie, seq)
-        sequences.append(seq)
+        header = headers[rng.integers(len(headers))]
+        conversation, own = [header], [len(header)]  # own: where each request's new tokens start
+        for _ in range(rng.geometric(1 / TURNS)):
+            if rng.random() < CONTINUE:
+                cut = len(src := conversation[-1])
+            else:
+                j = int(rng.integers(len(conversation)))
+                src = conversation[j]
+                cut = int(rng.integers(own[j], len(src) + 1))
+            seq = np.concatenate([src[:cut], tokens(rng)])
+            insert(trie, seq)
+            conversation.append(seq)
+            own.append(cut)
+            if trie.num_nodes >= nodes:
+                break
+        sequences += conversation[1:]
     return World(trie, document, sequences, time.perf_counter() - t)
 
 
-def prompt(world: World, rng: np.random.Generator, new: Optional[int] = None) -> np.ndarray:
-    """50-300 tokens that follow a stored sequence and then diverge (mid-edge or at a node end).
-
-    `new` fixes the number of diverging tokens; by default they fill the prompt up to its length.
-    """
-    length = int(rng.integers(50, 301))
+def prompt(world: World, rng: np.random.Generator) -> np.ndarray:
+    """A stored request cut at a random point (mid-edge or at a node end), then 20 new tokens."""
     src = world.sequences[rng.integers(len(world.sequences))]
-    while len(src) < 50:
-        src = world.sequences[rng.integers(len(world.sequences))]
-    keep = int(rng.integers(1, min(len(src), length)))
-    return np.concatenate([src[:keep], tokens(rng, length - keep if new is None else new)])
+    return np.concatenate([src[: int(rng.integers(1, len(src) + 1))], tokens(rng, 20)])
 
 
 def operations(world: World, rng: np.random.Generator, repeat: int) -> tuple[dict[str, Op], dict]:
@@ -147,7 +156,7 @@ def operations(world: World, rng: np.random.Generator, repeat: int) -> tuple[dic
     prompts = [prompt(world, rng) for _ in range(repeat)]
     ops["match"] = Op(lambda i: trie.match(prompts[i]))
 
-    commits = [prompt(world, rng, new=20) for _ in range(repeat)]
+    commits = [prompt(world, rng) for _ in range(repeat)]
     ops["insert"] = Op(lambda i: insert(trie, commits[i]), lambda r: uninsert(trie, *r))
 
     long_edges = [n for n in nodes if len(n.tokens) > 1]
@@ -168,7 +177,7 @@ def operations(world: World, rng: np.random.Generator, repeat: int) -> tuple[dic
             pager.index(node, node.is_leaf)
 
     leaves = [n for n in nodes if n.is_leaf]
-    paths = [leaves[j].path()[-10:] for j in rng.integers(len(leaves), size=repeat)]
+    paths = [leaves[j].path() for j in rng.integers(len(leaves), size=repeat)]
 
     def touch(i: int) -> None:
         """A request used this path: it becomes the most recent."""
@@ -177,8 +186,9 @@ def operations(world: World, rng: np.random.Generator, repeat: int) -> tuple[dic
             node.last_used = now
             reindex(node)
 
-    ops["touch"] = Op(touch)
-    # in a request the path was just matched and restored, so its nodes are in the CPU caches
+    # cold: as at a session's close, after the model's forward passes have flushed the CPU caches;
+    # warm: as in begin(), right after the path was matched and restored
+    ops["touch (cold)"] = Op(touch)
     ops["touch (warm)"] = Op(touch, before=touch)
 
     def evict(_: int) -> tuple[Node, Node]:
@@ -198,7 +208,12 @@ def operations(world: World, rng: np.random.Generator, repeat: int) -> tuple[dic
         reindex(leaf)
 
     ops["eviction"] = Op(evict, readd)
-    info = {"evictable leaves": len(leaves), "touch path nodes (mean)": float(np.mean([len(p) for p in paths]))}
+    info = {
+        "prompt tokens (mean)": float(np.mean([len(q) for q in prompts])),
+        "match path nodes (mean)": float(np.mean([len(trie.match(q).path) for q in prompts])),
+        "evictable leaves": len(leaves),
+        "touch path nodes (mean)": float(np.mean([len(p) for p in paths])),
+    }
     return ops, info
 
 
@@ -291,8 +306,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     sizes = list(result["sizes"])
     for s, info in result["sizes"].items():
         print(
-            f"  {info['nodes']:>7,} nodes, {info['tokens']:>9,} tokens: depth mean {info['mean depth']:.0f} max "
-            f"{info['max depth']}, {info['evictable leaves']:,} leaves, built in {info['build s']:.1f} s"
+            f"  {info['nodes']:>7,} nodes, {info['tokens']:>9,} tokens, built in {info['build s']:4.1f} s: depth mean "
+            f"{info['mean depth']:.1f} max {info['max depth']}, {info['evictable leaves']:,} leaves; prompts of "
+            f"{info['prompt tokens (mean)']:.0f} tokens match {info['match path nodes (mean)']:.1f} nodes"
         )
     print(f"\n{'µs, median / p95':<16}" + "".join(f"{f'{s:,} nodes':>18}" for s in sizes) + f"{'ratio':>8}")
     for op, by_size in result["latency_us"].items():

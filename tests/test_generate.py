@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 from kvtrie import PrefixCache
 from kvtrie.models import Sampler, generate, load_model, stream_generate
 
+from tolerance import ATOL
+
 
 @pytest.fixture(scope="module")
 def llama():
@@ -22,7 +24,7 @@ def assert_warm_equals_cold(model, warm, prompt, max_tokens):
     assert warm.tokens == cold.tokens, "greedy tokens must be identical"
     assert len(warm.logits) == len(cold.logits)
     for w, c in zip(warm.logits, cold.logits):
-        np.testing.assert_allclose(w, c, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(w, c, atol=ATOL, rtol=0)
 
 
 def random_requests(model, pc, data, max_tokens=4):

@@ -23,6 +23,8 @@ from kvtrie.models.load import (
 )
 from kvtrie.models.tokenizer import ByteTokenizer
 
+from tolerance import ATOL
+
 NAMES = sorted(MODELS)
 SEQ_LEN = 20
 
@@ -73,7 +75,7 @@ def test_forward_shapes_and_cache_kinds(name):
 def test_token_by_token_equals_full_prefill(name):
     model, tokens, full = _reference(name)
     stepped = _run_chunks(model, tokens, list(range(1, SEQ_LEN)))
-    np.testing.assert_allclose(np.array(stepped), np.array(full), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.array(stepped), np.array(full), atol=ATOL, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -82,16 +84,16 @@ def test_token_by_token_equals_full_prefill(name):
 def test_chunked_prefill_equals_full_prefill(name, cuts):
     model, tokens, full = _reference(name)
     chunked = _run_chunks(model, tokens, sorted(cuts))
-    np.testing.assert_allclose(np.array(chunked), np.array(full), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.array(chunked), np.array(full), atol=ATOL, rtol=1e-5)
 
 
 def test_llama_prefix_logits_equal_full_sequence_logits():
     model, tokens, full = _reference("tiny-llama")
     for i in (0, 1, 7, SEQ_LEN - 1):
         prefix = model(tokens[:, : i + 1])
-        np.testing.assert_allclose(np.array(prefix[:, -1]), np.array(full[:, i]), atol=1e-5)
+        np.testing.assert_allclose(np.array(prefix[:, -1]), np.array(full[:, i]), atol=ATOL)
     cached = model(tokens, cache=model.make_cache())
-    np.testing.assert_allclose(np.array(cached), np.array(full), atol=1e-5)
+    np.testing.assert_allclose(np.array(cached), np.array(full), atol=ATOL)
 
 
 def _np_delta_net(layer, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -156,7 +158,7 @@ def test_gated_delta_layer_matches_numpy_reference():
     second = layer(mx.array(x[:, 5:]), cache)
     got = np.array(mx.concatenate([first, second], axis=1))
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
-    np.testing.assert_allclose(np.array(cache[1]), expected_state, atol=1e-5)
+    np.testing.assert_allclose(np.array(cache[1]), expected_state, atol=ATOL)
     assert cache.offset == 12
     np.testing.assert_allclose(np.array(layer(mx.array(x))), expected, atol=1e-4, rtol=1e-4)
 

@@ -46,7 +46,12 @@ def on_cpu() -> bool:
 
 
 def numpy_view(a: AnyArray) -> np.ndarray:
-    """The bytes of `a` as numpy (bfloat16 as uint16); zero-copy for host arrays and on CPU/unified memory."""
+    """The bytes of `a` as numpy (bfloat16 as uint16).
+
+    Zero-copy for host arrays and on the CPU backend. On CUDA, MLX moves a device
+    array's buffer to managed memory to expose it, which is slow: read device arrays
+    this way only to copy them off the device.
+    """
     if isinstance(a, HostArray):
         return a.data
     return np.asarray(a.view(_VIEW_AS[a.dtype]) if a.dtype in _VIEW_AS else a)

@@ -142,31 +142,32 @@ def stitch_kv(targets: Sequence[tuple[Any, Sequence[KVPayload]]], length: int, p
     for cache, parts in targets:
         step = int(getattr(cache, "step", 256))
         plans.append((cache, _take_prefix(parts, length), length + step - length % step))
-    if on_cpu():
-        # Assemble keys and values in pooled numpy buffers, then hand each to MLX in one
-        # flat copy: on the CPU this runs near memcpy speed, where MLX's 4-D concatenation
-        # copies element by element. Large restores assemble on two threads (numpy copies
-        # release the GIL); small ones inline, where a thread hand-off would cost more.
-        tasks = [
-            (cache, name, taken[0][0].keys.dtype, [(getattr(p, name), n) for p, n in taken], capacity)
-            for cache, taken, capacity in plans
-            for name in ("keys", "values")
-        ]
-        parallel = sum(p.nbytes for _, taken, _ in plans for p, _ in taken) >= _PARALLEL_BYTES
-        for cache, name, dtype, job in [
-            (cache, name, dtype, _COPIERS.submit(_assemble, parts, cap, pool) if parallel else _assemble(parts, cap, pool))
-            for cache, name, dtype, parts, cap in tasks
-        ]:
-            buf = job.result() if parallel else job
-            setattr(cache, name, from_numpy(buf, dtype))
-            pool.give(buf)
-    else:
-        for cache, taken, capacity in plans:
-            for name in ("keys", "values"):
-                arrays = [to_device(getattr(p, name))[..., :n, :] for p, n in taken]
+    # Assemble in pooled numpy buffers, then hand each to MLX in one flat copy, when the
+    # parts can be read as numpy cheaply: always on the CPU (where MLX's 4-D concatenate
+    # copies element by element), and on a GPU when every part is on the host tier. A
+    # GPU reading device payloads through numpy would migrate them to managed memory:
+    # there MLX concatenates on the device. Large assemblies run on two threads (numpy
+    # copies release the GIL); small ones inline, where a hand-off costs more.
+    cpu = on_cpu()
+    tasks = []
+    for cache, taken, capacity in plans:
+        for name in ("keys", "values"):
+            parts = [(getattr(p, name), n) for p, n in taken]
+            if cpu or all(isinstance(a, HostArray) for a, _ in parts):
+                tasks.append((cache, name, taken[0][0].keys.dtype, parts, capacity))
+            else:
+                arrays = [to_device(a)[..., :n, :] for a, n in parts]
                 B, H, _, D = arrays[0].shape
                 arrays.append(mx.zeros((B, H, capacity - length, D), arrays[0].dtype))
                 setattr(cache, name, mx.concatenate(arrays, axis=2))
+    parallel = sum(a.nbytes for *_, parts, _ in tasks for a, _ in parts) >= _PARALLEL_BYTES
+    for cache, name, dtype, job in [
+        (cache, name, dtype, _COPIERS.submit(_assemble, parts, cap, pool) if parallel else _assemble(parts, cap, pool))
+        for cache, name, dtype, parts, cap in tasks
+    ]:
+        buf = job.result() if parallel else job
+        setattr(cache, name, from_numpy(buf, dtype))
+        pool.give(buf)
     for cache, _, _ in plans:
         cache.offset = length
 
