@@ -141,19 +141,22 @@ def regenerate_edit(t: Tracer, z: Sizes) -> None:
 
 
 def agent_tree(t: Tracer, z: Sizes) -> None:
-    """A tree search from one long context: each node's children add an action and its result."""
+    """A tree search from one long context: at each node the agent samples several actions
+    (replies to the same prompt), and each action's tool result opens a child node."""
     context = t.long_text(z.tree_context)
-    frontier = [Conversation(t.template, system=context)]
-    frontier[0].add_user("task: " + t.text(8, 12))
+    root = Conversation(t.template, system=context)
+    root.add_user("task: " + t.text(8, 12))
+    frontier = [root]
     for depth in range(z.tree_depth):
-        nxt = []
-        for i, conv in enumerate(frontier):
+        children = []
+        for i, node in enumerate(frontier):
             for b in range(z.tree_branching):
-                child = conv.fork()
-                child.add_user(f"tool result d{depth} b{b}: " + t.text(10, 30))
-                child.add_reply(t.serve(f"agent/d{depth}/{i}.{b}", child, 16))
-                nxt.append(child)
-        frontier = nxt
+                action = t.serve(f"agent/d{depth}/{i}.{b}", node, 16, temperature=0.8)
+                child = node.fork()
+                child.add_reply(action)
+                child.add_user("tool result: " + t.text(10, 30))
+                children.append(child)
+        frontier = children
 
 
 WORKLOADS: dict[str, Callable[[Tracer, Sizes], None]] = {

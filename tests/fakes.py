@@ -151,3 +151,6 @@ def check_invariants(pc, open_sessions=(), model: FakeModel | None = None) -> No
         assert node.pins == pinned_by.get(id(node), 0), "pins must count the open sessions using the node"
     stats = pc.stats()
     assert stats["device_bytes"] + stats["host_bytes"] == total, "byte accounting must be exact"
+    nodes = [node for _, node, _ in pc.walk()]
+    assert stats["nodes"] == len(nodes)
+    assert stats["snapshots"] == sum(1 for n in nodes if pc.recurrent_layers and n.payload.has_state)

@@ -328,3 +328,21 @@ def test_host_parent_waiting_for_device_children_does_not_stall_the_host_budget(
     pc.set_budgets(host_bytes=0)
     check_tiers_and_budgets(pc, strict=True)
     assert pc.stats()["nodes"] == 0
+
+
+def test_snapshot_node_whose_child_is_in_another_tier_still_gives_bytes_back():
+    """An interior node with one child in another tier cannot merge; it drops its snapshot instead."""
+    model = FakeModel(kinds="KR", heads=1, dim=4)
+    pc = PrefixCache(model.make_cache, device_bytes=0, snapshot_interval=None, hot_sessions=0)
+    base = list(range(10))
+    serve(pc, model, base)  # snapshot at 10, paged out to host at once
+    pc.set_budgets(device_bytes=None)
+    serve(pc, model, base + [50, 51])  # a device child under the host node
+    (node,) = [n for n in nodes_of(pc) if n.end == 10]
+    assert node.payload.tier == HOST and node.payload.has_snapshot and len(node.children) == 1
+    worker = threading.Thread(target=pc.set_budgets, kwargs={"host_bytes": 0}, daemon=True)
+    worker.start()
+    worker.join(timeout=20)
+    assert not worker.is_alive(), "enforcing the host budget must terminate"
+    check_tiers_and_budgets(pc, strict=True)
+    check_invariants(pc, (), model)

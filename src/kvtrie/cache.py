@@ -225,6 +225,7 @@ class PrefixCache:
         self._hot: deque[tuple[str, np.ndarray, list]] = deque(maxlen=hot_sessions or None)
         self._hot_slots = hot_sessions
         self._hot_restores = 0
+        self._snapshots = 0  # nodes where a hybrid model can restore
         self._requests = 0
         self._prompt_tokens = 0
         self._cached_tokens = 0
@@ -417,6 +418,7 @@ class PrefixCache:
     def _attach(self, node: Node, snapshot: tuple[RecurrentPayload, ...]) -> None:
         """Give `node` the recurrent snapshot taken at its end, unless it has one already."""
         data = node.payload
+        had = data.has_state
         layers = list(data.layers)
         for i, payload in zip(self._recurrent, snapshot):
             if layers[i] is None:
@@ -425,6 +427,7 @@ class PrefixCache:
                 layers[i] = payload
                 self._pager.bytes[data.tier] += payload.nbytes
         data.layers = tuple(layers)
+        self._snapshots += data.has_state and not had
         self._reindex(node)
 
     def _close(self, session: Session) -> None:
@@ -518,31 +521,34 @@ class PrefixCache:
             self._pager.bytes[data.tier] -= data.nbytes
             self._evictions += 1
             self._evicted_tokens += len(node.tokens)
+            self._snapshots -= bool(self._recurrent) and data.has_state
             logger.debug("evict [%d, %d) %d B", node.start, node.end, data.nbytes)
             self._reindex(parent)
             if not parent.is_root and len(parent.children) == 1 and not parent.payload.has_snapshot:
                 self._merge(trie, parent)  # keep the trie a radix trie: no lone-child chains
             return
-        if len(node.children) == 1 and not node.pins:
-            self._merge(trie, node)
+        if len(node.children) == 1 and self._merge(trie, node):
             return
+        self._snapshots -= data.has_state
         dropped = [p for p in data.layers if isinstance(p, RecurrentPayload)]
         data.layers = tuple(None if isinstance(p, RecurrentPayload) else p for p in data.layers)
         release(dropped, self._pool)
         self._pager.bytes[data.tier] -= sum(p.nbytes for p in dropped)
         self._reindex(node)
 
-    def _merge(self, trie: Trie, node: Node) -> None:
+    def _merge(self, trie: Trie, node: Node) -> bool:
         """Fold a lone-child node into its child when both are unpinned and in the same tier."""
         (child,) = node.children.values()
         if node.pins or child.pins or node.payload.tier != child.payload.tier:
-            return
+            return False
+        self._snapshots -= bool(self._recurrent) and node.payload.has_state
         before = node.payload.nbytes + child.payload.nbytes
         self._pager.unindex(node)
         self._pager.unindex(child)
         merged = trie.merge(node)
         self._pager.bytes[merged.payload.tier] += merged.payload.nbytes - before
         self._reindex(merged)
+        return True
 
     def _trie_of(self, node: Node) -> Trie:
         root = node
@@ -610,15 +616,14 @@ class PrefixCache:
     def stats(self) -> dict[str, int]:
         """Counters since creation and the current size of the cache."""
         with self._lock:
-            nodes = [node for _, node, _ in self.walk()]
             return {
                 "requests": self._requests,
                 "hits": self._hits,
                 "prompt_tokens": self._prompt_tokens,
                 "cached_tokens": self._cached_tokens,
-                "nodes": len(nodes),
+                "nodes": sum(t.num_nodes for t in self._tries.values()),
                 "tokens_stored": sum(t.num_tokens for t in self._tries.values()),
-                "snapshots": sum(1 for node in nodes if self._recurrent and node.payload.has_state),
+                "snapshots": self._snapshots,
                 "device_bytes": self._pager.bytes[DEVICE],
                 "host_bytes": self._pager.bytes[HOST],
                 "cached_tokens_device": self._cached_by_tier[DEVICE],

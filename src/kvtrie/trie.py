@@ -99,7 +99,7 @@ def as_token_array(tokens: Any) -> np.ndarray:
         arr = tokens
     else:
         try:
-            seq = list(tokens)
+            seq = tokens if isinstance(tokens, list) else list(tokens)
         except TypeError:
             raise TypeError(f"tokens must be a sequence of integer token ids, got {type(tokens).__name__}") from None
         for kind in set(map(type, seq)):  # one pass in C; usually just {int}
@@ -143,6 +143,7 @@ class Trie:
 
     def match(self, tokens: np.ndarray) -> Match:
         """Longest prefix of `tokens` spelled by a root path (may end mid-edge)."""
+        tokens = np.asarray(tokens, dtype=TOKEN_DTYPE)  # no copy for as_token_array's output
         path: list[Node] = []
         node = self.root
         pos, n = 0, len(tokens)
@@ -154,7 +155,7 @@ class Trie:
             k = min(len(edge), n - pos)
             path.append(child)
             edge_part, query = edge[:k], tokens[pos : pos + k]
-            if not np.array_equal(edge_part, query):
+            if edge_part.tobytes() != query.tobytes():  # a memcmp: cheaper than np.array_equal
                 pos += int(np.argmax(edge_part != query))  # first mismatch
                 break
             pos += k
