@@ -12,7 +12,7 @@ BENCH_STAMP := $(VENV)/.bench-stamp
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,tokenizers]'
+	$(PY) -m pip install -q -e '.[test,tokenizers,mlx-lm]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 $(BENCH_STAMP): $(STAMP)
-	$(PY) -m pip install -q -e '.[test,tokenizers,bench]'
+	$(PY) -m pip install -q -e '.[test,tokenizers,mlx-lm,bench]'
 	touch $(BENCH_STAMP)
 
 # Benchmarks preload the system OpenBLAS when there is one (about 16x faster prefill

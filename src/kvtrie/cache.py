@@ -28,14 +28,8 @@ import numpy as np
 from .arrays import HostArray, HostPool
 from .errors import CacheMismatchError, SessionError
 from .paging import DEVICE, HOST, Pager, check_budget, layers_to_device, layers_to_host, release
-from .recurrent import (
-    RecurrentPayload,
-    RecurrentSignature,
-    capture_recurrent,
-    is_recurrent,
-    recurrent_signature,
-    restore_recurrent,
-)
+from .layers import SNAPSHOT, layer_kind
+from .recurrent import RecurrentPayload, RecurrentSignature, capture_recurrent, recurrent_signature, restore_recurrent
 from .snapshot import KVPayload, KVSignature, capture_kv, evaluate, kv_signature, merge_kv, split_kv, stitch_kv
 from .trie import Match, Node, Trie, as_token_array
 
@@ -211,7 +205,7 @@ class PrefixCache:
             raise ValueError("make_cache() must return a non-empty list with one live cache per layer")
         self._make_cache = make_cache
         self._layer_types = tuple(type(c) for c in probe)
-        self._recurrent = tuple(i for i, c in enumerate(probe) if is_recurrent(c))
+        self._recurrent = tuple(i for i, c in enumerate(probe) if layer_kind(c) == SNAPSHOT)
         self._namespace = self._check_namespace(namespace)
         self._interval = snapshot_interval
         self._max_snapshots = max_snapshots_per_path
@@ -404,6 +398,55 @@ class PrefixCache:
         logger.debug("commit ns=%s: %d tokens, %d new, snapshots at %s", session.namespace, n, added, sorted(snapshots))
         return added
 
+    def store(self, tokens: Sequence[int], caches: list, *, namespace: Optional[str] = None) -> int:
+        """Store the state `caches` hold for `tokens` (computed elsewhere: a file, another server).
+
+        Like a session's commit: the caches' offsets must equal `len(tokens)`; they are
+        copied, never kept. Returns the number of tokens added.
+        """
+        arr = as_token_array(tokens)
+        ns = self._namespace if namespace is None else self._check_namespace(namespace)
+        session = Session(self, ns, arr, 0, None, None)
+        try:
+            return self._commit(session, arr, caches)
+        finally:
+            self._close(session)
+
+    @property
+    def num_sequences(self) -> int:
+        """Stored sequences that no other extends: the leaves of the tries."""
+        with self._lock:
+            return sum(1 for _, node, _ in self.walk() if node.is_leaf)
+
+    def shrink(self, *, max_sequences: Optional[int] = None, max_bytes: Optional[int] = None) -> None:
+        """Evict least recently used sequences now, until at most `max_sequences` / `max_bytes` remain.
+
+        A one-off trim (mlx-lm's `trim_to`); budgets keep holding afterwards as before.
+        Pinned paths stay.
+        """
+        if max_sequences is not None:
+            check_budget("max_sequences", max_sequences)
+        if max_bytes is not None:
+            check_budget("max_bytes", max_bytes)
+        pager = self._pager
+        with self._lock:
+            leaves = self.num_sequences
+            while (max_bytes is not None and pager.bytes[DEVICE] + pager.bytes[HOST] > max_bytes) or (
+                max_sequences is not None and leaves > max_sequences
+            ):
+                node = pager.next_eviction() or pager.next_page_out()
+                if node is None:
+                    break
+                if not self._evictable(node):
+                    self._move(node, HOST)  # an interior device node: its children go first
+                    continue
+                parent = node.parent
+                was_leaf = node.is_leaf
+                self._evict(node)
+                if was_leaf:
+                    leaves -= 1
+                    leaves += parent.parent is not None and parent.is_leaf  # gone if it merged
+
     def _boundary(self, trie: Trie, arr: np.ndarray, offset: int) -> Node:
         """The node on `arr`'s stored path that ends exactly at `offset`, splitting an edge if needed."""
         match = trie.match(arr[:offset])
@@ -574,7 +617,7 @@ class PrefixCache:
             )
         signature: list[Union[KVSignature, RecurrentSignature]] = []
         for i, (c, expected) in enumerate(zip(caches, self._layer_types)):
-            if type(c) is not expected:
+            if type(c).__name__ != expected.__name__:  # by name: mlx-lm's KVCache may stand in for kvtrie's
                 raise CacheMismatchError(f"layer {i}: expected a {expected.__name__}, got {type(c).__name__}")
             if hasattr(c, "offset") and int(c.offset) != offset:
                 raise CacheMismatchError(
