@@ -224,3 +224,17 @@ def test_unknown_cache_type_is_refused_by_name():
 
     with pytest.raises(TypeError, match="ShiftedCache"):
         PrefixCache(lambda: [ShiftedCache()])
+
+
+def test_use_in_server_swaps_the_prompt_cache_class():
+    import mlx_lm.server as server
+
+    from kvtrie.integrations.mlx_lm import use_in_server
+
+    original = server.LRUPromptCache
+    try:
+        use_in_server(host_bytes=1 << 20)
+        cache = server.LRUPromptCache(5)  # as mlx_lm.server.run() builds it
+        assert isinstance(cache, TriePromptCache) and cache.max_size == 5
+    finally:
+        server.LRUPromptCache = original

@@ -14,3 +14,5 @@ def test_readme_snippets_run(capsys):
     out = capsys.readouterr().out
     restored = [int(m) for m in re.findall(r"tokens, (\d+) restored", out)]
     assert restored[0] == 0 and restored[1] >= len(scope["system"])  # the system prompt is reused
+    # the mlx-lm snippet: the next turn restored the prompt and the whole reply
+    assert scope["trie"].stats()["cached_tokens"] == len(scope["prompt"]) + len(scope["reply"])

@@ -161,10 +161,11 @@ class PrefixCache:
 
     `make_cache` is the model's `make_cache` (a callable returning one fresh live cache
     per layer, mlx-lm's protocol). `namespace` is the default namespace (model id,
-    tenant salt); different namespaces never share nodes. For hybrid models (layers
-    whose cache has no `update_and_fetch` are recurrent), sessions also plan recurrent
-    snapshots every `snapshot_interval` tokens (`None`: only at divergence points and
-    ends), at most `max_snapshots_per_path` of those on one path.
+    tenant salt); different namespaces never share nodes. For models with layers whose
+    cache keeps a whole state (recurrent layers of hybrid models, and the other kinds
+    `kvtrie.layers` lists), sessions also plan snapshots every `snapshot_interval`
+    tokens (`None`: only at divergence points and ends), at most
+    `max_snapshots_per_path` of those on one path.
 
     `device_bytes` / `host_bytes` are byte budgets (None: unlimited). Over the device
     budget the least recently used unpinned payloads move to host memory; over the host

@@ -193,3 +193,17 @@ def load_prompt_cache_file(prefix_cache: PrefixCache, path: str, tokens: Optiona
         raise ValueError(f"{path} holds {held} positions but {len(tokens)} tokens were given")
     prefix_cache.store(tokens, caches, namespace=namespace)
     return tokens
+
+
+def use_in_server(**prefix_cache_kwargs: Any) -> None:
+    """Make `mlx_lm.server` build a `TriePromptCache` where it builds its `LRUPromptCache`.
+
+    Call it before `mlx_lm.server.main()` / `run()`; `prefix_cache_kwargs` go to each
+    PrefixCache (e.g. `host_bytes=8 << 30` for a host tier).
+    """
+    import mlx_lm.server as server
+
+    def make(max_size: int = 10, max_bytes: int = 1 << 63) -> TriePromptCache:
+        return TriePromptCache(max_size, max_bytes, **prefix_cache_kwargs)
+
+    server.LRUPromptCache = make
