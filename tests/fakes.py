@@ -95,6 +95,16 @@ class FakeModel:
                 c.advance(len(tokens))
 
 
+def lcp(a, b) -> int:
+    """Length of the longest common prefix of two token sequences."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def as_numpy(a) -> np.ndarray:
     """A payload array from either tier as float32 numpy."""
     return np.array(to_device(a).astype(mx.float32))

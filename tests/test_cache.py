@@ -8,22 +8,14 @@ import os
 import mlx.core as mx
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from kvtrie import CacheMismatchError, PrefixCache, SessionError
 from kvtrie.models.cache import KVCache
 
-from fakes import FakeModel, assert_cold, check_invariants, live_arrays
-
-
-def lcp(a, b) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+from fakes import FakeModel, assert_cold, check_invariants, lcp, live_arrays
 
 
 def serve(pc: PrefixCache, model: FakeModel, tokens, **kw) -> int:

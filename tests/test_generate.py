@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from kvtrie import PrefixCache
 from kvtrie.models import Sampler, generate, load_model, stream_generate
 
+from fakes import lcp
 from tolerance import ATOL
 
 
@@ -53,7 +54,7 @@ def random_requests(model, pc, data, max_tokens=4):
             floor = len(prompt) - 1
         step_size = data.draw(st.integers(1, 24), label="prefill step")
         warm = generate(model, pc, prompt, max_tokens=max_tokens, prefill_step_size=step_size, return_logits=True)
-        best = min(max((_lcp(prompt, h) for h in history), default=0), len(prompt) - 1)
+        best = min(max((lcp(prompt, h) for h in history), default=0), len(prompt) - 1)
         assert floor <= warm.cached_tokens <= best
         if not pc.recurrent_layers:
             assert warm.cached_tokens == best
@@ -70,15 +71,6 @@ def test_warm_equals_cold_over_random_patterns(llama, data):
     pc = PrefixCache(model.make_cache)
     for prompt, warm in random_requests(model, pc, data):
         assert_warm_equals_cold(model, warm, prompt, 4)
-
-
-def _lcp(a, b):
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def test_next_turn_restores_prompt_and_reply(llama):

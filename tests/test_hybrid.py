@@ -11,17 +11,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from kvtrie import PrefixCache
 from kvtrie.models import generate, load_model
 
-from fakes import FakeModel, assert_cold, check_invariants
+from fakes import FakeModel, assert_cold, check_invariants, lcp
 from test_generate import assert_warm_equals_cold, random_requests
-
-
-def lcp(a, b) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class HybridMachine(RuleBasedStateMachine):

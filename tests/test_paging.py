@@ -14,9 +14,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from kvtrie import PrefixCache
 from kvtrie.arrays import HostArray, HostPool, to_device, to_host
-from kvtrie.recurrent import RecurrentPayload
 
-from fakes import FakeModel, assert_cold, check_invariants, live_arrays
+from fakes import FakeModel, assert_cold, check_invariants, lcp
 from test_cache import serve
 
 DEVICE, HOST = "device", "host"
@@ -109,7 +108,7 @@ class PagingMachine(RuleBasedStateMachine):
     def request(self, data, keep_open):
         tokens = self._tokens(data)
         s = self.pc.begin(tokens)
-        best = max((sum(1 for _ in iter_common(tokens, t)) for t in self.stored), default=0)
+        best = max((lcp(tokens, t) for t in self.stored), default=0)
         assert s.cached <= min(best, len(tokens) - 1)
         assert_cold(self.model, s.caches, tokens, s.cached)  # whichever tier it came from
         done = s.cached
@@ -142,13 +141,6 @@ class PagingMachine(RuleBasedStateMachine):
             s.close()
         if hasattr(self, "pc"):
             check_tiers_and_budgets(self.pc, strict=True)
-
-
-def iter_common(a, b):
-    for x, y in zip(a, b):
-        if x != y:
-            return
-        yield x
 
 
 TestPagingMachine = PagingMachine.TestCase

@@ -25,7 +25,7 @@ import attrs
 import mlx.core as mx
 import numpy as np
 
-from .arrays import HostArray, HostPool
+from .arrays import HostPool
 from .errors import CacheMismatchError, SessionError
 from .paging import DEVICE, HOST, Pager, check_budget, layers_to_device, layers_to_host, release
 from .layers import SNAPSHOT, layer_kind
