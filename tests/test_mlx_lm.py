@@ -182,6 +182,8 @@ def test_prompt_cache_files_enter_and_leave_the_trie(tmp_path):
 @pytest.mark.parametrize("kind", ["rotating", "quantized"])
 def test_window_and_quantized_caches_restore_at_snapshots(kind):
     """RotatingKVCache and QuantizedKVCache keep their whole state at node ends (payloads stay quantized)."""
+    if kind == "quantized" and mx.default_device().type != mx.DeviceType.cpu:
+        pytest.skip("MLX 0.32.4's CUDA backend has no quantized_matmul for this tiny shape (8x8x32x2, 8 bits)")
     model = tiny("llama", num_attention_heads=2, num_key_value_heads=1)  # head_dim 32: quantizable
 
     def make():
