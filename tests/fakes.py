@@ -146,7 +146,7 @@ def check_invariants(pc, open_sessions=(), model: FakeModel | None = None) -> No
         assert node.start == parent.end, "child must start at its parent's end"
         assert parent.children[int(node.tokens[0])] is node, "children are keyed by first token"
         path_tokens = np.concatenate([n.tokens for n in node.path()])
-        for layer, p in enumerate(node.payload.layers):
+        for layer, p in enumerate(node.payload.layers or ()):  # a disk node's payload is in its file
             if layer in pc.recurrent_layers:
                 if p is not None and model is not None:
                     for got, want in zip(p.states, model.cold_state(path_tokens, layer)):
@@ -160,7 +160,7 @@ def check_invariants(pc, open_sessions=(), model: FakeModel | None = None) -> No
         total += node.payload.nbytes
         assert node.pins == pinned_by.get(id(node), 0), "pins must count the open sessions using the node"
     stats = pc.stats()
-    assert stats["device_bytes"] + stats["host_bytes"] == total, "byte accounting must be exact"
+    assert stats["device_bytes"] + stats["host_bytes"] + stats["disk_bytes"] == total, "byte accounting must be exact"
     nodes = [node for _, node, _ in pc.walk()]
     assert stats["nodes"] == len(nodes)
     assert stats["snapshots"] == sum(1 for n in nodes if pc.recurrent_layers and n.payload.has_state)

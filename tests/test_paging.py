@@ -18,7 +18,7 @@ from kvtrie.arrays import HostArray, HostPool, to_device, to_host
 from fakes import FakeModel, assert_cold, check_invariants, lcp
 from test_cache import serve
 
-DEVICE, HOST = "device", "host"
+DEVICE, HOST, DISK = "device", "host", "disk"
 
 
 def lru_key(node):
@@ -35,16 +35,19 @@ def check_tiers_and_budgets(pc, strict: bool) -> None:
     With sessions open a budget may be exceeded only while nothing movable is left
     (every remaining node is pinned or waits for pinned children); with none open, strictly.
     """
-    by_tier = {DEVICE: 0, HOST: 0}
+    by_tier = {DEVICE: 0, HOST: 0, DISK: 0}
     for node in nodes_of(pc):
         data = node.payload
         by_tier[data.tier] += data.nbytes
-        for p in data.layers:
+        for p in data.layers or ():  # a disk node's layers are gone once its file is written
             for a in p.arrays() if p is not None else ():
-                assert isinstance(a, HostArray if data.tier == HOST else mx.array)
+                assert isinstance(a, mx.array if data.tier == DEVICE else HostArray)
     stats = pc.stats()
     assert stats["device_bytes"] == by_tier[DEVICE] and stats["host_bytes"] == by_tier[HOST]
+    assert stats["disk_bytes"] == by_tier[DISK]
     budget = pc.budgets
+    if DISK in budget and budget[DISK] is not None:
+        assert stats["disk_bytes"] <= budget[DISK] or not strict
     movable_device = [n for n in nodes_of(pc) if n.payload.tier == DEVICE and not n.pins]
     evictable_host = [
         n for n in nodes_of(pc) if n.payload.tier == HOST and not n.pins and (n.is_leaf or n.payload.has_snapshot)
@@ -56,20 +59,23 @@ def check_tiers_and_budgets(pc, strict: bool) -> None:
 
 
 def spy_on_lru(pc):
-    """Assert that every page-out and eviction takes the least recently used candidate."""
+    """Assert that every move down a tier and every eviction takes its tier's least recently used candidate."""
     move, evict = pc._move, pc._evict
 
     def checked_move(node, tier):
-        if tier == HOST:
-            candidates = [n for n in nodes_of(pc) if n.payload.tier == DEVICE and not n.pins]
-            assert node is min(candidates, key=lru_key), "page-out must take the LRU unpinned device node"
+        src = node.payload.tier
+        if tier != DEVICE:  # moving down (promotion on restore is the request's own choice)
+            candidates = [n for n in nodes_of(pc) if n.payload.tier == src and not n.pins]
+            assert node is min(candidates, key=lru_key), f"a move off {src} must take its LRU unpinned node"
         move(node, tier)
 
     def checked_evict(node):
+        tier = node.payload.tier
         candidates = [
-            n for n in nodes_of(pc) if n.payload.tier == HOST and not n.pins and (n.is_leaf or n.payload.has_snapshot)
+            n for n in nodes_of(pc)
+            if n.payload.tier == tier and not n.pins and (n.is_leaf or (tier != DISK and n.payload.has_snapshot))
         ]
-        assert node is min(candidates, key=lru_key), "eviction must take the LRU evictable host node"
+        assert node is min(candidates, key=lru_key), f"eviction must take the LRU evictable node of {tier}"
         evict(node)
 
     pc._move, pc._evict = checked_move, checked_evict

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import queue
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -27,7 +28,8 @@ import numpy as np
 
 from .arrays import HostPool
 from .errors import CacheMismatchError, SessionError
-from .paging import DEVICE, HOST, Pager, check_budget, layers_to_device, layers_to_host, release
+from .disk import DiskRef, DiskStore, PayloadCorrupt, WriteJob
+from .paging import DEVICE, DISK, HOST, TIERS, Pager, check_budget, layers_to_device, layers_to_host, release
 from .layers import SNAPSHOT, layer_kind
 from .recurrent import RecurrentPayload, RecurrentSignature, capture_recurrent, recurrent_signature, restore_recurrent
 from .snapshot import KVPayload, KVSignature, capture_kv, evaluate, kv_signature, merge_kv, split_kv, stitch_kv
@@ -47,21 +49,28 @@ class NodeData:
     the node's end, or `None` where no snapshot was captured.
     """
 
-    layers: tuple[LayerPayload, ...]
+    layers: Optional[tuple[LayerPayload, ...]]
     tier: str = DEVICE
+    disk: Optional[DiskRef] = None  # on the disk tier: the file (layers None once written)
 
     @property
     def nbytes(self) -> int:
+        if self.layers is None:
+            return self.disk.nbytes
         return sum(p.nbytes for p in self.layers if p is not None)
 
     @property
     def has_state(self) -> bool:
         """Every layer can be restored at this node's end (always true for a pure transformer)."""
+        if self.layers is None:
+            return self.disk.has_state
         return all(p is not None for p in self.layers)
 
     @property
     def has_snapshot(self) -> bool:
         """Some recurrent layer holds a snapshot here (one that could be dropped under pressure)."""
+        if self.layers is None:
+            return self.disk.has_snapshot
         return any(isinstance(p, RecurrentPayload) for p in self.layers)
 
 
@@ -175,6 +184,13 @@ class PrefixCache:
     `promote_on_restore=True` copies restored host payloads back to the device tier;
     by default cold payloads stay on host and restore straight from there.
 
+    `disk_dir` adds a third tier under host memory (`disk_bytes` its budget): payloads
+    leaving the host go to safetensors files there (written on a background thread)
+    instead of being dropped, and `close()` writes everything with an index, so a new
+    PrefixCache on the same directory with the same `fingerprint` (the model's identity,
+    e.g. `kvtrie.models.model_fingerprint(model)`; required with a disk) starts warm. A
+    damaged or missing file is a miss from that node down, never restored state.
+
     The live caches of the last `hot_sessions` committed sessions are kept after they
     close: a request that continues one of those sequences (the next turn of a chat)
     takes them over as they are, with no copy. They are live caches, outside the
@@ -192,6 +208,9 @@ class PrefixCache:
         host_bytes: Optional[int] = None,
         promote_on_restore: bool = False,
         hot_sessions: int = 1,
+        disk_dir: Optional[str] = None,
+        disk_bytes: Optional[int] = None,
+        fingerprint: Optional[str] = None,
     ):
         if not callable(make_cache):
             raise TypeError(f"make_cache must be callable (a model's make_cache), got {type(make_cache).__name__}")
@@ -200,7 +219,12 @@ class PrefixCache:
         _check_positive_int("max_snapshots_per_path", max_snapshots_per_path)
         if isinstance(hot_sessions, bool) or not isinstance(hot_sessions, int) or hot_sessions < 0:
             raise ValueError(f"hot_sessions must be a non-negative int, got {hot_sessions!r}")
-        pager = Pager(device_bytes, host_bytes)
+        pager = Pager(device_bytes, host_bytes, disk_bytes)
+        if disk_dir is not None and not isinstance(fingerprint, str):
+            raise TypeError(
+                "a disk tier needs fingerprint=str, the model's identity (e.g. kvtrie.models.model_fingerprint(model)), "
+                "so that a restart never restores another model's state"
+            )
         probe = make_cache()
         if not isinstance(probe, (list, tuple)) or not probe:
             raise ValueError("make_cache() must return a non-empty list with one live cache per layer")
@@ -224,12 +248,22 @@ class PrefixCache:
         self._requests = 0
         self._prompt_tokens = 0
         self._cached_tokens = 0
-        self._cached_by_tier = {DEVICE: 0, HOST: 0}
+        self._cached_by_tier = {tier: 0 for tier in TIERS}
         self._hits = 0
         self._page_outs = 0
         self._host_restores = 0
         self._evictions = 0
         self._evicted_tokens = 0
+        self._disk_writes = 0
+        self._disk_restores = 0
+        self._disk_errors = 0
+        self._closed = False
+        self._fingerprint = fingerprint
+        self._disk = DiskStore(disk_dir) if disk_dir is not None else None
+        self._pending: dict[int, tuple[Node, WriteJob]] = {}  # node id -> (node, its write in flight)
+        self._index_signature: Optional[str] = None  # the model layout the disk's state was made with
+        if self._disk is not None:
+            self._load_index()
 
     @property
     def num_layers(self) -> int:
@@ -238,14 +272,19 @@ class PrefixCache:
     @property
     def budgets(self) -> dict[str, Optional[int]]:
         """The byte budget per tier (None: unlimited)."""
-        return {DEVICE: self._pager.device_budget, HOST: self._pager.host_budget}
+        budgets = dict(self._pager.budgets)
+        if self._disk is None:
+            del budgets[DISK]
+        return budgets
 
-    def set_budgets(self, *, device_bytes: Any = ..., host_bytes: Any = ...) -> None:
+    def set_budgets(self, *, device_bytes: Any = ..., host_bytes: Any = ..., disk_bytes: Any = ...) -> None:
         """Change byte budgets at run time (omit one to keep it; None = unlimited); enforced at once."""
-        device = self._pager.device_budget if device_bytes is ... else check_budget("device_bytes", device_bytes)
-        host = self._pager.host_budget if host_bytes is ... else check_budget("host_bytes", host_bytes)
+        new = dict(self._pager.budgets)
+        for tier, value in ((DEVICE, device_bytes), (HOST, host_bytes), (DISK, disk_bytes)):
+            if value is not ...:
+                new[tier] = check_budget(f"{tier}_bytes", value)
         with self._lock:
-            self._pager.device_budget, self._pager.host_budget = device, host
+            self._pager.budgets.update(new)
             self._enforce()
 
     @property
@@ -270,8 +309,11 @@ class PrefixCache:
         hints = _check_offsets(capture_hints)
         caches = self._make_cache()
         with self._lock:
+            self._check_open()
+            self._drain()
             trie = self._tries.get(ns)
             match = trie.match(arr) if trie is not None else Match((), 0)
+            match, from_disk = self._resident(trie, arr, match, len(arr) - 1)
             limit = min(match.length, len(arr) - 1)
             if self._recurrent:
                 cached = max((n.end for n in match.path if n.end <= limit and n.payload.has_state), default=0)
@@ -283,7 +325,7 @@ class PrefixCache:
                 self._hot_restores += 1
             used = [n for n in match.path if n.start < cached]
             if used and hot is None:
-                self._restore(caches, used, cached)
+                self._restore(caches, used, cached, from_disk)
             leaf = used[-1] if used else None
             capture_at = self._plan_captures(used, match.length, cached, len(arr), hints) if self._recurrent else ()
             if self._promote:
@@ -303,7 +345,7 @@ class PrefixCache:
         )
         return Session(self, ns, arr, cached, caches, leaf, capture_at)
 
-    def _restore(self, caches: list, used: list[Node], cached: int) -> None:
+    def _restore(self, caches: list, used: list[Node], cached: int, from_disk: set[int]) -> None:
         """Stitch the path's KV (from either tier) into the live caches and load the recurrent state at `cached`."""
         kv = [(cache, [n.payload.layers[i] for n in used]) for i, cache in enumerate(caches) if i not in self._recurrent]
         stitch_kv(kv, cached, self._pool)
@@ -311,7 +353,7 @@ class PrefixCache:
             restore_recurrent(caches[i], used[-1].payload.layers[i], cached)
         mx.eval(_live_arrays(caches))
         for node in used:
-            tier = node.payload.tier
+            tier = DISK if node.id in from_disk else node.payload.tier
             self._cached_by_tier[tier] += min(node.end, cached) - node.start
             self._host_restores += tier == HOST
 
@@ -372,10 +414,16 @@ class PrefixCache:
                 raise CacheMismatchError(
                     f"caches do not match this PrefixCache's model: expected {self._signature}, got {signature}"
                 )
+            self._check_open()
+            self._drain()
+            if self._index_signature is not None and repr(signature) != self._index_signature:
+                logger.warning("the caches do not match the model whose state is on disk: dropping the disk tier's nodes")
+                self._drop_disk_nodes()
+            self._index_signature = None
             trie = self._tries.get(session.namespace)
             if trie is None:
                 trie = self._tries[session.namespace] = Trie(self._split_data, self._merge_data)
-            match = trie.match(arr)
+            match, _ = self._resident(trie, arr, trie.match(arr), n)
             added = n - match.length
             if added:
                 layers = tuple(None if i in self._recurrent else capture_kv(c, match.length, n) for i, c in enumerate(caches))
@@ -432,15 +480,14 @@ class PrefixCache:
         pager = self._pager
         with self._lock:
             leaves = self.num_sequences
-            while (max_bytes is not None and pager.bytes[DEVICE] + pager.bytes[HOST] > max_bytes) or (
+            self._drain()
+            while (max_bytes is not None and sum(pager.bytes.values()) > max_bytes) or (
                 max_sequences is not None and leaves > max_sequences
             ):
-                node = pager.next_eviction() or pager.next_page_out()
-                if node is None:
+                candidates = [n for n in (pager.next_eviction(t) for t in self._tiers()) if n is not None]
+                if not candidates:
                     break
-                if not self._evictable(node):
-                    self._move(node, HOST)  # an interior device node: its children go first
-                    continue
+                node = min(candidates, key=lambda n: (n.last_used, -n.start, n.id))
                 parent = node.parent
                 was_leaf = node.is_leaf
                 self._evict(node)
@@ -512,6 +559,8 @@ class PrefixCache:
     # --- paging and eviction (under the lock) ----------------------------------------------
 
     def _evictable(self, node: Node) -> bool:
+        if node.payload.tier == DISK:  # a file is dropped whole: leaves only
+            return node.is_leaf
         return node.is_leaf or node.payload.has_snapshot
 
     def _reindex(self, *nodes: Node) -> None:
@@ -520,9 +569,15 @@ class PrefixCache:
             if node.parent is not None:
                 self._pager.index(node, self._evictable(node))
 
+    def _tiers(self) -> tuple[str, ...]:
+        return (DEVICE, HOST, DISK) if self._disk is not None else (DEVICE, HOST)
+
     def _move(self, node: Node, tier: str) -> None:
-        """Copy a node's payloads to `tier` (device <-> host) and account for it."""
+        """Move a node's payloads one tier (device <-> host, host -> disk) and account for it."""
         data = node.payload
+        if tier == DISK:
+            self._write_back(node)
+            return
         if tier == HOST:
             layers = layers_to_host(data.layers, self._pool)
             self._page_outs += 1
@@ -535,38 +590,44 @@ class PrefixCache:
         self._reindex(node)
 
     def _enforce(self) -> None:
-        """Page out and evict in LRU order until both budgets hold (or only pinned nodes are left)."""
+        """Move down and evict in LRU order until every budget holds (or only pinned nodes are left).
+
+        Over a tier's budget its least recently used unpinned node moves one tier down;
+        over the last tier's budget the least recently used evictable node goes, and a
+        node that waits for its children (still in upper tiers) makes them move first.
+        """
         pager = self._pager
-        while pager.over(DEVICE):
-            node = pager.next_page_out()
-            if node is None:
-                break
-            self._move(node, HOST)
-        while pager.over(HOST):
-            node = pager.next_eviction()
-            if node is None:
-                # a host node whose children are still on device waits for them to leave first
-                node = pager.next_page_out()
-                if node is None:
+        chain = self._tiers()
+        progress = True
+        while progress:
+            progress = False
+            for upper, lower in zip(chain, chain[1:]):
+                while pager.over(upper) and (node := pager.next_move(upper)) is not None:
+                    self._move(node, lower)
+                    progress = True
+            last = chain[-1]
+            while pager.over(last):
+                node = pager.next_eviction(last)
+                if node is not None:
+                    self._evict(node)
+                    progress = True
+                    continue
+                upper = next((t for t in reversed(chain[:-1]) if pager.next_move(t) is not None), None)
+                if upper is None:
                     break
-                self._move(node, HOST)
-                continue
-            self._evict(node)
+                self._move(pager.next_move(upper), chain[chain.index(upper) + 1])
+                progress = True
 
     def _evict(self, node: Node) -> None:
-        """Free what `node` holds on host: a leaf goes; an interior node drops its recurrent snapshot."""
+        """Free what `node` holds: a leaf goes; an interior node drops its recurrent snapshot."""
         trie = self._trie_of(node)
         data = node.payload
         parent = node.parent
         if node.is_leaf:
-            self._pager.unindex(node)
-            trie.remove_leaf(node)
-            release(data.layers, self._pool)
-            self._pager.bytes[data.tier] -= data.nbytes
+            self._forget(node)
             self._evictions += 1
             self._evicted_tokens += len(node.tokens)
-            self._snapshots -= bool(self._recurrent) and data.has_state
-            logger.debug("evict [%d, %d) %d B", node.start, node.end, data.nbytes)
+            logger.debug("evict [%d, %d) %d B from %s", node.start, node.end, data.nbytes, data.tier)
             self._reindex(parent)
             if not parent.is_root and len(parent.children) == 1 and not parent.payload.has_snapshot:
                 self._merge(trie, parent)  # keep the trie a radix trie: no lone-child chains
@@ -580,10 +641,23 @@ class PrefixCache:
         self._pager.bytes[data.tier] -= sum(p.nbytes for p in dropped)
         self._reindex(node)
 
+    def _forget(self, node: Node) -> None:
+        """Remove a leaf and everything it holds (memory, file, a write in flight)."""
+        data = node.payload
+        self._pager.unindex(node)
+        self._trie_of(node).remove_leaf(node)
+        if data.tier == DISK:
+            if self._pending.pop(node.id, None) is None and data.disk.file:
+                self._disk.delete(data.disk.file)
+        else:  # a payload being written is still read by the writer: the pool gets it back later
+            release(data.layers, self._pool)
+        self._pager.bytes[data.tier] -= data.nbytes
+        self._snapshots -= bool(self._recurrent) and data.has_state
+
     def _merge(self, trie: Trie, node: Node) -> bool:
-        """Fold a lone-child node into its child when both are unpinned and in the same tier."""
+        """Fold a lone-child node into its child when both are unpinned and in the same memory tier."""
         (child,) = node.children.values()
-        if node.pins or child.pins or node.payload.tier != child.payload.tier:
+        if node.pins or child.pins or node.payload.tier != child.payload.tier or node.payload.tier == DISK:
             return False
         self._snapshots -= bool(self._recurrent) and node.payload.has_state
         before = node.payload.nbytes + child.payload.nbytes
@@ -593,6 +667,202 @@ class PrefixCache:
         self._pager.bytes[merged.payload.tier] += merged.payload.nbytes - before
         self._reindex(merged)
         return True
+
+    # --- the disk tier (under the lock) ----------------------------------------------------
+
+    def _write_back(self, node: Node) -> None:
+        """Host -> disk: the payload is queued for the writer and counts on the disk tier at once."""
+        data = node.payload
+        ref = DiskRef("", data.nbytes, data.has_state, data.has_snapshot)
+        job = WriteJob(node.id, DiskStore.new_name(), data.layers)
+        self._pager.bytes[HOST] -= data.nbytes
+        node.payload = NodeData(data.layers, DISK, ref)  # layers stay until the file is written
+        self._pager.bytes[DISK] += data.nbytes
+        self._pending[node.id] = (node, job)
+        self._reindex(node)
+        self._disk.submit(job)
+
+    def _drain(self) -> None:
+        """Take in finished writes: the payload now lives in its file only."""
+        if self._disk is None:
+            return
+        while True:
+            try:
+                job, name, error = self._disk.done.get_nowait()
+            except queue.Empty:
+                return
+            entry = self._pending.get(job.node_id)
+            if entry is None or entry[1] is not job:  # restored or evicted meanwhile
+                if name:
+                    self._disk.delete(name)
+                continue
+            del self._pending[job.node_id]
+            node = entry[0]
+            if error is not None:
+                self._disk_errors += 1
+                logger.warning("writing a payload to %s failed (%s): dropping [%d, %d)", self._disk.dir, error, node.start, node.end)
+                self._drop_subtree(node)
+                continue
+            node.payload = NodeData(None, DISK, attrs.evolve(node.payload.disk, file=name))
+            release(job.layers, self._pool)
+            self._disk_writes += 1
+
+    def _resident(self, trie: Optional[Trie], arr: np.ndarray, match: Match, upto: int) -> tuple[Match, set[int]]:
+        """Bring disk nodes of the matched path (those starting before `upto`) into host memory.
+
+        A damaged file removes its node and everything under it: the match is redone and
+        ends there, a miss from that node down.
+        """
+        loaded: set[int] = set()
+        if self._disk is None or trie is None:
+            return match, loaded
+        while True:
+            for node in match.path:
+                if node.start >= upto or node.payload.tier != DISK:
+                    continue
+                if self._fault_in(node):
+                    loaded.add(node.id)
+                    continue
+                match = trie.match(arr)
+                break
+            else:
+                return match, loaded
+
+    def _fault_in(self, node: Node) -> bool:
+        """Disk -> host for one node; False (and the subtree gone) if its file is damaged or missing."""
+        data = node.payload
+        entry = self._pending.pop(node.id, None)
+        if entry is not None:  # still being written: take the payload back, the file is deleted later
+            layers = data.layers
+        else:
+            try:
+                layers = self._disk.read(data.disk.file)
+            except PayloadCorrupt as exc:
+                self._disk_errors += 1
+                logger.warning("disk payload for [%d, %d) is unusable (%s): a miss from there", node.start, node.end, exc)
+                self._drop_subtree(node)
+                return False
+            self._disk.delete(data.disk.file)
+            self._disk_restores += 1
+        self._pager.bytes[DISK] -= data.nbytes
+        node.payload = NodeData(layers, HOST)
+        self._pager.bytes[HOST] += node.payload.nbytes
+        self._reindex(node)
+        return True
+
+    def _drop_subtree(self, node: Node) -> None:
+        """Remove a node and all its descendants (none is pinned: pins reach every ancestor)."""
+        parent = node.parent
+        stack, order = [node], []
+        while stack:
+            n = stack.pop()
+            order.append(n)
+            stack.extend(n.children.values())
+        for n in reversed(order):  # leaves first
+            self._forget(n)
+        self._reindex(parent)
+
+    def _drop_disk_nodes(self) -> None:
+        for trie in self._tries.values():
+            for child in list(trie.root.children.values()):
+                if child.payload.tier == DISK:
+                    self._drop_subtree(child)
+
+    def _write_index(self) -> None:
+        """The structure of every node whose whole path is in files, for the next process."""
+        namespaces: dict[str, list] = {}
+        for ns, trie in self._tries.items():
+            entries = namespaces[ns] = []
+            kept = {trie.root.id}
+            for node, _ in trie.walk():
+                data = node.payload
+                if node.parent.id not in kept or data.tier != DISK or data.layers is not None:
+                    continue
+                kept.add(node.id)
+                entries.append({
+                    "id": node.id, "parent": None if node.parent.is_root else node.parent.id,
+                    "tokens": node.tokens.tolist(), "file": data.disk.file,
+                    "nbytes": data.nbytes, "has_state": data.has_state, "has_snapshot": data.has_snapshot,
+                    "last_used": node.last_used,
+                })
+        self._disk.write_index({
+            "format": 1,
+            "fingerprint": self._fingerprint,
+            "layers": [t.__name__ for t in self._layer_types],
+            "signature": repr(self._signature) if self._signature is not None else self._index_signature,
+            "namespaces": namespaces,
+        })
+
+    def _load_index(self) -> None:
+        """Start warm from the directory's index when it was made for the same model; else cold."""
+        index = self._disk.read_index()
+        layers = [t.__name__ for t in self._layer_types]
+        reason = None
+        if index is None:
+            reason = "no index"
+        elif index.get("format") != 1 or index.get("layers") != layers:
+            reason = "another cache layout"
+        elif index.get("fingerprint") != self._fingerprint:
+            reason = f"another model (fingerprint {index.get('fingerprint')!r}, not {self._fingerprint!r})"
+        if reason is not None:
+            if index is not None or self._disk.files():
+                logger.warning("disk tier %s starts cold: %s", self._disk.dir, reason)
+            self._disk.clear()
+            return
+        self._index_signature = index.get("signature")
+        referenced = set()
+        latest = 0
+        for ns, entries in index["namespaces"].items():
+            trie = self._tries[ns] = Trie(self._split_data, self._merge_data)
+            nodes = {None: trie.root}
+            for e in entries:
+                parent = nodes.get(e["parent"])
+                if parent is None or not e["tokens"] or int(e["tokens"][0]) in parent.children:
+                    continue
+                ref = DiskRef(e["file"], int(e["nbytes"]), bool(e["has_state"]), bool(e["has_snapshot"]))
+                node = trie.add_child(parent, np.asarray(e["tokens"], dtype=np.int32), NodeData(None, DISK, ref))
+                node.last_used = int(e["last_used"])
+                latest = max(latest, node.last_used)
+                nodes[e["id"]] = node
+                referenced.add(ref.file)
+                self._pager.bytes[DISK] += ref.nbytes
+                self._snapshots += bool(self._recurrent) and ref.has_state
+                self._reindex(node)
+        self._clock = itertools.count(latest + 1)
+        for name in self._disk.files() - referenced:
+            self._disk.delete(name)
+        logger.info("disk tier %s: %d nodes restored from the index", self._disk.dir, len(referenced))
+        self._enforce()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SessionError("this PrefixCache is closed; make a new one (on the same disk_dir to start warm)")
+
+    def close(self) -> None:
+        """With a disk tier: write every payload that fits to disk, wait for the writes, write the index.
+
+        A new PrefixCache on the same directory (same fingerprint) then starts warm.
+        Without one, just marks the cache closed. Closing twice is harmless.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            if self._disk is not None:
+                saved = dict(self._pager.budgets)
+                self._pager.budgets.update({DEVICE: 0, HOST: 0})
+                self._enforce()
+                self._disk.flush()
+                self._drain()
+                self._pager.budgets.update(saved)
+                self._write_index()
+                self._disk.stop()
+            self._closed = True
+
+    def __enter__(self) -> "PrefixCache":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def _trie_of(self, node: Node) -> Trie:
         root = node
@@ -670,13 +940,18 @@ class PrefixCache:
                 "snapshots": self._snapshots,
                 "device_bytes": self._pager.bytes[DEVICE],
                 "host_bytes": self._pager.bytes[HOST],
+                "disk_bytes": self._pager.bytes[DISK],
                 "cached_tokens_device": self._cached_by_tier[DEVICE],
                 "cached_tokens_host": self._cached_by_tier[HOST],
+                "cached_tokens_disk": self._cached_by_tier[DISK],
                 "page_outs": self._page_outs,
                 "host_restores": self._host_restores,
                 "hot_restores": self._hot_restores,
                 "evictions": self._evictions,
                 "evicted_tokens": self._evicted_tokens,
+                "disk_writes": self._disk_writes,
+                "disk_restores": self._disk_restores,
+                "disk_errors": self._disk_errors,
             }
 
     def dump(self) -> str:

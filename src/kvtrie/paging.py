@@ -20,7 +20,8 @@ from .arrays import HostArray, HostPool, to_device, to_host
 
 DEVICE = "device"
 HOST = "host"
-TIERS = (DEVICE, HOST)
+DISK = "disk"
+TIERS = (DEVICE, HOST, DISK)
 
 
 def check_budget(name: str, value: Any) -> Optional[int]:
@@ -57,60 +58,73 @@ def release(layers: Iterable[Any], pool: HostPool) -> None:
 
 
 class Pager:
-    """Byte counters per tier, budgets, and the LRU orders that pick what moves next."""
+    """Byte counters and budgets per tier, and per tier two LRU orders: the unpinned nodes
+    (candidates to move a tier down) and the evictable ones (a leaf, or an interior node
+    whose recurrent snapshot can be dropped)."""
 
-    def __init__(self, device_bytes: Optional[int] = None, host_bytes: Optional[int] = None):
-        self.device_budget = check_budget("device_bytes", device_bytes)
-        self.host_budget = check_budget("host_bytes", host_bytes)
-        self.bytes = {DEVICE: 0, HOST: 0}
-        self._device = SortedList()  # (last_used, -start, id) of unpinned device nodes
-        self._evictable = SortedList()  # same key, unpinned host nodes that can give bytes back
+    def __init__(self, device_bytes: Optional[int] = None, host_bytes: Optional[int] = None, disk_bytes: Optional[int] = None):
+        self.budgets = {
+            DEVICE: check_budget("device_bytes", device_bytes),
+            HOST: check_budget("host_bytes", host_bytes),
+            DISK: check_budget("disk_bytes", disk_bytes),
+        }
+        self.bytes = {tier: 0 for tier in TIERS}
+        self._movable = {tier: SortedList() for tier in TIERS}  # (last_used, -start, id)
+        self._evictable = {tier: SortedList() for tier in TIERS}
         self._nodes: dict[int, Any] = {}
-        self._keys: dict[int, tuple[Optional[tuple], Optional[tuple]]] = {}
+        self._keys: dict[int, tuple[str, tuple, bool]] = {}
+
+    @property
+    def device_budget(self) -> Optional[int]:
+        return self.budgets[DEVICE]
+
+    @property
+    def host_budget(self) -> Optional[int]:
+        return self.budgets[HOST]
 
     # --- indexing: call `unindex` before changing a node, `index` after ------------------
 
     def index(self, node: Any, evictable: bool) -> None:
-        """Enter `node` into the orders it qualifies for; `evictable` is the caller's structural verdict."""
+        """Enter `node` into its tier's orders; `evictable` is the caller's structural verdict."""
         if node.parent is None or node.pins:
             return
         key = (node.last_used, -node.start, node.id)
-        dev = key if node.payload.tier == DEVICE else None
-        ev = key if node.payload.tier == HOST and evictable else None
-        if dev is None and ev is None:
-            return
-        if dev is not None:
-            self._device.add(dev)
-        if ev is not None:
-            self._evictable.add(ev)
+        tier = node.payload.tier
+        self._movable[tier].add(key)
+        if evictable:
+            self._evictable[tier].add(key)
         self._nodes[node.id] = node
-        self._keys[node.id] = (dev, ev)
+        self._keys[node.id] = (tier, key, evictable)
 
     def unindex(self, node: Any) -> None:
-        keys = self._keys.pop(node.id, None)
-        if keys is None:
+        entry = self._keys.pop(node.id, None)
+        if entry is None:
             return
-        dev, ev = keys
-        if dev is not None:
-            self._device.remove(dev)
-        if ev is not None:
-            self._evictable.remove(ev)
+        tier, key, evictable = entry
+        self._movable[tier].remove(key)
+        if evictable:
+            self._evictable[tier].remove(key)
         del self._nodes[node.id]
 
     # --- decisions -----------------------------------------------------------------------
 
     def over(self, tier: str) -> bool:
-        budget = self.device_budget if tier == DEVICE else self.host_budget
+        budget = self.budgets[tier]
         return budget is not None and self.bytes[tier] > budget
 
+    def next_move(self, tier: str) -> Optional[Any]:
+        """The least recently used unpinned node of `tier`, or None."""
+        order = self._movable[tier]
+        return self._nodes[order[0][2]] if order else None
+
+    def next_eviction(self, tier: str = HOST) -> Optional[Any]:
+        """The least recently used evictable node of `tier`, or None."""
+        order = self._evictable[tier]
+        return self._nodes[order[0][2]] if order else None
+
     def next_page_out(self) -> Optional[Any]:
-        """The least recently used unpinned device node, or None."""
-        return self._nodes[self._device[0][2]] if self._device else None
+        return self.next_move(DEVICE)
 
-    def next_eviction(self) -> Optional[Any]:
-        """The least recently used evictable host node, or None."""
-        return self._nodes[self._evictable[0][2]] if self._evictable else None
-
-    def evictable_order(self) -> list[Any]:
-        """Evictable host nodes, least recently used first (for tests and debugging)."""
-        return [self._nodes[k[2]] for k in self._evictable]
+    def evictable_order(self, tier: str = HOST) -> list[Any]:
+        """Evictable nodes of `tier`, least recently used first (for tests and debugging)."""
+        return [self._nodes[k[2]] for k in self._evictable[tier]]

@@ -1,0 +1,238 @@
+"""The disk tier: payload files that survive restarts, an atomic index, integrity checks, write-back.
+
+Each payload is one safetensors file named `<id>-<crc32>.safetensors`: the name carries
+the checksum of the file's bytes, so a truncated, flipped or half-written file is
+detected when read and never restored. Files are written to a temporary name and
+renamed, so a process killed while writing leaves only `*.tmp` files, which the next
+start removes. The trie's structure lives in `index.json`, written the same way. Writes
+run on a background thread (write-back) behind a bounded queue; reads are synchronous.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+import uuid
+import zlib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Optional
+
+import attrs
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from .arrays import HostArray
+from .recurrent import RecurrentPayload
+from .snapshot import KVPayload
+
+logger = logging.getLogger("kvtrie")
+
+INDEX = "index.json"
+FORMAT = 1
+
+
+class PayloadCorrupt(Exception):
+    """A payload file is missing, truncated or does not match its checksum: a miss, never state."""
+
+
+@attrs.frozen
+class DiskRef:
+    """Where a node's payload lives on disk, and what it holds (known without reading it)."""
+
+    file: str
+    nbytes: int
+    has_state: bool
+    has_snapshot: bool
+
+
+def _dtype_name(dtype: mx.Dtype) -> str:
+    return str(dtype).rsplit(".", 1)[-1]
+
+
+def _host(a: Any) -> HostArray:
+    if not isinstance(a, HostArray):
+        raise TypeError(f"only host-tier payloads are written to disk, got {type(a).__name__}")
+    return a
+
+
+def encode(layers: Iterable[Any]) -> bytes:
+    """One safetensors file holding every layer payload of a node (host arrays), with its structure."""
+    import safetensors.numpy
+
+    tensors: dict[str, np.ndarray] = {}
+    structure: list[Any] = []
+
+    def put(name: str, a: Any) -> dict:
+        h = _host(a)
+        tensors[name] = np.ascontiguousarray(h.data)
+        return {"__tensor__": name, "dtype": _dtype_name(h.dtype)}
+
+    for i, p in enumerate(layers):
+        if p is None:
+            structure.append(None)
+        elif isinstance(p, KVPayload):
+            parts = {}
+            for side in ("keys", "values"):
+                parts[side] = put(f"{i}.{side}", getattr(p, side))
+            structure.append({"kind": "kv", **parts})
+        else:
+            leaves = {path: a for path, a in tree_flatten(p.states) if isinstance(a, (HostArray, mx.array))}
+            structure.append({"kind": "state", "tree": _to_json(p.states, leaves, i, put)})
+    return safetensors.numpy.save(tensors, metadata={"kvtrie": json.dumps({"format": FORMAT, "layers": structure})})
+
+
+def _to_json(tree: Any, leaves: dict, layer: int, put, path: str = "") -> Any:
+    if isinstance(tree, (list, tuple)):
+        return [_to_json(x, leaves, layer, put, f"{path}.{i}" if path else str(i)) for i, x in enumerate(tree)]
+    if isinstance(tree, (HostArray, mx.array)):
+        return put(f"{layer}.s.{path}", tree)
+    if tree is None or isinstance(tree, (int, float, str, bool)):
+        return tree
+    raise TypeError(f"cannot write a {type(tree).__name__} in a cache state to disk")
+
+
+def _from_json(tree: Any, tensors: dict[str, np.ndarray]) -> Any:
+    if isinstance(tree, list):
+        return [_from_json(x, tensors) for x in tree]
+    if isinstance(tree, dict) and "__tensor__" in tree:
+        return HostArray(tensors[tree["__tensor__"]], getattr(mx, tree["dtype"]))
+    return tree
+
+
+def decode(data: bytes) -> tuple[Any, ...]:
+    """The layer payloads (host arrays) of a file made by `encode`."""
+    import safetensors.numpy
+
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    meta = json.loads(header["__metadata__"]["kvtrie"])
+    if meta.get("format") != FORMAT:
+        raise PayloadCorrupt(f"unknown payload format {meta.get('format')}")
+    tensors = safetensors.numpy.load(data)
+    layers: list[Any] = []
+    for entry in meta["layers"]:
+        if entry is None:
+            layers.append(None)
+        elif entry["kind"] == "kv":
+            layers.append(KVPayload(_from_json(entry["keys"], tensors), _from_json(entry["values"], tensors)))
+        else:
+            layers.append(RecurrentPayload(_from_json(entry["tree"], tensors)))
+    return tuple(layers)
+
+
+@attrs.frozen(eq=False)
+class WriteJob:
+    """A payload to write; the writer names the file (the name carries its checksum)."""
+
+    node_id: int
+    stem: str
+    layers: tuple[Any, ...]
+
+
+class DiskStore:
+    """A directory of payload files and an index, with a background writer."""
+
+    def __init__(self, directory: str | os.PathLike, queue_size: int = 16):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._jobs: queue.Queue[Optional[WriteJob]] = queue.Queue(maxsize=queue_size)
+        self.done: queue.SimpleQueue[tuple[WriteJob, Optional[str], Optional[BaseException]]] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._write_loop, name="kvtrie-disk-writer", daemon=True)
+        self._thread.start()
+        for tmp in self.dir.glob("*.tmp"):  # left by a process killed mid-write
+            tmp.unlink(missing_ok=True)
+
+    # --- files ---------------------------------------------------------------------------
+
+    @staticmethod
+    def new_name() -> str:
+        return uuid.uuid4().hex
+
+    def path(self, file: str) -> Path:
+        return self.dir / file
+
+    def _atomic_write(self, target: Path, data: bytes) -> None:
+        tmp = target.with_name(target.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+
+    def write(self, stem: str, layers: tuple[Any, ...]) -> str:
+        """Write a payload file; returns its name, which carries the checksum."""
+        data = encode(layers)
+        name = f"{stem}-{zlib.crc32(data):08x}.safetensors"
+        self._atomic_write(self.path(name), data)
+        return name
+
+    def read(self, file: str) -> tuple[Any, ...]:
+        """The payload of `file`, verified against the checksum in its name; PayloadCorrupt otherwise."""
+        try:
+            data = self.path(file).read_bytes()
+            expected = int(file.rsplit("-", 1)[1].split(".")[0], 16)
+        except (OSError, ValueError, IndexError) as exc:
+            raise PayloadCorrupt(f"{file}: {exc}") from exc
+        if zlib.crc32(data) != expected:
+            raise PayloadCorrupt(f"{file}: checksum mismatch ({len(data)} bytes)")
+        try:
+            return decode(data)
+        except Exception as exc:  # a file that passed its checksum but is not ours
+            raise PayloadCorrupt(f"{file}: {exc}") from exc
+
+    def delete(self, file: str) -> None:
+        self.path(file).unlink(missing_ok=True)
+
+    def files(self) -> set[str]:
+        return {p.name for p in self.dir.glob("*.safetensors")}
+
+    # --- write-back --------------------------------------------------------------------------
+
+    def submit(self, job: WriteJob) -> None:
+        """Queue a write; blocks while the queue is full (backpressure on a slow disk)."""
+        self._jobs.put(job)
+
+    def _write_loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                if job is None:
+                    return
+                self.done.put((job, self.write(job.stem, job.layers), None))
+            except BaseException as exc:  # reported to the cache, which treats the node as lost
+                self.done.put((job, None, exc))
+            finally:
+                self._jobs.task_done()
+
+    def flush(self) -> None:
+        """Wait until every queued write has finished."""
+        self._jobs.join()
+
+    def stop(self) -> None:
+        self.flush()
+        self._jobs.put(None)
+        self._thread.join()
+
+    # --- index -----------------------------------------------------------------------------
+
+    def write_index(self, index: dict) -> None:
+        self._atomic_write(self.dir / INDEX, json.dumps(index).encode())
+
+    def read_index(self) -> Optional[dict]:
+        try:
+            return json.loads((self.dir / INDEX).read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            logger.warning("disk index in %s is unreadable (%s): starting cold", self.dir, exc)
+            return None
+
+    def clear(self) -> None:
+        for name in self.files():
+            self.delete(name)
+        (self.dir / INDEX).unlink(missing_ok=True)
