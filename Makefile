@@ -34,6 +34,7 @@ bench: $(BENCH_STAMP)
 	LD_PRELOAD=$$(test -e $(OPENBLAS) && echo $(OPENBLAS)) $(PY) benchmarks/workloads_bench.py
 	LD_PRELOAD=$$(test -e $(OPENBLAS) && echo $(OPENBLAS)) $(PY) benchmarks/paging.py
 	LD_PRELOAD=$$(test -e $(OPENBLAS) && echo $(OPENBLAS)) $(PY) benchmarks/scale.py
+	LD_PRELOAD=$$(test -e $(OPENBLAS) && echo $(OPENBLAS)) $(PY) benchmarks/disk.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis

@@ -21,7 +21,7 @@ import mlx.core as mx
 from tqdm import tqdm
 
 from kvtrie import PrefixCache
-from kvtrie.models import ChatTemplate, Conversation, Sampler, generate, load_model
+from kvtrie.models import ChatTemplate, Conversation, Sampler, generate, load_model, model_fingerprint
 
 SYSTEM = (
     "You are kvtrie's demo assistant. You answer questions about caching, memory and "
@@ -53,6 +53,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device-mb", type=float, help="device-memory budget for cached payloads (default unlimited)")
     p.add_argument("--host-mb", type=float, help="host-memory budget for paged-out payloads (default unlimited)")
+    p.add_argument("--disk-dir", help="a disk tier in this directory: a second run starts warm from it")
+    p.add_argument("--disk-mb", type=float, help="disk budget (default unlimited)")
     p.add_argument("--replay-on", metavar="MODEL", help="replay the same requests (prompts and replies) on a second model and compare prefill")
     p.add_argument("--verbose", action="store_true", help="debug logging of per-request cache decisions")
     return p.parse_args(argv)
@@ -68,12 +70,17 @@ def main(argv: list[str] | None = None) -> int:
         namespace=args.model,
         device_bytes=None if args.device_mb is None else int(args.device_mb * 2**20),
         host_bytes=None if args.host_mb is None else int(args.host_mb * 2**20),
+        disk_dir=args.disk_dir,
+        disk_bytes=None if args.disk_mb is None else int(args.disk_mb * 2**20),
+        fingerprint=model_fingerprint(model) if args.disk_dir else None,
     )
+    if args.disk_dir:
+        print(f"disk tier {args.disk_dir}: {cache.stats()['disk_bytes'] / 2**20:.2f} MB from an earlier run")
     rng = random.Random(args.seed)
     convs = [Conversation(template, system=SYSTEM) for _ in range(args.conversations)]
     last_seen = [0] * args.conversations  # prompt + reply tokens at the end of the previous turn
 
-    header = f"{'conv':>4} {'turn':>4} {'prompt':>7} {'cached':>7} {'prefill':>7} {'ttft ms':>8} {'tok/s':>7} {'dev MB':>7} {'host MB':>7} {'mlx MB':>7}  check"
+    header = f"{'conv':>4} {'turn':>4} {'prompt':>7} {'cached':>7} {'prefill':>7} {'ttft ms':>8} {'tok/s':>7} {'disk':>5} {'dev MB':>7} {'host MB':>7} {'mlx MB':>7}  check"
     print(f"model {args.model}: {args.conversations} conversations x {args.turns} turns, system prompt {len(template.render([{'role': 'system', 'content': SYSTEM}], False))} tokens")
     print(header)
     print("-" * len(header))
@@ -88,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                 conv.add_user(user_message(rng, i, turn))
                 prompt = conv.prompt()
                 sampler = Sampler(temperature=args.temperature, seed=args.seed * 1000 + i * 100 + turn)
+                from_disk = cache.stats()["cached_tokens_disk"]
                 result = generate(
                     model,
                     cache,
@@ -107,10 +115,11 @@ def main(argv: list[str] | None = None) -> int:
                 total_cached += result.cached_tokens
                 total_prefill += result.prefill_tokens
                 stats = cache.stats()
+                from_disk = stats["cached_tokens_disk"] - from_disk
                 peak_device = max(peak_device, stats["device_bytes"])
                 tqdm.write(
                     f"{i:>4} {turn:>4} {result.prompt_tokens:>7} {result.cached_tokens:>7} {result.prefill_tokens:>7} "
-                    f"{result.ttft_s * 1e3:>8.1f} {result.decode_tokens_per_s:>7.0f} {stats['device_bytes'] / 2**20:>7.2f} "
+                    f"{result.ttft_s * 1e3:>8.1f} {result.decode_tokens_per_s:>7.0f} {from_disk:>5} {stats['device_bytes'] / 2**20:>7.2f} "
                     f"{stats['host_bytes'] / 2**20:>7.2f} "
                     f"{mx.get_active_memory() / 2**20:>7.1f}  {'ok' if ok else 'MISS'}"
                 )
@@ -128,9 +137,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{stats['host_bytes'] / 2**20:.2f} MB on host; {elapsed:.1f} s in all"
     )
     print(
-        f"restored from device {stats['cached_tokens_device']} tokens, from host {stats['cached_tokens_host']}; "
-        f"{stats['page_outs']} page-outs, {stats['evictions']} evictions ({stats['evicted_tokens']} tokens)"
+        f"restored from device {stats['cached_tokens_device']} tokens, from host {stats['cached_tokens_host']}, "
+        f"from disk {stats['cached_tokens_disk']}; {stats['page_outs']} page-outs, "
+        f"{stats['evictions']} evictions ({stats['evicted_tokens']} tokens)"
     )
+    cache.close()  # with a disk tier: everything goes to disk, with its index, for the next run
     if args.replay_on:
         replay_prefill = replay(args.replay_on, args, trace)
         ratio = replay_prefill / total_prefill

@@ -742,7 +742,7 @@ class PrefixCache:
                 logger.warning("disk payload for [%d, %d) is unusable (%s): a miss from there", node.start, node.end, exc)
                 self._drop_subtree(node)
                 return False
-            self._disk.delete(data.disk.file)
+            self._disk.delete_later(data.disk.file)
             self._disk_restores += 1
         self._pager.bytes[DISK] -= data.nbytes
         node.payload = NodeData(layers, HOST)

@@ -104,16 +104,26 @@ def _from_json(tree: Any, tensors: dict[str, np.ndarray]) -> Any:
     return tree
 
 
-def decode(data: bytes) -> tuple[Any, ...]:
-    """The layer payloads (host arrays) of a file made by `encode`."""
-    import safetensors.numpy
+_NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "U16": np.uint16, "U32": np.uint32, "U8": np.uint8,
+                 "I32": np.int32, "I64": np.int64, "F64": np.float64, "BOOL": np.bool_}
 
+
+def decode(data: bytes) -> tuple[Any, ...]:
+    """The layer payloads (host arrays) of a file made by `encode`.
+
+    The arrays are read-only views of `data` (safetensors' own loader would copy them):
+    a restore only reads them.
+    """
     n = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + n])
-    meta = json.loads(header["__metadata__"]["kvtrie"])
+    meta = json.loads(header.pop("__metadata__")["kvtrie"])
     if meta.get("format") != FORMAT:
         raise PayloadCorrupt(f"unknown payload format {meta.get('format')}")
-    tensors = safetensors.numpy.load(data)
+    body = memoryview(data)[8 + n :]
+    tensors = {}
+    for name, info in header.items():
+        start, end = info["data_offsets"]
+        tensors[name] = np.frombuffer(body[start:end], dtype=_NUMPY_DTYPES[info["dtype"]]).reshape(info["shape"])
     layers: list[Any] = []
     for entry in meta["layers"]:
         if entry is None:
@@ -140,7 +150,7 @@ class DiskStore:
     def __init__(self, directory: str | os.PathLike, queue_size: int = 16):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._jobs: queue.Queue[Optional[WriteJob]] = queue.Queue(maxsize=queue_size)
+        self._jobs: queue.Queue[Optional[WriteJob | str]] = queue.Queue(maxsize=queue_size)
         self.done: queue.SimpleQueue[tuple[WriteJob, Optional[str], Optional[BaseException]]] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._write_loop, name="kvtrie-disk-writer", daemon=True)
         self._thread.start()
@@ -188,6 +198,10 @@ class DiskStore:
     def delete(self, file: str) -> None:
         self.path(file).unlink(missing_ok=True)
 
+    def delete_later(self, file: str) -> None:
+        """Delete on the writer thread: unlinking a large file takes milliseconds off the request path."""
+        self._jobs.put(file)
+
     def files(self) -> set[str]:
         return {p.name for p in self.dir.glob("*.safetensors")}
 
@@ -203,6 +217,9 @@ class DiskStore:
             try:
                 if job is None:
                     return
+                if isinstance(job, str):
+                    self.delete(job)
+                    continue
                 self.done.put((job, self.write(job.stem, job.layers), None))
             except BaseException as exc:  # reported to the cache, which treats the node as lost
                 self.done.put((job, None, exc))
