@@ -16,3 +16,5 @@ def test_readme_snippets_run(capsys):
     assert restored[0] == 0 and restored[1] >= len(scope["system"])  # the system prompt is reused
     # the mlx-lm snippet: the next turn restored the prompt and the whole reply
     assert scope["trie"].stats()["cached_tokens"] == len(scope["prompt"]) + len(scope["reply"])
+    # the disk snippet: the restarted cache restored the whole prompt from disk
+    assert scope["after_restart"].cached_tokens == len(scope["document"])
