@@ -46,16 +46,23 @@ def check_tiers_and_budgets(pc, strict: bool) -> None:
     assert stats["device_bytes"] == by_tier[DEVICE] and stats["host_bytes"] == by_tier[HOST]
     assert stats["disk_bytes"] == by_tier[DISK]
     budget = pc.budgets
-    if DISK in budget and budget[DISK] is not None:
-        assert stats["disk_bytes"] <= budget[DISK] or not strict
-    movable_device = [n for n in nodes_of(pc) if n.payload.tier == DEVICE and not n.pins]
-    evictable_host = [
-        n for n in nodes_of(pc) if n.payload.tier == HOST and not n.pins and (n.is_leaf or n.payload.has_snapshot)
-    ]
-    if budget[DEVICE] is not None and stats["device_bytes"] > budget[DEVICE]:
-        assert not strict and not movable_device
-    if budget[HOST] is not None and stats["host_bytes"] > budget[HOST]:
-        assert not strict and not movable_device and not evictable_host
+    chain = list(budget)  # device, host[, disk]: payloads move down it, the last tier evicts
+    nodes = nodes_of(pc)
+
+    def movable(tier):
+        return [n for n in nodes if n.payload.tier == tier and not n.pins]
+
+    def evictable(tier):
+        return [n for n in movable(tier) if n.is_leaf or (tier != DISK and n.payload.has_snapshot)]
+
+    for i, tier in enumerate(chain):
+        if budget[tier] is None or stats[f"{tier}_bytes"] <= budget[tier]:
+            continue
+        assert not strict, f"{tier} over its budget with no session open"
+        if tier != chain[-1]:
+            assert not movable(tier), f"{tier} over budget while an unpinned node could move down"
+        else:  # only nodes that wait for pinned children may stay
+            assert not evictable(tier) and not any(movable(t) for t in chain[:-1])
 
 
 def spy_on_lru(pc):
