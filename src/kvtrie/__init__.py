@@ -1,6 +1,7 @@
 """kvtrie: a prefix-trie KV cache for MLX inference servers."""
 
-from .cache import PrefixCache, Session
+from .cache import PrefixCache
+from .session import Session
 from .errors import CacheMismatchError, SessionError
 from .trie import Trie
 
