@@ -95,6 +95,17 @@ class FakeModel:
                 c.advance(len(tokens))
 
 
+def prefill_and_commit(model: FakeModel, session, tokens) -> None:
+    """Run the uncached rest of `tokens` following the session's capture plan, then commit."""
+    done = session.cached
+    for p in session.capture_at:
+        model(tokens[done:p], session.caches)
+        session.capture()
+        done = p
+    model(tokens[done:], session.caches)
+    session.commit(tokens)
+
+
 def lcp(a, b) -> int:
     """Length of the longest common prefix of two token sequences."""
     n = 0

@@ -20,7 +20,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from kvtrie import PrefixCache
 
-from fakes import FakeModel, assert_cold, check_invariants, lcp
+from fakes import FakeModel, assert_cold, check_invariants, lcp, prefill_and_commit
 from test_paging import check_tiers_and_budgets, spy_on_lru
 
 TESTS = Path(__file__).parent
@@ -31,13 +31,7 @@ def serve(pc: PrefixCache, model: FakeModel, tokens: list[int]) -> int:
     """One request following the capture plan; checks the restore against a cold run; returns cached."""
     with pc.begin(tokens) as s:
         assert_cold(model, s.caches, tokens, s.cached)
-        done = s.cached
-        for p in s.capture_at:
-            model(tokens[done:p], s.caches)
-            s.capture()
-            done = p
-        model(tokens[done:], s.caches)
-        s.commit(tokens)
+        prefill_and_commit(model, s, tokens)
         return s.cached
 
 
@@ -231,13 +225,7 @@ class ThreeTierMachine(RuleBasedStateMachine):
         s = self.pc.begin(tokens)
         assert s.cached <= min(max((lcp(tokens, t) for t in self.stored), default=0), len(tokens) - 1)
         assert_cold(self.model, s.caches, tokens, s.cached)
-        done = s.cached
-        for p in s.capture_at:
-            self.model(tokens[done:p], s.caches)
-            s.capture()
-            done = p
-        self.model(tokens[done:], s.caches)
-        s.commit(tokens)
+        prefill_and_commit(self.model, s, tokens)
         self.stored.append(tokens)
         if keep_open and len(self.open) < 2:
             self.open.append(s)

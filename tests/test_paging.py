@@ -15,7 +15,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from kvtrie import PrefixCache
 from kvtrie.arrays import HostArray, HostPool, to_device, to_host
 
-from fakes import FakeModel, assert_cold, check_invariants, lcp
+from fakes import FakeModel, assert_cold, check_invariants, lcp, prefill_and_commit
 from test_cache import serve
 
 DEVICE, HOST, DISK = "device", "host", "disk"
@@ -124,13 +124,7 @@ class PagingMachine(RuleBasedStateMachine):
         best = max((lcp(tokens, t) for t in self.stored), default=0)
         assert s.cached <= min(best, len(tokens) - 1)
         assert_cold(self.model, s.caches, tokens, s.cached)  # whichever tier it came from
-        done = s.cached
-        for p in s.capture_at:
-            self.model(tokens[done:p], s.caches)
-            s.capture()
-            done = p
-        self.model(tokens[done:], s.caches)
-        s.commit(tokens)
+        prefill_and_commit(self.model, s, tokens)
         self.stored.append(tokens)
         if keep_open and len(self.open) < 2:
             self.open.append(s)
@@ -278,13 +272,7 @@ def test_four_threads_hammering_keep_every_invariant():
                 if rng.random() < 0.2:
                     s.close()  # abandoned request
                     continue
-                done = s.cached
-                for p in s.capture_at:
-                    model(tokens[done:p], s.caches)
-                    s.capture()
-                    done = p
-                model(tokens[done:], s.caches)
-                s.commit(tokens)
+                prefill_and_commit(model, s, tokens)
                 s.close()
         except BaseException as exc:  # reported by the main thread
             errors.append(exc)
