@@ -106,6 +106,20 @@ def prefill_and_commit(model: FakeModel, session, tokens) -> None:
     session.commit(tokens)
 
 
+def draw_tokens(data, stored, *, vocab: int = 3, tail: int = 10, fresh: int = 20, label: str = "") -> list[int]:
+    """A request built to share prefixes: a stored sequence cut anywhere (often mid-edge) plus a
+    new tail, or a fresh sequence; never empty."""
+    from hypothesis import strategies as st
+
+    if stored and data.draw(st.booleans(), label=f"{label}extend stored"):
+        base = data.draw(st.sampled_from(stored), label=f"{label}base")
+        cut = data.draw(st.integers(0, len(base)), label=f"{label}cut")
+        tokens = base[:cut] + data.draw(st.lists(st.integers(0, vocab), max_size=tail), label=f"{label}tail")
+    else:
+        tokens = data.draw(st.lists(st.integers(0, vocab), max_size=fresh), label=f"{label}fresh")
+    return tokens or [data.draw(st.integers(0, vocab), label=f"{label}one token")]
+
+
 def lcp(a, b) -> int:
     """Length of the longest common prefix of two token sequences."""
     n = 0

@@ -15,7 +15,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from kvtrie import CacheMismatchError, PrefixCache, SessionError
 from kvtrie.models.cache import KVCache
 
-from fakes import FakeModel, assert_cold, check_invariants, lcp, live_arrays
+from fakes import FakeModel, assert_cold, check_invariants, draw_tokens, lcp, live_arrays
 
 
 def serve(pc: PrefixCache, model: FakeModel, tokens, **kw) -> int:
@@ -38,15 +38,7 @@ class PrefixCacheMachine(RuleBasedStateMachine):
         self.open: list = []
 
     def _tokens(self, data, ns):
-        stored = self.stored[ns]
-        if stored and data.draw(st.booleans(), label="extend stored"):
-            base = data.draw(st.sampled_from(stored), label="base")
-            cut = data.draw(st.integers(0, len(base)), label="cut")
-            tail = data.draw(st.lists(st.integers(0, 5), max_size=12), label="tail")
-            tokens = base[:cut] + tail
-        else:
-            tokens = data.draw(st.lists(st.integers(0, 5), max_size=24), label="fresh")
-        return tokens or [data.draw(st.integers(0, 5))]
+        return draw_tokens(data, self.stored[ns], vocab=5, tail=12, fresh=24)
 
     def _expected_cached(self, tokens, ns):
         best = max((lcp(tokens, s) for s in self.stored[ns]), default=0)

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import initialize, rule
 
 from kvtrie import PrefixCache
 
-from fakes import FakeModel, assert_cold, check_invariants, lcp, prefill_and_commit
-from test_paging import check_tiers_and_budgets, spy_on_lru
+from fakes import FakeModel, assert_cold, check_invariants, prefill_and_commit
+from test_paging import PagingMachine, spy_on_lru
 
 TESTS = Path(__file__).parent
 SRC = TESTS.parent / "src"
@@ -201,11 +201,11 @@ def test_a_process_killed_while_writing_leaves_nothing_read_as_valid(tmp_path):
 budgets = st.sampled_from([None, 0, 300, 1500, 6000])
 
 
-class ThreeTierMachine(RuleBasedStateMachine):
-    """Random requests with random device, host and disk budgets (tiny ones included)."""
+class ThreeTierMachine(PagingMachine):
+    """The paging machine's requests with random device, host and disk budgets, plus restarts."""
 
     @initialize(kinds=st.sampled_from(["KK", "KR"]), device=budgets, host=budgets, disk=budgets)
-    def setup(self, kinds, device, host, disk):
+    def setup(self, kinds, device, host, disk):  # replaces PagingMachine.setup (same name)
         self.dir = tempfile.mkdtemp(prefix="kvtrie-disk-")
         self.model = FakeModel(kinds=kinds, heads=1, dim=4)
         self.pc = PrefixCache(self.model.make_cache, device_bytes=device, host_bytes=host, disk_dir=self.dir,
@@ -213,29 +213,6 @@ class ThreeTierMachine(RuleBasedStateMachine):
         spy_on_lru(self.pc)
         self.stored: list[list[int]] = []
         self.open: list = []
-
-    @rule(data=st.data(), keep_open=st.booleans())
-    def request(self, data, keep_open):
-        if self.stored and data.draw(st.booleans()):
-            base = data.draw(st.sampled_from(self.stored))
-            tokens = base[: data.draw(st.integers(0, len(base)))] + data.draw(st.lists(st.integers(0, 3), max_size=8))
-        else:
-            tokens = data.draw(st.lists(st.integers(0, 3), max_size=16))
-        tokens = tokens or [0]
-        s = self.pc.begin(tokens)
-        assert s.cached <= min(max((lcp(tokens, t) for t in self.stored), default=0), len(tokens) - 1)
-        assert_cold(self.model, s.caches, tokens, s.cached)
-        prefill_and_commit(self.model, s, tokens)
-        self.stored.append(tokens)
-        if keep_open and len(self.open) < 2:
-            self.open.append(s)
-        else:
-            s.close()
-
-    @precondition(lambda self: self.open)
-    @rule()
-    def close_oldest(self):
-        self.open.pop(0).close()
 
     @rule()
     def restart(self):
@@ -248,13 +225,6 @@ class ThreeTierMachine(RuleBasedStateMachine):
         self.pc = PrefixCache(self.model.make_cache, device_bytes=budgets["device"], host_bytes=budgets["host"],
                               disk_dir=self.dir, disk_bytes=budgets["disk"], fingerprint="m", snapshot_interval=5)
         spy_on_lru(self.pc)
-
-    @invariant()
-    def invariants_hold(self):
-        if not hasattr(self, "pc"):
-            return
-        check_invariants(self.pc, self.open, self.model)
-        check_tiers_and_budgets(self.pc, strict=not self.open)
 
     def teardown(self):
         if hasattr(self, "pc"):

@@ -11,7 +11,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from kvtrie import PrefixCache
 from kvtrie.models import generate, load_model
 
-from fakes import FakeModel, assert_cold, check_invariants, lcp
+from fakes import FakeModel, assert_cold, check_invariants, draw_tokens, lcp
 from test_generate import assert_warm_equals_cold, random_requests
 
 
@@ -36,13 +36,7 @@ class HybridMachine(RuleBasedStateMachine):
         self.open: list = []
 
     def _tokens(self, data):
-        if self.stored and data.draw(st.booleans(), label="extend stored"):
-            base = data.draw(st.sampled_from(self.stored), label="base")
-            cut = data.draw(st.integers(0, len(base)), label="cut")
-            tokens = base[:cut] + data.draw(st.lists(st.integers(0, 3), max_size=10), label="tail")
-        else:
-            tokens = data.draw(st.lists(st.integers(0, 3), max_size=20), label="fresh")
-        return tokens or [0]
+        return draw_tokens(data, self.stored)
 
     @rule(data=st.data(), keep_open=st.booleans())
     def request(self, data, keep_open):

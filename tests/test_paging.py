@@ -15,7 +15,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from kvtrie import PrefixCache
 from kvtrie.arrays import HostArray, HostPool, to_device, to_host
 
-from fakes import FakeModel, assert_cold, check_invariants, lcp, prefill_and_commit
+from fakes import FakeModel, assert_cold, check_invariants, draw_tokens, lcp, prefill_and_commit
 from test_cache import serve
 
 DEVICE, HOST, DISK = "device", "host", "disk"
@@ -109,17 +109,9 @@ class PagingMachine(RuleBasedStateMachine):
         self.stored: list[list[int]] = []
         self.open: list = []
 
-    def _tokens(self, data):
-        if self.stored and data.draw(st.booleans()):
-            base = data.draw(st.sampled_from(self.stored))
-            tokens = base[: data.draw(st.integers(0, len(base)))] + data.draw(st.lists(st.integers(0, 3), max_size=10))
-        else:
-            tokens = data.draw(st.lists(st.integers(0, 3), max_size=20))
-        return tokens or [0]
-
     @rule(data=st.data(), keep_open=st.booleans())
     def request(self, data, keep_open):
-        tokens = self._tokens(data)
+        tokens = draw_tokens(data, self.stored)
         s = self.pc.begin(tokens)
         best = max((lcp(tokens, t) for t in self.stored), default=0)
         assert s.cached <= min(best, len(tokens) - 1)
