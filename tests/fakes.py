@@ -188,4 +188,5 @@ def check_invariants(pc, open_sessions=(), model: FakeModel | None = None) -> No
     assert stats["device_bytes"] + stats["host_bytes"] + stats["disk_bytes"] == total, "byte accounting must be exact"
     nodes = [node for _, node, _ in pc.walk()]
     assert stats["nodes"] == len(nodes)
+    assert pc.num_sequences == sum(1 for n in nodes if n.is_leaf)
     assert stats["snapshots"] == sum(1 for n in nodes if pc.recurrent_layers and n.payload.has_state)

@@ -39,6 +39,7 @@ def check_structure(trie: Trie, expected: set[tuple[int, ...]]) -> None:
     assert spelled == expected
     assert trie.num_tokens == len(spelled)
     assert trie.num_nodes == sum(1 for _ in trie.walk())
+    assert trie.num_leaves == sum(1 for n, _ in trie.walk() if n.is_leaf)
 
 
 @given(stored=seqs, query=st.lists(st.integers(0, 3), min_size=1, max_size=14))

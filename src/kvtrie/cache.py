@@ -340,7 +340,7 @@ class PrefixCache(TieredStorage):
     def num_sequences(self) -> int:
         """Stored sequences that no other extends: the leaves of the tries."""
         with self._lock:
-            return sum(1 for _, node, _ in self.walk() if node.is_leaf)
+            return sum(t.num_leaves for t in self._tries.values())
 
     def shrink(self, *, max_sequences: Optional[int] = None, max_bytes: Optional[int] = None) -> None:
         """Evict least recently used sequences now, until at most `max_sequences` / `max_bytes` remain.
@@ -354,21 +354,15 @@ class PrefixCache(TieredStorage):
             check_budget("max_bytes", max_bytes)
         pager = self._pager
         with self._lock:
-            leaves = self.num_sequences
             self._drain()
             while (max_bytes is not None and sum(pager.bytes.values()) > max_bytes) or (
-                max_sequences is not None and leaves > max_sequences
+                max_sequences is not None and self.num_sequences > max_sequences
             ):
                 candidates = [n for n in (pager.next_eviction(t) for t in self._tiers()) if n is not None]
                 if not candidates:
                     break
                 node = min(candidates, key=lambda n: (n.last_used, -n.start, n.id))
-                parent = node.parent
-                was_leaf = node.is_leaf
                 self._evict(node)
-                if was_leaf:
-                    leaves -= 1
-                    leaves += parent.parent is not None and parent.is_leaf  # gone if it merged
 
     def _boundary(self, trie: Trie, arr: np.ndarray, offset: int) -> Node:
         """The node on `arr`'s stored path that ends exactly at `offset`, splitting an edge if needed."""

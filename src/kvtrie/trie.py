@@ -138,6 +138,7 @@ class Trie:
         self._merge_payload = merge_payload
         self.num_nodes = 0  # excluding the root
         self.num_tokens = 0  # tokens on all edges
+        self.num_leaves = 0  # stored sequences no other extends
 
     # --- queries -------------------------------------------------------------------
 
@@ -186,6 +187,7 @@ class Trie:
         if first in parent.children:
             raise ValueError(f"parent already has a child starting with token {first}; split or extend it instead")
         node = Node(next(self._ids), np.array(tokens, dtype=TOKEN_DTYPE, copy=True), parent.end, parent, payload)
+        self.num_leaves += parent.is_root or not parent.is_leaf  # else the parent stops being a leaf
         parent.children[first] = node
         self.num_nodes += 1
         self.num_tokens += len(tokens)
@@ -237,7 +239,9 @@ class Trie:
             raise ValueError(f"only a leaf can be removed, {node!r} has children")
         if node.pins:
             raise ValueError(f"{node!r} is pinned by an open session and cannot be removed")
-        del node.parent.children[int(node.tokens[0])]
+        parent = node.parent
+        del parent.children[int(node.tokens[0])]
+        self.num_leaves -= parent.is_root or not parent.is_leaf  # else the parent becomes a leaf
         node.parent = None
         self.num_nodes -= 1
         self.num_tokens -= len(node.tokens)
