@@ -35,12 +35,15 @@ class FakeModel:
 
     TAIL = 3
 
-    def __init__(self, layers: int = 2, heads: int = 2, dim: int = 4, dtype=mx.float32, kinds: str | None = None):
+    def __init__(
+        self, layers: int = 2, heads: int = 2, dim: int = 4, dtype=mx.float32, kinds: str | None = None, state_pad: int = 0
+    ):
         self.kinds = kinds or "K" * layers
         self.num_layers, self.heads, self.dim, self.dtype = len(self.kinds), heads, dim, dtype
+        self.state_pad = state_pad  # extra state floats per recurrent layer: snapshots as large as real ones
 
     def make_cache(self) -> list:
-        return [KVCache() if k == "K" else RecurrentCache(2) for k in self.kinds]
+        return [KVCache() if k == "K" else RecurrentCache(3 if self.state_pad else 2) for k in self.kinds]
 
     def kv_from_hashes(self, hashes: np.ndarray, layer: int) -> tuple[np.ndarray, np.ndarray]:
         h = hashes.astype(np.float64)[None, None, :, None]
@@ -53,7 +56,10 @@ class FakeModel:
 
     def state_from(self, last_hash: int, tail: list[int], layer: int) -> list[np.ndarray]:
         padded = ([-1] * self.TAIL + list(tail))[-self.TAIL :]
-        return [np.array([[last_hash + layer]], np.float32), np.array([padded], np.float32)]
+        state = [np.array([[last_hash + layer]], np.float32), np.array([padded], np.float32)]
+        if self.state_pad:
+            state.append(np.full((1, self.state_pad), last_hash, np.float32))
+        return state
 
     def cold_kv(self, tokens, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """The KV a cold run over `tokens` leaves in `layer`."""

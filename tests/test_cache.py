@@ -185,14 +185,14 @@ def test_payloads_are_compact_in_memory():
 
 
 def test_capture_does_not_keep_the_source_buffer():
-    from kvtrie.snapshot import capture_kv, evaluate
+    from kvtrie.snapshot import capture_tokens, evaluate
 
     baseline = _held_after_cleanup(0)
     cache = KVCache()
     big = mx.ones((1, 4, 20000, 64))
     cache.update_and_fetch(big, big)
     del big
-    payload = capture_kv(cache, 100, 110)
+    payload = capture_tokens((cache.keys, cache.values), 100, 110)
     evaluate([payload])
     del cache
     held = _held_after_cleanup(baseline)

@@ -21,7 +21,7 @@ from hypothesis.stateful import initialize, rule
 from kvtrie import PrefixCache
 
 from fakes import FakeModel, assert_cold, check_invariants, prefill_and_commit
-from test_paging import PagingMachine, spy_on_lru
+from test_paging import PagingMachine, spy_on_order
 
 TESTS = Path(__file__).parent
 SRC = TESTS.parent / "src"
@@ -210,7 +210,7 @@ class ThreeTierMachine(PagingMachine):
         self.model = FakeModel(kinds=kinds, heads=1, dim=4)
         self.pc = PrefixCache(self.model.make_cache, device_bytes=device, host_bytes=host, disk_dir=self.dir,
                               disk_bytes=disk, fingerprint="m", snapshot_interval=5)
-        spy_on_lru(self.pc)
+        spy_on_order(self.pc)
         self.stored: list[list[int]] = []
         self.open: list = []
 
@@ -224,7 +224,7 @@ class ThreeTierMachine(PagingMachine):
         self.pc.close()
         self.pc = PrefixCache(self.model.make_cache, device_bytes=budgets["device"], host_bytes=budgets["host"],
                               disk_dir=self.dir, disk_bytes=budgets["disk"], fingerprint="m", snapshot_interval=5)
-        spy_on_lru(self.pc)
+        spy_on_order(self.pc)
 
     def teardown(self):
         if hasattr(self, "pc"):
@@ -245,7 +245,7 @@ def test_disk_budget_evicts_least_recently_used_files(tmp_path):
                      fingerprint="f", hot_sessions=0)
     for first in range(4):  # four 10-token sequences; room for two
         serve(pc, model, [100 + first] + list(range(9)))
-    pc._disk.flush()
+    pc._storage.disk.flush()
     stats = pc.stats()
     assert stats["disk_bytes"] <= 25 * per_token and stats["evictions"] == 2
     assert serve(pc, model, [100] + list(range(9)) + [1]) == 0  # the oldest went

@@ -11,7 +11,7 @@ from kvtrie import PrefixCache
 from kvtrie.models import Sampler, generate, load_model, stream_generate
 
 from fakes import lcp
-from tolerance import ATOL
+from tolerance import atol_for
 
 
 @pytest.fixture(scope="module")
@@ -25,14 +25,19 @@ def assert_warm_equals_cold(model, warm, prompt, max_tokens):
     assert warm.tokens == cold.tokens, "greedy tokens must be identical"
     assert len(warm.logits) == len(cold.logits)
     for w, c in zip(warm.logits, cold.logits):
-        np.testing.assert_allclose(w, c, atol=ATOL, rtol=0)
+        np.testing.assert_allclose(w, c, atol=atol_for(model), rtol=0)
 
 
 def random_requests(model, pc, data, max_tokens=4):
     """Drive random fresh / resume / branch / regenerate requests through `generate`.
 
-    Checks each request's cached length against the trace and yields (prompt, result).
+    Checks each request's cached length against the trace and yields (prompt, result). The
+    floors (a resumed conversation restores its whole history, a regenerated prompt all but
+    its last token) hold where no snapshot is ever dropped: pure transformers, and hybrids
+    under the LRU policy; the worth policy may drop speculative snapshots, and restores a
+    regenerated prompt whole (with its logits) while it keeps that snapshot.
     """
+    floors = not pc.recurrent_layers or pc.policy.name == "lru"
     vocab = st.integers(0, 260)
     history: list[list[int]] = []  # full sequences committed so far (prompt + reply - 1)
     prompts: list[list[int]] = []
@@ -54,8 +59,9 @@ def random_requests(model, pc, data, max_tokens=4):
             floor = len(prompt) - 1
         step_size = data.draw(st.integers(1, 24), label="prefill step")
         warm = generate(model, pc, prompt, max_tokens=max_tokens, prefill_step_size=step_size, return_logits=True)
-        best = min(max((lcp(prompt, h) for h in history), default=0), len(prompt) - 1)
-        assert floor <= warm.cached_tokens <= best
+        matched = max((lcp(prompt, h) for h in history), default=0)
+        best = min(matched, len(prompt) - 1)
+        assert (floor if floors else 0) <= warm.cached_tokens <= (best if floors else min(matched, len(prompt)))
         if not pc.recurrent_layers:
             assert warm.cached_tokens == best
         assert warm.prefill_tokens == len(prompt) - warm.cached_tokens

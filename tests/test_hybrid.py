@@ -18,25 +18,38 @@ from test_generate import assert_warm_equals_cold, random_requests
 class HybridMachine(RuleBasedStateMachine):
     """Random requests on fake hybrid layouts whose recurrent state is a hash of the prefix.
 
-    An oracle tracks which prefixes got a snapshot; every restore must land on the deepest
+    An oracle tracks which prefixes hold a snapshot; every restore must land on the deepest
     of them within the match (never a position without one, never 0 while one exists) and
-    equal the cold state exactly.
+    equal the cold state exactly. The LRU policy never drops a snapshot without memory
+    pressure; the worth policy may drop speculative ones (snapshots here are as large as
+    `pad` floats), but never a sequence end or a branch point, and never adds one that no
+    request captured.
     """
 
     @initialize(
         kinds=st.sampled_from(["KRR", "RKR", "RRRK", "R"]),
         interval=st.sampled_from([None, 4, 7]),
         cap=st.integers(1, 3),
+        policy=st.sampled_from(["lru", "worth"]),
+        pad=st.sampled_from([0, 64]),
     )
-    def setup(self, kinds, interval, cap):
-        self.model = FakeModel(kinds=kinds, heads=1, dim=2)
-        self.pc = PrefixCache(self.model.make_cache, snapshot_interval=interval, max_snapshots_per_path=cap)
+    def setup(self, kinds, interval, cap, policy, pad):
+        self.model = FakeModel(kinds=kinds, heads=1, dim=2, state_pad=pad)
+        self.policy = policy
+        self.pc = PrefixCache(self.model.make_cache, snapshot_interval=interval, max_snapshots_per_path=cap, policy=policy)
         self.stored: list[list[int]] = []
         self.snapshots: set[tuple[int, ...]] = set()
         self.open: list = []
 
     def _tokens(self, data):
         return draw_tokens(data, self.stored)
+
+    def _with_state(self) -> set[tuple[int, ...]]:
+        return {
+            tuple(np.concatenate([n.tokens for n in node.path()]).tolist())
+            for _, node, _ in self.pc.walk()
+            if node.payload.has_state
+        }
 
     @rule(data=st.data(), keep_open=st.booleans())
     def request(self, data, keep_open):
@@ -48,7 +61,9 @@ class HybridMachine(RuleBasedStateMachine):
         assert s.cached == expected
         assert_cold(self.model, s.caches, tokens, s.cached)
         n = len(tokens)
-        if s.cached < matched < n:
+        continuation = any(len(t) == matched and not any(len(u) > matched and u[:matched] == t for u in self.stored)
+                           for t in self.stored)
+        if s.cached < matched < n and (self.policy == "lru" or not continuation):
             assert matched in s.capture_at, "the divergence point must be captured"
         if s.cached < n - 1:
             assert n - 1 in s.capture_at, "the regenerate point must be captured"
@@ -69,6 +84,10 @@ class HybridMachine(RuleBasedStateMachine):
         s.commit(full)
         self.stored.append(full)
         self.snapshots.update(tuple(full[:p]) for p in captured | {len(full)})
+        if self.policy == "worth":  # the oracle follows what the policy dropped
+            kept = self._with_state()
+            assert kept <= self.snapshots, "a snapshot nobody captured"
+            self.snapshots = kept
         if keep_open and len(self.open) < 3:
             self.open.append(s)
         else:
@@ -84,12 +103,10 @@ class HybridMachine(RuleBasedStateMachine):
         if not hasattr(self, "pc"):
             return
         check_invariants(self.pc, self.open, self.model)
-        with_state = {
-            tuple(np.concatenate([n.tokens for n in node.path()]).tolist())
-            for _, node, _ in self.pc.walk()
-            if node.payload.has_state
-        }
-        assert with_state == self.snapshots
+        assert self._with_state() == self.snapshots
+        for _, node, _ in self.pc.walk():
+            if node.is_leaf:
+                assert node.payload.has_state, "a stored sequence's end keeps its snapshot"
 
     def teardown(self):
         for s in getattr(self, "open", []):
@@ -124,10 +141,18 @@ def test_split_node_has_no_snapshot_until_captured():
 
 def test_interval_snapshots_respect_the_cap():
     model = FakeModel(kinds="KR")
-    pc = PrefixCache(model.make_cache, snapshot_interval=4, max_snapshots_per_path=2)
     tokens = list(range(30))
+    pc = PrefixCache(model.make_cache, snapshot_interval=4, max_snapshots_per_path=2, policy="lru")
     with pc.begin(tokens) as s:
         assert s.capture_at == (4, 8, 29)
+    pc = PrefixCache(model.make_cache, snapshot_interval=4, max_snapshots_per_path=2)
+    with pc.begin(tokens) as s:  # the worth policy keeps the guesses nearest the prompt's end
+        assert s.capture_at == (24, 28, 29)
+    pc = PrefixCache(model.make_cache, snapshot_interval=64)
+    with pc.begin(list(range(200))) as s:  # every 64, and 16, 32 before the end
+        assert s.capture_at == (64, 128, 168, 184, 192, 199)
+    with pc.begin(list(range(150)) + [1] * 30, capture_hints=[150]) as s:  # a hint marks the last message
+        assert s.capture_at == (64, 150, 179)  # no guesses near it, nor at the end
     with pytest.raises(ValueError):
         PrefixCache(model.make_cache, snapshot_interval=0)
     with pytest.raises(TypeError):
@@ -144,11 +169,12 @@ def qwen():
     return load_model("tiny-qwen3-next")
 
 
+@pytest.mark.parametrize("policy", ["worth", "lru"])
 @settings(max_examples=5)
 @given(data=st.data())
-def test_warm_equals_cold_on_tiny_qwen3_next(qwen, data):
+def test_warm_equals_cold_on_tiny_qwen3_next(qwen, policy, data):
     model, _ = qwen
-    pc = PrefixCache(model.make_cache, snapshot_interval=16)
+    pc = PrefixCache(model.make_cache, snapshot_interval=16, policy=policy)
     for prompt, warm in random_requests(model, pc, data):
         assert_warm_equals_cold(model, warm, prompt, 4)
 
@@ -174,9 +200,12 @@ def test_two_conversations_share_a_long_system_prompt(qwen):
     warm = generate(model, pc, fourth, max_tokens=3, return_logits=True)
     assert warm.cached_tokens == 1007
     assert_warm_equals_cold(model, warm, fourth, 3)
-    # regenerating the same prompt restores all but the last token
-    again = generate(model, pc, third, max_tokens=3, return_logits=True)
-    assert again.cached_tokens == len(third) - 1 and again.tokens == warm3.tokens
+    # regenerating the same answer at once restores the whole prompt with its last logits:
+    # nothing to prefill
+    again = generate(model, pc, fourth, max_tokens=3, return_logits=True)
+    assert again.cached_tokens == len(fourth) and again.prefill_tokens == 0 and again.tokens == warm.tokens
+    assert_warm_equals_cold(model, again, fourth, 3)
+    assert pc.stats()["logits_restores"] == 1
 
 
 def test_without_hints_the_fallback_is_the_deepest_snapshot(qwen):
@@ -186,7 +215,8 @@ def test_without_hints_the_fallback_is_the_deepest_snapshot(qwen):
     system = rng.integers(0, 256, 1000).tolist()
     generate(model, pc, system + [1, 2, 3], max_tokens=2)
     warm = generate(model, pc, system + [4, 5, 6], max_tokens=2, return_logits=True)
-    assert warm.cached_tokens == 768  # the last interval snapshot before the divergence at 1000
+    # the deepest guess before the divergence at 1000: 16 tokens before the first prompt's end
+    assert warm.cached_tokens == 1003 - 16
     assert_warm_equals_cold(model, warm, system + [4, 5, 6], 2)
     third = generate(model, pc, system + [7, 8], max_tokens=2)
     assert third.cached_tokens == 1000  # the second captured its divergence point

@@ -40,7 +40,7 @@ def check_tiers_and_budgets(pc, strict: bool) -> None:
         data = node.payload
         by_tier[data.tier] += data.nbytes
         for p in data.layers or ():  # a disk node's layers are gone once its file is written
-            for a in p.arrays() if p is not None else ():
+            for a in p.arrays if p is not None else ():
                 assert isinstance(a, mx.array if data.tier == DEVICE else HostArray)
     stats = pc.stats()
     assert stats["device_bytes"] == by_tier[DEVICE] and stats["host_bytes"] == by_tier[HOST]
@@ -65,15 +65,27 @@ def check_tiers_and_budgets(pc, strict: bool) -> None:
             assert not evictable(tier) and not any(movable(t) for t in chain[:-1])
 
 
-def spy_on_lru(pc):
-    """Assert that every move down a tier and every eviction takes its tier's least recently used candidate."""
-    move, evict = pc._move, pc._evict
+def spy_on_order(pc):
+    """Assert that every move down a tier and every eviction takes the first candidate of its tier in
+    the policy's order, and, where every payload is worth the same per byte (KV only), the least
+    recently used one."""
+    storage = pc._storage
+    move, evict = storage.move, storage.evict
+    kv_only = not pc.recurrent_layers
+
+    def first(candidates, what):
+        stale = [(n, k) for n in candidates if (k := storage.pager._keys.get(n.id)) and k[1][:-1] != pc.policy.key(n)]
+        assert not stale, f"{what}: order keys out of date: {[(n, k[1], pc.policy.key(n)) for n, k in stale]}"
+        best = min(candidates, key=pc.policy.key)
+        if kv_only:
+            assert best is min(candidates, key=lru_key), f"{what}: equal worth must mean least recently used"
+        return best
 
     def checked_move(node, tier):
         src = node.payload.tier
         if tier != DEVICE:  # moving down (promotion on restore is the request's own choice)
             candidates = [n for n in nodes_of(pc) if n.payload.tier == src and not n.pins]
-            assert node is min(candidates, key=lru_key), f"a move off {src} must take its LRU unpinned node"
+            assert node is first(candidates, "move"), f"a move off {src} must take the first unpinned node in order"
         move(node, tier)
 
     def checked_evict(node):
@@ -82,10 +94,10 @@ def spy_on_lru(pc):
             n for n in nodes_of(pc)
             if n.payload.tier == tier and not n.pins and (n.is_leaf or (tier != DISK and n.payload.has_snapshot))
         ]
-        assert node is min(candidates, key=lru_key), f"eviction must take the LRU evictable node of {tier}"
+        assert node is first(candidates, "evict"), f"eviction must take the first evictable node of {tier}"
         evict(node)
 
-    pc._move, pc._evict = checked_move, checked_evict
+    storage.move, storage.evict = checked_move, checked_evict
 
 
 budgets = st.sampled_from([None, 0, 1, 200, 700, 3000, 20000])
@@ -105,7 +117,7 @@ class PagingMachine(RuleBasedStateMachine):
         self.pc = PrefixCache(
             self.model.make_cache, device_bytes=device, host_bytes=host, promote_on_restore=promote, snapshot_interval=5
         )
-        spy_on_lru(self.pc)
+        spy_on_order(self.pc)
         self.stored: list[list[int]] = []
         self.open: list = []
 
@@ -202,7 +214,7 @@ def test_eviction_goes_leaf_first_and_merges_a_lone_child():
 
 def test_interior_node_drops_its_snapshot_before_its_kv():
     model = FakeModel(kinds="KR", heads=1, dim=4)
-    pc = PrefixCache(model.make_cache, device_bytes=0, snapshot_interval=None)
+    pc = PrefixCache(model.make_cache, device_bytes=0, snapshot_interval=None, policy="lru")
     shared = list(range(8))
     for tail in ([20, 21], [30, 31], [40, 41]):
         tokens = shared + tail
@@ -216,7 +228,7 @@ def test_interior_node_drops_its_snapshot_before_its_kv():
     assert interior.payload.has_snapshot and len(interior.children) == 3
     leaves_before = sum(1 for n in nodes_of(pc) if n.is_leaf)
     interior.last_used = -1  # make it the least recently used evictable node
-    pc._reindex(interior)
+    pc._storage.reindex(interior)
     pc.set_budgets(host_bytes=pc.stats()["host_bytes"] - 1)
     assert not interior.payload.has_snapshot and interior.payload.layers[0] is not None
     assert sum(1 for n in nodes_of(pc) if n.is_leaf) == leaves_before and pc.stats()["evictions"] == 0

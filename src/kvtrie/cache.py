@@ -1,10 +1,11 @@
-"""PrefixCache: the facade that ties the trie, the layer payloads and the sessions together.
+"""PrefixCache: the facade that ties the trie, the layer payloads, the policy and the sessions together.
 
 A request calls `begin(tokens)`, runs the model over `tokens[session.cached:]` on
 `session.caches`, then `session.commit(tokens)`; only the tokens the trie did not hold
 yet are stored, as new nodes or edge splits. After every public call the byte budgets
-hold: least recently used payloads move from device to host memory and, past the host
-budget, are evicted (`storage.py` moves payloads, `paging.py` picks them).
+hold: the least valuable payloads (the policy's order) move from device to host memory
+and, past the host budget, to disk or out (`storage.py` moves them, `paging.py` and
+`policy.py` pick them).
 
 Concurrency: every public method takes one lock, so a PrefixCache may be shared by
 several threads. Matching, restoring (the copy into the new live caches), committing,
@@ -14,50 +15,50 @@ outside it, on each session's own live caches, and so run concurrently.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import mlx.core as mx
 import numpy as np
 
-from .arrays import HostPool
-from .disk import DiskStore, WriteJob
+from .counters import Counters
+from .disk import DiskStore
 from .errors import CacheMismatchError, SessionError
-from .layers import SNAPSHOT, layer_kind
-from .paging import DEVICE, DISK, HOST, TIERS, Pager, check_budget, layers_to_host
-from .recurrent import RecurrentPayload, RecurrentSignature, capture_recurrent, recurrent_signature, restore_recurrent
+from .layers import KV, STATE, WINDOW, leaves, rule_for
+from .paging import DEVICE, DISK, HOST, Pager, check_budget
+from .policy import POLICIES, REASON_NAMES, END, PlanRequest, WorthPolicy
 from .session import Session
-from .snapshot import KVSignature, capture_kv, evaluate, kv_signature, stitch_kv
-from .storage import NodeData, TieredStorage
-from .trie import Match, Node, Trie, as_token_array
+from .snapshot import KVPayload, Piece, capture_tokens, evaluate, prefix_pieces, stitch
+from .storage import TieredStorage
+from .trie import Match, Node, as_token_array
+from .window import Recorder, record, recorder_of, restorable, restorable_max
 
 logger = logging.getLogger("kvtrie")
 
-Signature = tuple[Union[KVSignature, RecurrentSignature], ...]
 
-
-class PrefixCache(TieredStorage):
+class PrefixCache:
     """Prefix-trie KV cache: every stored token's KV exists once, any stored prefix restores.
 
     `make_cache` is the model's `make_cache` (a callable returning one fresh live cache
-    per layer, mlx-lm's protocol). `namespace` is the default namespace (model id,
-    tenant salt); different namespaces never share nodes. For models with layers whose
-    cache keeps a whole state (recurrent layers of hybrid models, and the other kinds
-    `kvtrie.layers` lists), sessions also plan snapshots every `snapshot_interval`
-    tokens (`None`: only at divergence points and ends), at most
-    `max_snapshots_per_path` of those on one path.
+    per layer, mlx-lm's protocol; `CacheList`s are expanded). `namespace` is the default
+    namespace (model id, tenant salt); different namespaces never share nodes.
+
+    Layers whose cache keeps a whole state (recurrent layers of hybrid models) are
+    restorable only where a snapshot was taken: `policy="worth"` (default) plans them at
+    divergence points, hints, prompt ends and every `snapshot_interval` tokens of new
+    territory, and keeps the ones that pay for themselves (see `kvtrie.policy`);
+    `policy="lru"` is the plain least-recently-used ablation. Sliding-window and chunked
+    layers are stored per token like full attention.
 
     `device_bytes` / `host_bytes` are byte budgets (None: unlimited). Over the device
-    budget the least recently used unpinned payloads move to host memory; over the host
-    budget they are evicted (leaves first; an interior node first drops its recurrent
-    snapshot). Paths pinned by open sessions never move, so a session whose own path
-    exceeds a budget still works, and the budget holds again once it closes.
-    `promote_on_restore=True` copies restored host payloads back to the device tier;
-    by default cold payloads stay on host and restore straight from there.
+    budget the least valuable unpinned payloads move to host memory; over the host budget
+    they go (leaves first; an interior node first drops its recurrent snapshot). Paths
+    pinned by open sessions never move, so a session whose own path exceeds a budget
+    still works, and the budget holds again once it closes. `promote_on_restore=True`
+    copies restored host payloads back to the device tier.
 
     `disk_dir` adds a third tier under host memory (`disk_bytes` its budget): payloads
     leaving the host go to safetensors files there (written on a background thread)
@@ -67,9 +68,8 @@ class PrefixCache(TieredStorage):
     damaged or missing file is a miss from that node down, never restored state.
 
     The live caches of the last `hot_sessions` committed sessions are kept after they
-    close: a request that continues one of those sequences (the next turn of a chat)
-    takes them over as they are, with no copy. They are live caches, outside the
-    budgets, like those of open sessions.
+    close: a request that continues one of those sequences takes them over as they are,
+    with no copy. They are live caches, outside the budgets, like those of open sessions.
     """
 
     def __init__(
@@ -79,6 +79,8 @@ class PrefixCache(TieredStorage):
         namespace: str = "default",
         snapshot_interval: Optional[int] = 256,
         max_snapshots_per_path: int = 32,
+        policy: str = "worth",
+        speculative_ratio: float = 0.5,
         device_bytes: Optional[int] = None,
         host_bytes: Optional[int] = None,
         promote_on_restore: bool = False,
@@ -92,9 +94,12 @@ class PrefixCache(TieredStorage):
         if snapshot_interval is not None:
             _check_positive_int("snapshot_interval", snapshot_interval)
         _check_positive_int("max_snapshots_per_path", max_snapshots_per_path)
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {policy!r}")
+        if isinstance(speculative_ratio, bool) or not isinstance(speculative_ratio, (int, float)) or speculative_ratio < 0:
+            raise ValueError(f"speculative_ratio must be a non-negative number, got {speculative_ratio!r}")
         if isinstance(hot_sessions, bool) or not isinstance(hot_sessions, int) or hot_sessions < 0:
             raise ValueError(f"hot_sessions must be a non-negative int, got {hot_sessions!r}")
-        pager = Pager(device_bytes, host_bytes, disk_bytes)
         if disk_dir is not None and not isinstance(fingerprint, str):
             raise TypeError(
                 "a disk tier needs fingerprint=str, the model's identity (e.g. kvtrie.models.model_fingerprint(model)), "
@@ -103,134 +108,220 @@ class PrefixCache(TieredStorage):
         probe = make_cache()
         if not isinstance(probe, (list, tuple)) or not probe:
             raise ValueError("make_cache() must return a non-empty list with one live cache per layer")
+        probe_leaves = leaves(probe)
+        self._rules = tuple(rule_for(c) for c in probe_leaves)
+        self._kinds = tuple(r.kind for r in self._rules)
+        self._geometry = {i: r.geometry(c) for i, (r, c) in enumerate(zip(self._rules, probe_leaves)) if r.kind == WINDOW}
+        self._layer_types = tuple(type(c).__name__ for c in probe_leaves)
         self._make_cache = make_cache
-        self._layer_types = tuple(type(c) for c in probe)
-        self._recurrent = tuple(i for i, c in enumerate(probe) if layer_kind(c) == SNAPSHOT)
         self._namespace = self._check_namespace(namespace)
-        self._interval = snapshot_interval
-        self._max_snapshots = max_snapshots_per_path
-        self._signature: Optional[Signature] = None
-        self._tries: dict[str, Trie] = {}
+        self._policy: WorthPolicy = POLICIES[policy](snapshot_interval, max_snapshots_per_path, float(speculative_ratio))
+        self._policy.hybrid = STATE in self._kinds
+        self._counters = Counters()
+        pager = Pager(device_bytes, host_bytes, disk_bytes, key=self._policy.key)
+        self._policy.bounded = pager.bounded
+        self._storage = TieredStorage(
+            self._kinds,
+            pager,
+            self._policy,
+            self._counters,
+            DiskStore(disk_dir) if disk_dir is not None else None,
+            fingerprint,
+            layout=[f"{t}:{k}" for t, k in zip(self._layer_types, self._kinds)],
+        )
+        self._signature: Optional[tuple] = None
         self._lock = threading.RLock()
-        self._clock = itertools.count(1)
-        self._pager = pager
-        self._pool = HostPool()
         self._promote = bool(promote_on_restore)
         self._hot: deque[tuple[str, np.ndarray, list]] = deque(maxlen=hot_sessions or None)
         self._hot_slots = hot_sessions
-        self._hot_restores = 0
-        self._snapshots = 0  # nodes where a hybrid model can restore
-        self._requests = 0
-        self._prompt_tokens = 0
-        self._cached_tokens = 0
-        self._cached_by_tier = {tier: 0 for tier in TIERS}
-        self._hits = 0
-        self._page_outs = 0
-        self._host_restores = 0
-        self._evictions = 0
-        self._evicted_tokens = 0
-        self._disk_writes = 0
-        self._disk_restores = 0
-        self._disk_errors = 0
         self._closed = False
-        self._fingerprint = fingerprint
-        self._disk = DiskStore(disk_dir) if disk_dir is not None else None
-        self._pending: dict[int, tuple[Node, WriteJob]] = {}  # node id -> (node, its write in flight)
-        self._index_signature: Optional[str] = None  # the model layout the disk's state was made with
-        if self._disk is not None:
-            self._load_index()
+        if self._storage.disk is not None:
+            self._storage.load_index()
 
     @property
     def num_layers(self) -> int:
-        return len(self._layer_types)
+        """Leaf caches per model (a `CacheList` counts each of its caches)."""
+        return len(self._kinds)
+
+    @property
+    def layer_kinds(self) -> tuple[str, ...]:
+        """`"kv"`, `"window"` or `"state"` per leaf cache (see `kvtrie.layers`)."""
+        return self._kinds
+
+    @property
+    def recurrent_layers(self) -> tuple[int, ...]:
+        """Indices of the leaf caches whose state is a snapshot at node ends, not per-token KV."""
+        return tuple(i for i, k in enumerate(self._kinds) if k == STATE)
+
+    @property
+    def policy(self) -> WorthPolicy:
+        return self._policy
 
     @property
     def budgets(self) -> dict[str, Optional[int]]:
         """The byte budget per tier (None: unlimited)."""
-        budgets = dict(self._pager.budgets)
-        if self._disk is None:
+        budgets = dict(self._storage.pager.budgets)
+        if self._storage.disk is None:
             del budgets[DISK]
         return budgets
 
     def set_budgets(self, *, device_bytes: Any = ..., host_bytes: Any = ..., disk_bytes: Any = ...) -> None:
         """Change byte budgets at run time (omit one to keep it; None = unlimited); enforced at once."""
-        new = dict(self._pager.budgets)
+        pager = self._storage.pager
+        new = dict(pager.budgets)
         for tier, value in ((DEVICE, device_bytes), (HOST, host_bytes), (DISK, disk_bytes)):
             if value is not ...:
                 new[tier] = check_budget(f"{tier}_bytes", value)
         with self._lock:
-            self._pager.budgets.update(new)
-            self._enforce()
-
-    @property
-    def recurrent_layers(self) -> tuple[int, ...]:
-        """Indices of the layers whose state is a snapshot at node ends, not per-token KV."""
-        return self._recurrent
+            pager.budgets.update(new)
+            self._policy.bounded = pager.bounded
+            self._storage.enforce()
 
     # --- the request API -----------------------------------------------------------
 
     def begin(
-        self, tokens: Sequence[int], *, namespace: Optional[str] = None, capture_hints: Sequence[int] = ()
+        self,
+        tokens: Sequence[int],
+        *,
+        namespace: Optional[str] = None,
+        capture_hints: Sequence[int] = (),
+        reuse_logits: bool = False,
     ) -> Session:
         """Restore the longest usable stored prefix of `tokens` (holding back at least one token).
 
-        For a hybrid model the usable length is the deepest node end, up to the match,
-        where every recurrent layer has a snapshot. `capture_hints` are offsets where
-        later requests are likely to diverge (e.g. the ends of chat messages); they join
-        the session's `capture_at` plan.
+        For a model with whole-state layers the usable length is the deepest node end,
+        up to the match, where every such layer has a snapshot. `capture_hints` are
+        offsets where later requests are likely to diverge (e.g. the ends of chat
+        messages). With `reuse_logits=True` the caller promises to pass the last logits to
+        `capture()` at the prompt's end, and accepts a whole-prompt restore: when the
+        prompt is stored with its logits, `session.logits` holds them and nothing is left
+        to prefill (a regenerated answer costs no prefill at all).
         """
         arr = as_token_array(tokens)
         ns = self._namespace if namespace is None else self._check_namespace(namespace)
         hints = _check_offsets(capture_hints)
         caches = self._make_cache()
+        storage = self._storage
         with self._lock:
             self._check_open()
-            self._drain()
-            trie = self._tries.get(ns)
+            storage.drain()
+            trie = storage.trie(ns)
             match = trie.match(arr) if trie is not None else Match((), 0)
-            match, from_disk = self._resident(trie, arr, match, len(arr) - 1)
-            limit = min(match.length, len(arr) - 1)
-            if self._recurrent:
-                cached = max((n.end for n in match.path if n.end <= limit and n.payload.has_state), default=0)
-            else:
-                cached = limit
+            match, from_disk = storage.resident(trie, arr, match, len(arr))
+            cached, full = self._usable(match, len(arr), bool(reuse_logits))
             hot = self._take_hot(ns, arr, cached)
             if hot is not None:
-                cached, caches = len(hot[1]), hot[2]
-                self._hot_restores += 1
+                cached, caches, full = len(hot[1]), hot[2], None
+                self._counters.hot_restores += 1
             used = [n for n in match.path if n.start < cached]
+            logits = None
             if used and hot is None:
-                self._restore(caches, used, cached, from_disk)
-            leaf = used[-1] if used else None
-            capture_at = self._plan_captures(used, match.length, cached, len(arr), hints) if self._recurrent else ()
+                self._restore(leaves(caches), used, cached, from_disk)
+                if full is not None:
+                    logits = _device(full.payload.logits)
+                    self._counters.logits_restores += 1
+            if hot is None:
+                for i, leaf in enumerate(leaves(caches)):
+                    if self._kinds[i] == WINDOW:
+                        record(leaf, cached)
+            last = match.last
+            plan = self._policy.plan(
+                PlanRequest(
+                    tuple(match.path), match.length, cached, len(arr), hints, bool(reuse_logits),
+                    last is not None and last.is_leaf and match.length == last.end,
+                )
+            )
             if self._promote:
                 for node in used:
                     if node.payload.tier == HOST:
-                        self._move(node, DEVICE)
-            self._pin(leaf, +1)
-            self._touch(used)
-            self._requests += 1
-            self._prompt_tokens += len(arr)
-            self._cached_tokens += cached
-            self._hits += bool(cached)
-            self._enforce()
+                        storage.move(node, DEVICE)
+            leaf = used[-1] if used else None
+            storage.pin(leaf, +1)
+            storage.touch(used)
+            c = self._counters
+            c.requests += 1
+            c.prompt_tokens += len(arr)
+            c.cached_tokens += cached
+            c.hits += bool(cached)
+            c.snapshots_used += bool(self._policy.hybrid and cached and hot is None)
+            storage.enforce()
         logger.debug(
             "begin ns=%s: %d tokens, matched %d, restored %d from %d nodes, capture at %s",
-            ns, len(arr), match.length, cached, len(used), capture_at,
+            ns, len(arr), match.length, cached, len(used), plan,
         )
-        return Session(self, ns, arr, cached, caches, leaf, capture_at)
+        return Session(self, ns, arr, cached, caches, leaf, plan, logits)
 
-    def _restore(self, caches: list, used: list[Node], cached: int, from_disk: set[int]) -> None:
-        """Stitch the path's KV (from either tier) into the live caches and load the recurrent state at `cached`."""
-        kv = [(cache, [n.payload.layers[i] for n in used]) for i, cache in enumerate(caches) if i not in self._recurrent]
-        stitch_kv(kv, cached, self._pool)
-        for i in self._recurrent:
-            restore_recurrent(caches[i], used[-1].payload.layers[i], cached)
-        mx.eval(_live_arrays(caches))
+    def _usable(self, match: Match, n: int, reuse_logits: bool) -> tuple[int, Optional[Node]]:
+        """How many tokens can be restored, and the node whose logits come along (whole-prompt restores)."""
+        path = match.path
+        if self._policy.hybrid:
+            if reuse_logits and match.length >= n:
+                node = next((x for x in path if x.end == n), None)
+                if node is not None and node.payload.has_state and node.payload.logits is not None and self._windows_ok(path, n):
+                    return n, node
+            limit = min(match.length, n - 1)
+            for end in sorted((x.end for x in path if x.end <= limit and x.payload.has_state), reverse=True):
+                if self._windows_ok(path, end):
+                    return end, None
+            return 0, None
+        return self._windows_max(path, min(match.length, n - 1)), None
+
+    def _holes(self, path: Sequence[Node], layer: int, upto: int) -> list[tuple[int, int]]:
+        return [(x.start, x.end) for x in path if x.start < upto and x.payload.layers[layer] is None]
+
+    def _windows_ok(self, path: Sequence[Node], p: int) -> bool:
+        return all(restorable(g, p, self._holes(path, i, p)) for i, g in self._geometry.items())
+
+    def _windows_max(self, path: Sequence[Node], limit: int) -> int:
+        p = limit
+        while self._geometry:
+            q = min(restorable_max(g, p, self._holes(path, i, p)) for i, g in self._geometry.items())
+            if q == p:
+                break
+            p = q
+        return p
+
+    def _restore(self, live: list, used: list[Node], cached: int, from_disk: set[int]) -> None:
+        """Stitch the path's per-token payloads (from either tier) into the live caches and load
+        the whole states at `cached`."""
+        targets = []
+        for i, (cache, rule, kind) in enumerate(zip(live, self._rules, self._kinds)):
+            if kind == KV:
+                parts = [n.payload.layers[i] for n in used]
+                if parts[0] is not None:  # None: a layer the model never writes
+                    targets.append((prefix_pieces(parts, cached), rule.capacity(cache, cached), (cache, rule, kind)))
+            elif kind == WINDOW:
+                pieces = self._window_pieces(used, i, self._geometry[i].layout(cached))
+                if pieces:
+                    targets.append((pieces, sum(p.length for p in pieces), (cache, rule, kind)))
+                else:  # the window is empty here (a chunk boundary): only the position is set
+                    rule.load_window(cache, None, cached)
+        for (_, _, (cache, rule, kind)), arrays in zip(targets, stitch(targets, self._storage.pool)):
+            if kind == KV:
+                rule.load(cache, arrays, cached)
+            else:
+                rule.load_window(cache, arrays, cached)
+        for i, kind in enumerate(self._kinds):
+            if kind == STATE:
+                self._rules[i].restore(live[i], used[-1].payload.layers[i], cached)
+        mx.eval(_live_arrays(live))
         for node in used:
             tier = DISK if node.id in from_disk else node.payload.tier
-            self._cached_by_tier[tier] += min(node.end, cached) - node.start
-            self._host_restores += tier == HOST
+            self._counters.add_cached(tier, min(node.end, cached) - node.start)
+            self._counters.host_restores += tier == HOST
+
+    @staticmethod
+    def _window_pieces(used: list[Node], layer: int, layout: list) -> list[Piece]:
+        pieces: list[Piece] = []
+        for span in layout:
+            if span is None:
+                pieces.append(Piece(None, 0, 1))
+                continue
+            lo, hi = span
+            for node in used:
+                if node.end > lo and node.start < hi:
+                    pieces.append(Piece(node.payload.layers[layer], max(lo, node.start) - node.start, min(hi, node.end) - node.start))
+        return pieces if any(p.payload is not None for p in pieces) else []
 
     def _take_hot(self, ns: str, arr: np.ndarray, cached: int) -> Optional[tuple[str, np.ndarray, list]]:
         """A kept session whose sequence `arr` continues, at least as deep as the trie restore."""
@@ -242,29 +333,32 @@ class PrefixCache(TieredStorage):
                 return entry
         return None
 
-    def _plan_captures(
-        self, used: list[Node], matched: int, cached: int, n: int, hints: tuple[int, ...]
-    ) -> tuple[int, ...]:
-        """Offsets in `(cached, n)` where this prefill should snapshot the recurrent state."""
-        points = {matched, n - 1, *hints}  # where this request diverges; where its regenerate restores
-        if self._interval is not None:
-            room = self._max_snapshots - sum(1 for node in used if node.payload.has_state)
-            first = (cached // self._interval + 1) * self._interval
-            points.update(itertools.islice(range(first, n, self._interval), max(room, 0)))
-        return tuple(sorted(p for p in points if cached < p < n))
-
-    def _capture(self, session: Session) -> int:
-        caches = session.caches
-        offsets = {int(c.offset) for c in caches if hasattr(c, "offset")}
-        if len(offsets) != 1:
-            raise CacheMismatchError(f"layer caches disagree on their offset ({sorted(offsets)}); capture between forward passes")
-        (offset,) = offsets
-        if self._recurrent and offset > session.cached:
+    def _capture(self, session: Session, offset: Optional[int], logits: Optional[mx.array]) -> int:
+        live = leaves(session.caches)
+        held = _offset(live, self._rules)
+        if offset is None:
+            if held is None:
+                raise ValueError(
+                    "these caches do not count positions (no layer has an `offset`): pass capture(offset=...) "
+                    "with the number of tokens the model has processed"
+                )
+            offset = held
+        elif isinstance(offset, bool) or not isinstance(offset, (int, np.integer)):
+            raise TypeError(f"offset must be an int number of tokens, got {type(offset).__name__}")
+        elif held is not None and held != offset:
+            raise CacheMismatchError(f"capture(offset={offset}) but the caches hold {held} positions")
+        offset = int(offset)
+        if self._policy.hybrid and offset > session.cached:
             if offset > len(session.tokens):
                 raise CacheMismatchError(f"caches are at offset {offset}, past the {len(session.tokens)} tokens of begin()")
-            snap = tuple(capture_recurrent(caches[i]) for i in self._recurrent)
-            evaluate(snap)
-            session._captures[offset] = snap
+            snap = tuple(self._rules[i].capture(live[i]) for i in self.recurrent_layers)
+            kept = None
+            if logits is not None and offset == len(session.tokens):
+                kept = mx.contiguous(logits)
+            evaluate(list(snap))
+            if kept is not None:
+                mx.eval(kept)
+            session._captures[offset] = (snap, kept)
         return offset
 
     def _commit(self, session: Session, tokens: Sequence[int], caches: Any) -> int:
@@ -276,56 +370,100 @@ class PrefixCache(TieredStorage):
                 f"committed tokens must begin with the {agreed} tokens this session restored or captured; "
                 "commit the prompt (plus generated tokens) that was passed to begin()"
             )
-        signature = self._check_caches(caches, n)
+        live = self._check_leaves(caches)
+        signature = self._check_caches(live, n)
         snapshots = dict(session._captures)
-        if self._recurrent:
-            final = tuple(capture_recurrent(caches[i]) for i in self._recurrent)
-            evaluate(final)
-            snapshots[n] = final
+        reasons = dict(session._reasons)
+        if self._policy.hybrid:
+            final = tuple(self._rules[i].capture(live[i]) for i in self.recurrent_layers)
+            evaluate(list(final))
+            snapshots[n] = (final, snapshots.get(n, (None, None))[1])
+            reasons[n] = reasons.get(n, 0) | END
+        storage = self._storage
         with self._lock:
             if self._signature is None:
                 self._signature = signature
+                storage.signature_text = repr(signature)
             elif signature != self._signature:
                 raise CacheMismatchError(
                     f"caches do not match this PrefixCache's model: expected {self._signature}, got {signature}"
                 )
             self._check_open()
-            self._drain()
-            if self._index_signature is not None and repr(signature) != self._index_signature:
+            storage.drain()
+            if storage.index_signature is not None and repr(signature) != storage.index_signature:
                 logger.warning("the caches do not match the model whose state is on disk: dropping the disk tier's nodes")
-                self._drop_disk_nodes()
-            self._index_signature = None
-            trie = self._tries.get(session.namespace)
-            if trie is None:
-                trie = self._tries[session.namespace] = Trie(self._split_data, self._merge_data)
-            match, _ = self._resident(trie, arr, trie.match(arr), n)
+                storage.drop_disk_nodes()
+            storage.index_signature = None
+            trie = storage.trie(session.namespace, create=True)
+            match, _ = storage.resident(trie, arr, trie.match(arr), n)
             added = n - match.length
             if added:
-                layers = tuple(None if i in self._recurrent else capture_kv(c, match.length, n) for i, c in enumerate(caches))
-                evaluate(layers)
-                parent = self._split(trie, match.last, match.length) if match.ends_mid_edge else (match.last or trie.root)
-                data = NodeData(layers)
-                node = trie.add_child(parent, arr[match.length :], data)
-                self._pager.bytes[DEVICE] += data.nbytes
-                self._reindex(node, parent)
+                parent = storage.split(trie, match.last, match.length) if match.ends_mid_edge else (match.last or trie.root)
+                for lo, hi, layers in self._new_payloads(live, match.length, n):
+                    parent = storage.add(trie, parent, arr[lo:hi], storage.new_data(layers))
+            created: set[int] = set()
             for offset in sorted(snapshots):
-                self._attach(self._boundary(trie, arr, offset), snapshots[offset])
-            leaf = self._boundary(trie, arr, n)
-            self._pin(session._leaf, -1)
-            self._pin(leaf, +1)
+                snap, logits = snapshots[offset]
+                node = storage.boundary(trie, arr, offset)
+                if storage.attach(node, snap, logits, reasons.get(offset, 0)):
+                    created.add(node.id)
+            leaf = storage.boundary(trie, arr, n)
+            storage.pin(session._leaf, -1)
+            storage.pin(leaf, +1)
             session._leaf = leaf
-            self._touch(leaf.path())
+            path = leaf.path()
+            storage.touch(path)
+            self._policy.settle(path, created, lambda: storage.snapshot_bytes, storage.drop_snapshot)
             session._committed = True
             if caches is session.caches:  # only the session's own caches may be kept hot
                 session._committed_tokens = arr
-            self._enforce()
+            for leaf_cache in live:
+                recorder = recorder_of(leaf_cache)
+                if recorder is not None:
+                    recorder.reset(n)
+            storage.enforce()
         logger.debug("commit ns=%s: %d tokens, %d new, snapshots at %s", session.namespace, n, added, sorted(snapshots))
         return added
+
+    def _new_payloads(self, live: list, start: int, end: int) -> list[tuple[int, int, tuple]]:
+        """Per-token payloads of positions `[start, end)`, cut where a window layer's coverage changes.
+
+        A window layer's positions come from its recorder or from what its live buffer still
+        holds; a run nobody has becomes a node of its own holding `None` for that layer.
+        """
+        sources: dict[int, list[tuple[int, int, Any]]] = {}
+        cuts = {start, end}
+        for i, kind in enumerate(self._kinds):
+            if kind != WINDOW:
+                continue
+            found = []
+            recorder = recorder_of(live[i])
+            if recorder is not None and recorder.end == end:
+                found.append((recorder.start, recorder.end, recorder))
+            for first, arrays in self._rules[i].segments(live[i]):
+                found.append((first, first + arrays[0].shape[2], arrays))
+            sources[i] = [(max(lo, start), min(hi, end), lo, src) for lo, hi, src in found if lo < end and hi > start]
+            cuts.update(x for lo, hi, _, _ in sources[i] for x in (lo, hi))
+        bounds = sorted(cuts)
+        out = []
+        for lo, hi in zip(bounds, bounds[1:]):
+            layers: list[Any] = []
+            for i, (cache, rule, kind) in enumerate(zip(live, self._rules, self._kinds)):
+                if kind == KV:
+                    arrays = rule.live(cache)
+                    layers.append(None if arrays is None else capture_tokens(arrays, lo, hi))
+                elif kind == WINDOW:
+                    layers.append(_window_payload(sources[i], lo, hi))
+                else:
+                    layers.append(None)
+            out.append((lo, hi, tuple(layers)))
+        evaluate(p for _, _, layers in out for p in layers)
+        return out
 
     def store(self, tokens: Sequence[int], caches: list, *, namespace: Optional[str] = None) -> int:
         """Store the state `caches` hold for `tokens` (computed elsewhere: a file, another server).
 
-        Like a session's commit: the caches' offsets must equal `len(tokens)`; they are
+        Like a session's commit: the caches must hold `len(tokens)` positions; they are
         copied, never kept. Returns the number of tokens added.
         """
         arr = as_token_array(tokens)
@@ -340,10 +478,10 @@ class PrefixCache(TieredStorage):
     def num_sequences(self) -> int:
         """Stored sequences that no other extends: the leaves of the tries."""
         with self._lock:
-            return sum(t.num_leaves for t in self._tries.values())
+            return self._storage.num_sequences
 
     def shrink(self, *, max_sequences: Optional[int] = None, max_bytes: Optional[int] = None) -> None:
-        """Evict least recently used sequences now, until at most `max_sequences` / `max_bytes` remain.
+        """Evict now, least valuable first, until at most `max_sequences` / `max_bytes` remain.
 
         A one-off trim (mlx-lm's `trim_to`); budgets keep holding afterwards as before.
         Pinned paths stay.
@@ -352,56 +490,22 @@ class PrefixCache(TieredStorage):
             check_budget("max_sequences", max_sequences)
         if max_bytes is not None:
             check_budget("max_bytes", max_bytes)
-        pager = self._pager
         with self._lock:
-            self._drain()
-            while (max_bytes is not None and sum(pager.bytes.values()) > max_bytes) or (
-                max_sequences is not None and self.num_sequences > max_sequences
-            ):
-                candidates = [n for n in (pager.next_eviction(t) for t in self._tiers()) if n is not None]
-                if not candidates:
-                    break
-                node = min(candidates, key=lambda n: (n.last_used, -n.start, n.id))
-                self._evict(node)
-
-    def _boundary(self, trie: Trie, arr: np.ndarray, offset: int) -> Node:
-        """The node on `arr`'s stored path that ends exactly at `offset`, splitting an edge if needed."""
-        match = trie.match(arr[:offset])
-        node = match.last
-        return self._split(trie, node, offset) if node.end > offset else node
-
-    def _split(self, trie: Trie, node: Node, at: int) -> Node:
-        upper = trie.split(node, at)
-        self._reindex(upper, node)
-        return upper
-
-    def _attach(self, node: Node, snapshot: tuple[RecurrentPayload, ...]) -> None:
-        """Give `node` the recurrent snapshot taken at its end, unless it has one already."""
-        data = node.payload
-        had = data.has_state
-        layers = list(data.layers)
-        for i, payload in zip(self._recurrent, snapshot):
-            if layers[i] is None:
-                if data.tier == HOST:
-                    (payload,) = layers_to_host([payload], self._pool)
-                layers[i] = payload
-                self._pager.bytes[data.tier] += payload.nbytes
-        data.layers = tuple(layers)
-        self._snapshots += data.has_state and not had
-        self._reindex(node)
+            self._storage.drain()
+            self._storage.shrink(max_sequences, max_bytes)
 
     def _close(self, session: Session) -> None:
         with self._lock:
             if self._hot_slots and session._committed_tokens is not None and session.caches is not None:
                 # evaluated here: MLX cannot evaluate another thread's pending work later
-                mx.eval(_live_arrays(session.caches))
+                mx.eval(_live_arrays(leaves(session.caches)))
                 self._hot.append((session.namespace, session._committed_tokens, session.caches))
-            self._pin(session._leaf, -1)
+            self._storage.pin(session._leaf, -1)
             session._leaf = None
             session._closed = True
             session.caches = None
             session._captures = {}
-            self._enforce()
+            self._storage.enforce()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -416,15 +520,9 @@ class PrefixCache(TieredStorage):
         with self._lock:
             if self._closed:
                 return
-            if self._disk is not None:
-                saved = dict(self._pager.budgets)
-                self._pager.budgets.update({DEVICE: 0, HOST: 0})
-                self._enforce()
-                self._disk.flush()
-                self._drain()
-                self._pager.budgets.update(saved)
-                self._write_index()
-                self._disk.stop()
+            if self._storage.disk is not None:
+                self._storage.flush_to_disk()
+                self._storage.disk.stop()
             self._closed = True
 
     def __enter__(self) -> "PrefixCache":
@@ -441,80 +539,67 @@ class PrefixCache(TieredStorage):
             raise TypeError(f"namespace must be a str (model id, tenant salt), got {type(namespace).__name__}")
         return namespace
 
-    def _check_caches(self, caches: Any, offset: int) -> Signature:
+    def _check_leaves(self, caches: Any) -> list:
         if not isinstance(caches, (list, tuple)):
             raise TypeError(f"caches must be the list of live layer caches, got {type(caches).__name__}")
-        if len(caches) != self.num_layers:
+        try:
+            live = leaves(caches)
+        except AttributeError as exc:
+            raise CacheMismatchError(f"caches are not this model's: {exc}") from None
+        if len(live) != self.num_layers:
             raise CacheMismatchError(
-                f"got caches for {len(caches)} layers, this PrefixCache's model has {self.num_layers}; "
+                f"got {len(live)} layer caches, this PrefixCache's model has {self.num_layers}; "
                 "pass the caches of the model whose make_cache built this PrefixCache"
             )
-        signature: list[Union[KVSignature, RecurrentSignature]] = []
-        for i, (c, expected) in enumerate(zip(caches, self._layer_types)):
-            if type(c).__name__ != expected.__name__:  # by name: mlx-lm's KVCache may stand in for kvtrie's
-                raise CacheMismatchError(f"layer {i}: expected a {expected.__name__}, got {type(c).__name__}")
-            if hasattr(c, "offset") and int(c.offset) != offset:
+        return live
+
+    def _check_caches(self, live: list, offset: int) -> tuple:
+        signature: list[tuple] = []
+        for i, (c, expected, rule) in enumerate(zip(live, self._layer_types, self._rules)):
+            if type(c).__name__ != expected:  # by name: mlx-lm's KVCache may stand in for kvtrie's
+                raise CacheMismatchError(f"layer {i}: expected a {expected}, got {type(c).__name__}")
+            held = rule.offset(c)
+            if rule.kind == KV and held == 0 and rule.live(c) is None:  # a layer this model never writes
+                signature.append((KV, "unused"))
+                continue
+            if held is not None and held != offset:
                 raise CacheMismatchError(
-                    f"layer {i}: cache offset is {c.offset} but {offset} tokens were committed; "
+                    f"layer {i}: cache offset is {held} but {offset} tokens were committed; "
                     "run the model over every token before committing"
                 )
-            if i in self._recurrent:
-                signature.append(recurrent_signature(c))
-                continue
-            sig = kv_signature(c)
-            if sig.batch != 1:
-                raise CacheMismatchError(f"layer {i}: batch size {sig.batch}; a session holds one sequence (batch 1)")
+            try:
+                sig = rule.signature(c)
+            except ValueError as exc:
+                raise CacheMismatchError(f"layer {i}: {exc}") from None
+            if rule.kind != STATE and sig[2][0][0] != 1:
+                raise CacheMismatchError(f"layer {i}: batch size {sig[2][0][0]}; a session holds one sequence (batch 1)")
             signature.append(sig)
         return tuple(signature)
-
-    # --- bookkeeping ---------------------------------------------------------------
-
-    def _pin(self, leaf: Optional[Node], delta: int) -> None:
-        node = leaf
-        while node is not None and node.parent is not None:
-            node.pins += delta
-            self._reindex(node)
-            node = node.parent
-
-    def _touch(self, nodes: Sequence[Node]) -> None:
-        now = next(self._clock)
-        for node in nodes:
-            node.last_used = now
-            self._reindex(node)
 
     # --- inspection ----------------------------------------------------------------
 
     def walk(self) -> Iterator[tuple[str, Node, int]]:
         """Every node as `(namespace, node, depth)`, parents before children."""
         with self._lock:
-            items = [(ns, node, depth) for ns in sorted(self._tries) for node, depth in self._tries[ns].walk()]
+            items = list(self._storage.walk())
         return iter(items)
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
         """Counters since creation and the current size of the cache."""
         with self._lock:
+            storage = self._storage
+            tries = storage.tries.values()
             return {
-                "requests": self._requests,
-                "hits": self._hits,
-                "prompt_tokens": self._prompt_tokens,
-                "cached_tokens": self._cached_tokens,
-                "nodes": sum(t.num_nodes for t in self._tries.values()),
-                "tokens_stored": sum(t.num_tokens for t in self._tries.values()),
-                "snapshots": self._snapshots,
-                "device_bytes": self._pager.bytes[DEVICE],
-                "host_bytes": self._pager.bytes[HOST],
-                "disk_bytes": self._pager.bytes[DISK],
-                "cached_tokens_device": self._cached_by_tier[DEVICE],
-                "cached_tokens_host": self._cached_by_tier[HOST],
-                "cached_tokens_disk": self._cached_by_tier[DISK],
-                "page_outs": self._page_outs,
-                "host_restores": self._host_restores,
-                "hot_restores": self._hot_restores,
-                "evictions": self._evictions,
-                "evicted_tokens": self._evicted_tokens,
-                "disk_writes": self._disk_writes,
-                "disk_restores": self._disk_restores,
-                "disk_errors": self._disk_errors,
+                **self._counters.as_dict(),
+                "nodes": sum(t.num_nodes for t in tries),
+                "tokens_stored": sum(t.num_tokens for t in tries),
+                "sequences": storage.num_sequences,
+                "snapshots": storage.snapshots,
+                "device_bytes": storage.pager.bytes[DEVICE],
+                "host_bytes": storage.pager.bytes[HOST],
+                "disk_bytes": storage.pager.bytes[DISK],
+                "kv_bytes": storage.kv_bytes,
+                "snapshot_bytes": storage.snapshot_bytes,
             }
 
     def dump(self) -> str:
@@ -525,13 +610,41 @@ class PrefixCache(TieredStorage):
             if ns != current:
                 lines.append(f"namespace {ns!r}")
                 current = ns
+            data = node.payload
             head = " ".join(str(t) for t in node.tokens[:8]) + (" ..." if len(node.tokens) > 8 else "")
-            state = " state" if self._recurrent and node.payload.has_state else ""
+            state = ""
+            if self._policy.hybrid and data.has_state:
+                why = ",".join(name for flag, name in REASON_NAMES.items() if data.reasons & flag)
+                state = f" state({why})" + (" logits" if data.logits is not None else "")
             lines.append(
                 f"{'  ' * depth}[{node.start}, {node.end}) {len(node.tokens)} tokens "
-                f"{node.payload.nbytes} B {node.payload.tier} pinned={node.pins}{state} <{head}>"
+                f"{data.nbytes} B {data.tier} pinned={node.pins}{state} <{head}>"
             )
         return "\n".join(lines)
+
+
+def _window_payload(sources: list[tuple[int, int, int, Any]], lo: int, hi: int) -> Optional[KVPayload]:
+    """Positions `[lo, hi)` of a window layer from the first source that holds all of them, or None."""
+    for first, last, origin, src in sources:
+        if first <= lo and hi <= last:
+            if isinstance(src, Recorder):
+                return KVPayload(src.take(lo, hi))
+            return KVPayload(tuple(mx.contiguous(a[:, :, lo - origin : hi - origin]) for a in src))
+    return None
+
+
+def _offset(live: list, rules: Sequence[Any]) -> Optional[int]:
+    """The positions the caches hold, from the layers that count them (None if none does)."""
+    offsets = {o for c, r in zip(live, rules) if (o := r.offset(c)) is not None and not (r.kind == KV and o == 0 and r.live(c) is None)}
+    if len(offsets) > 1:
+        raise CacheMismatchError(f"layer caches disagree on their offset ({sorted(offsets)}); capture between forward passes")
+    return offsets.pop() if offsets else None
+
+
+def _device(a: Any) -> mx.array:
+    from .arrays import to_device
+
+    return to_device(a)
 
 
 def _check_positive_int(name: str, value: Any) -> None:
@@ -552,6 +665,15 @@ def _check_offsets(offsets: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
 
 
-def _live_arrays(caches: Sequence[Any]) -> list[mx.array]:
-    """The arrays a list of live caches holds (their `state`, whatever its layout)."""
-    return [a for c in caches for a in c.state if isinstance(a, mx.array)]
+def _live_arrays(live: Sequence[Any]) -> list[mx.array]:
+    """The arrays a list of leaf caches holds (their `state`, whatever its layout)."""
+    from mlx.utils import tree_flatten
+
+    out = []
+    for c in live:
+        try:
+            state = c.state
+        except Exception:  # a cache whose state cannot be read yet
+            continue
+        out.extend(a for _, a in tree_flatten(state) if isinstance(a, mx.array))
+    return out

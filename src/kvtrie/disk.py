@@ -24,7 +24,6 @@ from typing import Any, Optional
 import attrs
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten
 
 from .arrays import HostArray
 from .recurrent import RecurrentPayload
@@ -33,7 +32,7 @@ from .snapshot import KVPayload
 logger = logging.getLogger("kvtrie")
 
 INDEX = "index.json"
-FORMAT = 1
+FORMAT = 2
 
 
 class PayloadCorrupt(Exception):
@@ -46,6 +45,7 @@ class DiskRef:
 
     file: str
     nbytes: int
+    snapshot_nbytes: int
     has_state: bool
     has_snapshot: bool
 
@@ -60,8 +60,8 @@ def _host(a: Any) -> HostArray:
     return a
 
 
-def encode(layers: Iterable[Any]) -> bytes:
-    """One safetensors file holding every layer payload of a node (host arrays), with its structure."""
+def encode(layers: Iterable[Any], logits: Any = None) -> bytes:
+    """One safetensors file holding every layer payload of a node (host arrays) and its logits, with its structure."""
     import safetensors.numpy
 
     tensors: dict[str, np.ndarray] = {}
@@ -76,19 +76,18 @@ def encode(layers: Iterable[Any]) -> bytes:
         if p is None:
             structure.append(None)
         elif isinstance(p, KVPayload):
-            parts = {}
-            for side in ("keys", "values"):
-                parts[side] = put(f"{i}.{side}", getattr(p, side))
-            structure.append({"kind": "kv", **parts})
+            structure.append({"kind": "tokens", "arrays": [put(f"{i}.{j}", a) for j, a in enumerate(p.arrays)]})
         else:
-            leaves = {path: a for path, a in tree_flatten(p.states) if isinstance(a, (HostArray, mx.array))}
-            structure.append({"kind": "state", "tree": _to_json(p.states, leaves, i, put)})
-    return safetensors.numpy.save(tensors, metadata={"kvtrie": json.dumps({"format": FORMAT, "layers": structure})})
+            structure.append({"kind": "state", "tree": _to_json(p.states, i, put)})
+    meta = {"format": FORMAT, "layers": structure, "logits": None if logits is None else put("logits", logits)}
+    return safetensors.numpy.save(tensors, metadata={"kvtrie": json.dumps(meta)})
 
 
-def _to_json(tree: Any, leaves: dict, layer: int, put, path: str = "") -> Any:
+def _to_json(tree: Any, layer: int, put, path: str = "") -> Any:
+    if isinstance(tree, dict):
+        return {"__dict__": {k: _to_json(v, layer, put, f"{path}.{k}" if path else str(k)) for k, v in tree.items()}}
     if isinstance(tree, (list, tuple)):
-        return [_to_json(x, leaves, layer, put, f"{path}.{i}" if path else str(i)) for i, x in enumerate(tree)]
+        return [_to_json(x, layer, put, f"{path}.{i}" if path else str(i)) for i, x in enumerate(tree)]
     if isinstance(tree, (HostArray, mx.array)):
         return put(f"{layer}.s.{path}", tree)
     if tree is None or isinstance(tree, (int, float, str, bool)):
@@ -101,15 +100,18 @@ def _from_json(tree: Any, tensors: dict[str, np.ndarray]) -> Any:
         return [_from_json(x, tensors) for x in tree]
     if isinstance(tree, dict) and "__tensor__" in tree:
         return HostArray(tensors[tree["__tensor__"]], getattr(mx, tree["dtype"]))
+    if isinstance(tree, dict) and "__dict__" in tree:
+        return {k: _from_json(v, tensors) for k, v in tree["__dict__"].items()}
     return tree
 
 
 _NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "U16": np.uint16, "U32": np.uint32, "U8": np.uint8,
-                 "I32": np.int32, "I64": np.int64, "F64": np.float64, "BOOL": np.bool_}
+                 "I32": np.int32, "I64": np.int64, "F64": np.float64, "BOOL": np.bool_, "I8": np.int8,
+                 "I16": np.int16, "U64": np.uint64}
 
 
-def decode(data: bytes) -> tuple[Any, ...]:
-    """The layer payloads (host arrays) of a file made by `encode`.
+def decode(data: bytes) -> tuple[tuple[Any, ...], Any]:
+    """The layer payloads (host arrays) and logits of a file made by `encode`.
 
     The arrays are read-only views of `data` (safetensors' own loader would copy them):
     a restore only reads them.
@@ -128,11 +130,12 @@ def decode(data: bytes) -> tuple[Any, ...]:
     for entry in meta["layers"]:
         if entry is None:
             layers.append(None)
-        elif entry["kind"] == "kv":
-            layers.append(KVPayload(_from_json(entry["keys"], tensors), _from_json(entry["values"], tensors)))
+        elif entry["kind"] == "tokens":
+            layers.append(KVPayload(tuple(_from_json(a, tensors) for a in entry["arrays"])))
         else:
             layers.append(RecurrentPayload(_from_json(entry["tree"], tensors)))
-    return tuple(layers)
+    logits = None if meta.get("logits") is None else _from_json(meta["logits"], tensors)
+    return tuple(layers), logits
 
 
 @attrs.frozen(eq=False)
@@ -142,6 +145,7 @@ class WriteJob:
     node_id: int
     stem: str
     layers: tuple[Any, ...]
+    logits: Any = None
 
 
 class DiskStore:
@@ -174,15 +178,15 @@ class DiskStore:
             os.fsync(f.fileno())
         os.replace(tmp, target)
 
-    def write(self, stem: str, layers: tuple[Any, ...]) -> str:
+    def write(self, stem: str, layers: tuple[Any, ...], logits: Any = None) -> str:
         """Write a payload file; returns its name, which carries the checksum."""
-        data = encode(layers)
+        data = encode(layers, logits)
         name = f"{stem}-{zlib.crc32(data):08x}.safetensors"
         self._atomic_write(self.path(name), data)
         return name
 
-    def read(self, file: str) -> tuple[Any, ...]:
-        """The payload of `file`, verified against the checksum in its name; PayloadCorrupt otherwise."""
+    def read(self, file: str) -> tuple[tuple[Any, ...], Any]:
+        """The payloads and logits of `file`, verified against the checksum in its name; PayloadCorrupt otherwise."""
         try:
             data = self.path(file).read_bytes()
             expected = int(file.rsplit("-", 1)[1].split(".")[0], 16)
@@ -220,7 +224,7 @@ class DiskStore:
                 if isinstance(job, str):
                     self.delete(job)
                     continue
-                self.done.put((job, self.write(job.stem, job.layers), None))
+                self.done.put((job, self.write(job.stem, job.layers, job.logits), None))
             except BaseException as exc:  # reported to the cache, which treats the node as lost
                 self.done.put((job, None, exc))
             finally:

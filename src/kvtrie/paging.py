@@ -1,16 +1,16 @@
-"""Tiers, byte budgets and LRU order: which payloads to page out to host, which to evict.
+"""Tiers, byte budgets and the orders that pick what moves down a tier or goes next.
 
-Device payloads are mx.arrays in MLX's allocator; host payloads are numpy buffers
-outside it (`kvtrie.arrays.HostArray`). The `Pager` keeps byte counters per tier and
-two orders in sorted containers (O(log n) per update): unpinned device nodes by last
-use (page-out candidates) and evictable host nodes by last use (a leaf, or an interior
-node whose recurrent snapshot can be dropped). It decides; the PrefixCache carries out
-the structural part of an eviction (removing a leaf, merging a lone child).
+Device payloads are mx.arrays in MLX's allocator; host payloads are numpy buffers outside
+it (`kvtrie.arrays.HostArray`); disk payloads are files. The `Pager` keeps byte counters per
+tier and, per tier, two orders in sorted containers (O(log n) per update): the unpinned
+nodes (candidates to move a tier down) and the evictable ones (a leaf, or an interior node
+whose recurrent snapshot can be dropped). The order is the policy's (`kvtrie.policy`); the
+storage carries out the structural part of an eviction.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Optional
 
 import mlx.core as mx
@@ -35,41 +35,47 @@ def check_budget(name: str, value: Any) -> Optional[int]:
     return value
 
 
-def layers_to_host(layers: Iterable[Any], pool: HostPool) -> tuple[Any, ...]:
+def payloads_to_host(payloads: Iterable[Any], pool: HostPool) -> tuple[Any, ...]:
     """Copy every payload array to pooled host buffers (all copies first, then one return)."""
-    return tuple(None if p is None else p.map(lambda a: to_host(a, pool)) for p in layers)
+    return tuple(None if p is None else p.map(lambda a: to_host(a, pool)) for p in payloads)
 
 
-def layers_to_device(layers: Iterable[Any]) -> tuple[Any, ...]:
-    moved = tuple(None if p is None else p.map(to_device) for p in layers)
-    arrays = [a for p in moved if p is not None for a in p.arrays()]
+def payloads_to_device(payloads: Iterable[Any]) -> tuple[Any, ...]:
+    moved = tuple(None if p is None else p.map(to_device) for p in payloads)
+    arrays = [a for p in moved if p is not None for a in p.arrays]
     if arrays:
         mx.eval(*arrays)
     return moved
 
 
-def release(layers: Iterable[Any], pool: HostPool) -> None:
+def release(payloads: Iterable[Any], pool: HostPool) -> None:
     """Give the host buffers of payloads that are being dropped back to the pool."""
-    for p in layers:
+    for p in payloads:
         if p is not None:
-            for a in p.arrays():
+            for a in p.arrays:
                 if isinstance(a, HostArray):
                     pool.give(a.data)
 
 
 class Pager:
-    """Byte counters and budgets per tier, and per tier two LRU orders: the unpinned nodes
-    (candidates to move a tier down) and the evictable ones (a leaf, or an interior node
-    whose recurrent snapshot can be dropped)."""
+    """Byte counters and budgets per tier, and per tier two orders by `key(node)`: the unpinned
+    nodes (candidates to move a tier down) and the evictable ones."""
 
-    def __init__(self, device_bytes: Optional[int] = None, host_bytes: Optional[int] = None, disk_bytes: Optional[int] = None):
+    def __init__(
+        self,
+        device_bytes: Optional[int] = None,
+        host_bytes: Optional[int] = None,
+        disk_bytes: Optional[int] = None,
+        key: Optional[Callable[[Any], tuple]] = None,
+    ):
         self.budgets = {
             DEVICE: check_budget("device_bytes", device_bytes),
             HOST: check_budget("host_bytes", host_bytes),
             DISK: check_budget("disk_bytes", disk_bytes),
         }
         self.bytes = {tier: 0 for tier in TIERS}
-        self._movable = {tier: SortedList() for tier in TIERS}  # (last_used, -start, id)
+        self.key = key or (lambda node: (node.last_used, -node.start, node.id))
+        self._movable = {tier: SortedList() for tier in TIERS}
         self._evictable = {tier: SortedList() for tier in TIERS}
         self._nodes: dict[int, Any] = {}
         self._keys: dict[int, tuple[str, tuple, bool]] = {}
@@ -82,13 +88,18 @@ class Pager:
     def host_budget(self) -> Optional[int]:
         return self.budgets[HOST]
 
+    @property
+    def bounded(self) -> bool:
+        """Some tier has a budget."""
+        return any(b is not None for b in self.budgets.values())
+
     # --- indexing: call `unindex` before changing a node, `index` after ------------------
 
     def index(self, node: Any, evictable: bool) -> None:
         """Enter `node` into its tier's orders; `evictable` is the caller's structural verdict."""
         if node.parent is None or node.pins:
             return
-        key = (node.last_used, -node.start, node.id)
+        key = (*self.key(node), node.id)
         tier = node.payload.tier
         self._movable[tier].add(key)
         if evictable:
@@ -113,18 +124,18 @@ class Pager:
         return budget is not None and self.bytes[tier] > budget
 
     def next_move(self, tier: str) -> Optional[Any]:
-        """The least recently used unpinned node of `tier`, or None."""
+        """The first unpinned node of `tier` in the policy's order, or None."""
         order = self._movable[tier]
-        return self._nodes[order[0][2]] if order else None
+        return self._nodes[order[0][-1]] if order else None
 
     def next_eviction(self, tier: str = HOST) -> Optional[Any]:
-        """The least recently used evictable node of `tier`, or None."""
+        """The first evictable node of `tier` in the policy's order, or None."""
         order = self._evictable[tier]
-        return self._nodes[order[0][2]] if order else None
+        return self._nodes[order[0][-1]] if order else None
 
     def next_page_out(self) -> Optional[Any]:
         return self.next_move(DEVICE)
 
     def evictable_order(self, tier: str = HOST) -> list[Any]:
-        """Evictable nodes of `tier`, least recently used first (for tests and debugging)."""
-        return [self._nodes[k[2]] for k in self._evictable[tier]]
+        """Evictable nodes of `tier` in the order they would go (for tests and debugging)."""
+        return [self._nodes[k[-1]] for k in self._evictable[tier]]

@@ -1,48 +1,58 @@
-"""Session: one request's view of the PrefixCache (restored caches, capture plan, one commit)."""
+"""Session: one request's view of a PrefixCache (restored caches, capture plan, one commit)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional, Protocol
 
+import mlx.core as mx
 import numpy as np
 
 from .errors import SessionError
-from .recurrent import RecurrentPayload
-from .trie import Node
 
-if TYPE_CHECKING:
-    from .cache import PrefixCache
+
+class SessionOwner(Protocol):
+    """What a session needs from the cache that made it (PrefixCache implements it)."""
+
+    def _capture(self, session: "Session", offset: Optional[int], logits: Optional[mx.array]) -> int: ...
+
+    def _commit(self, session: "Session", tokens: Sequence[int], caches: Any) -> int: ...
+
+    def _close(self, session: "Session") -> None: ...
 
 
 class Session:
     """One request's view of the cache: restored live caches, pinned path, one commit.
 
-    `cached` tokens were restored into `caches` (at most `len(tokens) - 1`, so the
-    caller always has logits to compute). For models with recurrent layers,
-    `capture_at` lists the offsets at which the caller should call `capture()` while
-    prefilling (the divergence point, `len(tokens) - 1`, every `snapshot_interval`), so
-    later requests that stop there restore fully. Use as a context manager: the path
-    stays pinned (never evicted) until the session closes.
+    `cached` tokens were restored into `caches`: at most `len(tokens) - 1`, so the caller
+    has logits to compute, unless `begin(..., reuse_logits=True)` found the whole prompt
+    stored with its last logits, which are then in `logits` (nothing to prefill). For
+    models with whole-state layers, `capture_at` lists the offsets at which the caller
+    should call `capture()` while prefilling, so later requests that stop there restore
+    fully. Use as a context manager: the path stays pinned (never evicted) until the
+    session closes.
     """
 
     def __init__(
         self,
-        owner: "PrefixCache",
+        owner: SessionOwner,
         namespace: str,
         tokens: np.ndarray,
         cached: int,
-        caches: list,
-        leaf: Optional[Node],
-        capture_at: tuple[int, ...] = (),
+        caches: Optional[list],
+        leaf: Any,
+        plan: tuple[tuple[int, int], ...] = (),
+        logits: Optional[mx.array] = None,
     ):
         self._owner = owner
         self.namespace = namespace
         self.tokens = tokens
         self.cached = cached
         self.caches: Optional[list] = caches
-        self.capture_at = capture_at
-        self._captures: dict[int, tuple[RecurrentPayload, ...]] = {}
+        self.logits = logits
+        self.capture_at = tuple(p for p, _ in plan)
+        self._reasons = dict(plan)
+        self._captures: dict[int, tuple[tuple[Any, ...], Optional[mx.array]]] = {}
         self._leaf = leaf
         self._committed_tokens: Optional[np.ndarray] = None
         self._committed = False
@@ -62,20 +72,23 @@ class Session:
         if self._committed:
             raise SessionError(f"{what} after commit: this session has already committed; begin a new one")
 
-    def capture(self) -> int:
-        """Snapshot the recurrent layers' state at the caches' current offset; returns that offset.
+    def capture(self, offset: Optional[int] = None, logits: Optional[mx.array] = None) -> int:
+        """Snapshot the whole-state layers at the caches' current position; returns that position.
 
         Call it when the prefill reaches an offset in `capture_at`; `commit` stores the
-        snapshot at that position. A no-op returning the offset for pure transformers.
+        snapshot there. At the prompt's end pass the last position's `logits`, so a request
+        with the same prompt can restore all of it. `offset` is needed only for models whose
+        caches do not count positions (mamba, rwkv: no `offset` anywhere). A no-op returning
+        the position for models without whole-state layers.
         """
         self._check_open("capture")
-        return self._owner._capture(self)
+        return self._owner._capture(self, offset, logits)
 
     def commit(self, tokens: Sequence[int], caches: Optional[list] = None) -> int:
         """Store the state of `tokens` held by `caches` (default: this session's); returns tokens added.
 
-        The caches' offsets must equal `len(tokens)` and `tokens` must begin with the
-        restored prefix. On any error nothing is stored.
+        The caches must hold exactly `len(tokens)` positions and `tokens` must begin with
+        the restored prefix. On any error nothing is stored.
         """
         self._check_open("commit")
         return self._owner._commit(self, tokens, self.caches if caches is None else caches)

@@ -1,17 +1,18 @@
-"""Payloads of transformer (KV) layers: capture, split, merge, stitch, nbytes.
+"""Per-token payloads: the keys/values (or quantized parts) of exactly one node's edge.
 
-A KV payload holds the keys/values of exactly one node's edge, `[B, H, end-start, D]`,
-as compact arrays (on the device or the host tier): slicing an mx.array keeps the whole source buffer alive, so every
-payload is made with `mx.contiguous` and evaluated before the live cache it came
-from can go away. Live caches are reached only through mlx-lm's duck-typed
-protocol (`state`, `offset`, and the `keys`/`values`/`offset` attributes).
+A per-token payload holds one or more arrays that share their token axis (axis 2):
+`(keys, values)` for a plain attention layer, the six packed/scale/bias arrays of a
+quantized one. It can be split at any token and concatenated with its neighbours, so
+any prefix of a stored path restores. Every payload is compact: slicing an mx.array
+keeps the whole source buffer alive, so payloads are made with `mx.contiguous` and
+evaluated before the live cache they came from can go away.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Optional
 
 import attrs
 import mlx.core as mx
@@ -19,67 +20,44 @@ import numpy as np
 
 from .arrays import AnyArray, HostArray, HostPool, concat_axis, from_numpy, numpy_view, on_cpu, slice_axis, to_device
 
+TOKEN_AXIS = 2
+
 
 @attrs.frozen(eq=False)
 class KVPayload:
-    """Keys and values of one layer over one edge: arrays of shape `[B, H, length, D]`.
+    """The arrays of one layer over one edge, all `[B, H, length, ...]` (token axis 2).
 
     The arrays are `mx.array` on the device tier and `HostArray` on the host tier.
     """
 
-    keys: AnyArray
-    values: AnyArray
+    arrays: tuple[AnyArray, ...]
 
     @property
     def length(self) -> int:
-        return self.keys.shape[2]
+        return self.arrays[0].shape[TOKEN_AXIS]
 
     @property
     def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes
+        return sum(a.nbytes for a in self.arrays)
 
-    def arrays(self) -> tuple[AnyArray, AnyArray]:
-        return self.keys, self.values
+    @property
+    def keys(self) -> AnyArray:
+        """The first array (the keys of a plain attention layer)."""
+        return self.arrays[0]
+
+    @property
+    def values(self) -> AnyArray:
+        """The array that starts the second half (the values of a plain attention layer)."""
+        return self.arrays[len(self.arrays) // 2]
 
     def map(self, fn) -> "KVPayload":
-        """The same payload with `fn` applied to both arrays (e.g. a tier move)."""
-        return KVPayload(fn(self.keys), fn(self.values))
+        """The same payload with `fn` applied to every array (e.g. a tier move)."""
+        return KVPayload(tuple(fn(a) for a in self.arrays))
 
 
-@attrs.frozen
-class KVSignature:
-    """What two KV caches of the same model layer agree on: batch, heads, head dims, dtype."""
-
-    batch: int
-    heads: int
-    key_dim: int
-    value_dim: int
-    dtype: Any
-
-
-def live_kv(cache: Any) -> tuple[mx.array, mx.array, int]:
-    """The live cache's key/value buffers and offset; buffers may run past the offset."""
-    state = cache.state
-    keys, values = state[0], state[1]
-    if keys is None or values is None:
-        raise ValueError(f"{type(cache).__name__} holds no keys/values yet (offset {cache.offset})")
-    return keys, values, int(cache.offset)
-
-
-def kv_signature(cache: Any) -> KVSignature:
-    """The layout of a live KV cache, used to refuse caches of another model."""
-    keys, values, _ = live_kv(cache)
-    if keys.ndim != 4 or values.ndim != 4:
-        raise ValueError(f"KV cache arrays must be [B, H, T, D], got keys {keys.shape} and values {values.shape}")
-    return KVSignature(keys.shape[0], keys.shape[1], keys.shape[3], values.shape[3], keys.dtype)
-
-
-def capture_kv(cache: Any, start: int, end: int) -> KVPayload:
-    """Compact copy of positions `[start, end)` of a live KV cache (lazy: evaluate with `evaluate`)."""
-    keys, values, offset = live_kv(cache)
-    if not 0 <= start < end <= min(offset, keys.shape[2]):
-        raise ValueError(f"cannot capture [{start}, {end}) from a cache at offset {offset}")
-    return KVPayload(mx.contiguous(keys[..., start:end, :]), mx.contiguous(values[..., start:end, :]))
+def capture_tokens(arrays: Sequence[mx.array], start: int, end: int) -> KVPayload:
+    """A compact copy of token positions `[start, end)` of live arrays (lazy: `evaluate` it)."""
+    return KVPayload(tuple(mx.contiguous(a[:, :, start:end]) for a in arrays))
 
 
 def split_kv(payload: KVPayload, k: int) -> tuple[KVPayload, KVPayload]:
@@ -88,37 +66,55 @@ def split_kv(payload: KVPayload, k: int) -> tuple[KVPayload, KVPayload]:
         raise ValueError(f"split offset {k} must lie strictly inside a payload of {payload.length} positions")
     n = payload.length
     return (
-        KVPayload(slice_axis(payload.keys, 2, 0, k), slice_axis(payload.values, 2, 0, k)),
-        KVPayload(slice_axis(payload.keys, 2, k, n), slice_axis(payload.values, 2, k, n)),
+        KVPayload(tuple(slice_axis(a, TOKEN_AXIS, 0, k) for a in payload.arrays)),
+        KVPayload(tuple(slice_axis(a, TOKEN_AXIS, k, n) for a in payload.arrays)),
     )
 
 
 def merge_kv(upper: KVPayload, lower: KVPayload) -> KVPayload:
     """One payload spanning `upper` then `lower` (lazy; on the host only if both are)."""
-    return KVPayload(concat_axis([upper.keys, lower.keys], 2), concat_axis([upper.values, lower.values], 2))
+    return KVPayload(tuple(concat_axis([a, b], TOKEN_AXIS) for a, b in zip(upper.arrays, lower.arrays)))
 
 
-def _take_prefix(parts: Sequence[KVPayload], length: int) -> list[tuple[KVPayload, int]]:
-    """Which parts, and how many positions of each, make up the first `length` positions."""
-    out = []
+@attrs.frozen
+class Piece:
+    """Positions `[lo, hi)` of a stored payload, or `hi - lo` zero positions where `payload` is None."""
+
+    payload: Optional[KVPayload]
+    lo: int
+    hi: int
+
+    @property
+    def length(self) -> int:
+        return self.hi - self.lo
+
+
+def prefix_pieces(parts: Sequence[KVPayload], length: int) -> list[Piece]:
+    """The pieces that make up the first `length` positions of `parts` laid end to end."""
+    out: list[Piece] = []
     left = length
     for p in parts:
         n = min(left, p.length)
-        out.append((p, n))
+        out.append(Piece(p, 0, n))
         left -= n
         if left == 0:
             return out
     raise ValueError(f"payloads cover {length - left} positions, {length} were asked for")
 
 
-def _assemble(arrays: Sequence[tuple[AnyArray, int]], capacity: int, pool: HostPool) -> np.ndarray:
-    """Copy the first n positions of each array into one pooled `[B, H, capacity, D]` numpy buffer, zeros after."""
-    first = numpy_view(arrays[0][0])
-    B, H, _, D = first.shape
-    buf = pool.take((B, H, capacity, D), first.dtype)
+def _assemble(pieces: Sequence[Piece], index: int, template: AnyArray, capacity: int, pool: HostPool) -> np.ndarray:
+    """Copy array `index` of each piece into one pooled numpy buffer of `capacity` positions, zeros after."""
+    first = numpy_view(template)
+    shape = list(first.shape)
+    shape[TOKEN_AXIS] = capacity
+    buf = pool.take(tuple(shape), first.dtype)
     at = 0
-    for a, n in arrays:
-        np.copyto(buf[:, :, at : at + n], numpy_view(a)[:, :, :n])
+    for piece in pieces:
+        n = piece.length
+        if piece.payload is None:
+            buf[:, :, at : at + n] = 0
+        else:
+            np.copyto(buf[:, :, at : at + n], numpy_view(piece.payload.arrays[index])[:, :, piece.lo : piece.hi])
         at += n
     buf[:, :, at:] = 0
     return buf
@@ -128,48 +124,53 @@ _COPIERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvtrie-stitch")
 _PARALLEL_BYTES = 8 << 20  # below this, threads cost more than they save
 
 
-def stitch_kv(targets: Sequence[tuple[Any, Sequence[KVPayload]]], length: int, pool: HostPool) -> None:
-    """Load the first `length` positions of each target's concatenated parts into its fresh live cache.
+def stitch(targets: Sequence[tuple[Sequence[Piece], int, Any]], pool: HostPool) -> list[list[mx.array]]:
+    """New live arrays for each target: its pieces laid end to end, then zeros up to `capacity`.
 
-    `targets` pairs each live cache with the payloads of its layer along the path, from
-    either tier. The result has zeroed room up to the cache's next step boundary, so the
-    following prefill does not regrow the buffer, and it never aliases a payload, so the
-    live cache may be written in place.
+    `targets` holds `(pieces, capacity, _)` per layer; the result lists, per target, one
+    fresh mx.array per payload array (it never aliases a payload, so a live cache may be
+    written in place). The pieces may come from either tier. On the CPU, and on a GPU when
+    every piece is on the host tier, the pieces are assembled in pooled numpy buffers and
+    handed to MLX in one flat copy (MLX's 4-D concatenate copies element by element on the
+    CPU); a GPU concatenates device payloads on the device instead. Large assemblies run on
+    two threads (numpy copies release the GIL).
     """
-    if length <= 0 or not targets:
-        return
-    plans = []
-    for cache, parts in targets:
-        step = int(getattr(cache, "step", 256))
-        plans.append((cache, _take_prefix(parts, length), length + step - length % step))
-    # Assemble in pooled numpy buffers, then hand each to MLX in one flat copy, when the
-    # parts can be read as numpy cheaply: always on the CPU (where MLX's 4-D concatenate
-    # copies element by element), and on a GPU when every part is on the host tier. A
-    # GPU reading device payloads through numpy would migrate them to managed memory:
-    # there MLX concatenates on the device. Large assemblies run on two threads (numpy
-    # copies release the GIL); small ones inline, where a hand-off costs more.
     cpu = on_cpu()
-    tasks = []
-    for cache, taken, capacity in plans:
-        for name in ("keys", "values"):
-            parts = [(getattr(p, name), n) for p, n in taken]
-            if cpu or all(isinstance(a, HostArray) for a, _ in parts):
-                tasks.append((cache, name, taken[0][0].keys.dtype, parts, capacity))
-            else:
-                arrays = [to_device(a)[..., :n, :] for a, n in parts]
-                B, H, _, D = arrays[0].shape
-                arrays.append(mx.zeros((B, H, capacity - length, D), arrays[0].dtype))
-                setattr(cache, name, mx.concatenate(arrays, axis=2))
-    parallel = sum(a.nbytes for *_, parts, _ in tasks for a, _ in parts) >= _PARALLEL_BYTES
-    for cache, name, dtype, job in [
-        (cache, name, dtype, _COPIERS.submit(_assemble, parts, cap, pool) if parallel else _assemble(parts, cap, pool))
-        for cache, name, dtype, parts, cap in tasks
-    ]:
+    results: list[list[Optional[mx.array]]] = []
+    jobs = []
+    for t, (pieces, capacity, _) in enumerate(targets):
+        stored = [p for p in pieces if p.payload is not None]
+        template = stored[0].payload
+        results.append([None] * len(template.arrays))
+        for i, a in enumerate(template.arrays):
+            if cpu or all(isinstance(p.payload.arrays[i], HostArray) for p in stored):
+                jobs.append((t, i, pieces, a, capacity))
+                continue
+            chunks = []
+            for p in pieces:
+                if p.payload is None:
+                    shape = list(a.shape)
+                    shape[TOKEN_AXIS] = p.length
+                    chunks.append(mx.zeros(tuple(shape), a.dtype))
+                else:
+                    chunks.append(to_device(p.payload.arrays[i])[:, :, p.lo : p.hi])
+            used = sum(p.length for p in pieces)
+            if capacity > used:
+                shape = list(a.shape)
+                shape[TOKEN_AXIS] = capacity - used
+                chunks.append(mx.zeros(tuple(shape), a.dtype))
+            results[t][i] = mx.concatenate(chunks, axis=TOKEN_AXIS) if len(chunks) > 1 else mx.contiguous(chunks[0])
+    total = sum(p.payload.arrays[i].nbytes for _, i, pieces, _, _ in jobs for p in pieces if p.payload is not None)
+    parallel = total >= _PARALLEL_BYTES
+    futures = [
+        (t, i, a.dtype, _COPIERS.submit(_assemble, pieces, i, a, cap, pool) if parallel else _assemble(pieces, i, a, cap, pool))
+        for t, i, pieces, a, cap in jobs
+    ]
+    for t, i, dtype, job in futures:
         buf = job.result() if parallel else job
-        setattr(cache, name, from_numpy(buf, dtype))
+        results[t][i] = from_numpy(buf, dtype)
         pool.give(buf)
-    for cache, _, _ in plans:
-        cache.offset = length
+    return results  # type: ignore[return-value]
 
 
 def evaluate(payloads: Iterable[Any]) -> None:
@@ -177,6 +178,6 @@ def evaluate(payloads: Iterable[Any]) -> None:
 
     Until evaluated, a payload is a graph that still references the live buffers.
     """
-    arrays = [a for p in payloads if p is not None for a in p.arrays() if isinstance(a, mx.array)]
+    arrays = [a for p in payloads if p is not None for a in p.arrays if isinstance(a, mx.array)]
     if arrays:
         mx.eval(*arrays)

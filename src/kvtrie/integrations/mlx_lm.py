@@ -7,13 +7,14 @@ this module never fails; the functions that need it say so if it is missing.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Optional
 
 import mlx.core as mx
 import numpy as np
 
 from ..cache import PrefixCache
+from ..layers import WINDOW, leaves
 from ..trie import as_token_array
 
 
@@ -32,11 +33,17 @@ def make_prefix_cache(model: Any, **kwargs: Any) -> PrefixCache:
 
 
 def cache_offset(caches: Sequence[Any]) -> Optional[int]:
-    """Positions held by a list of live caches (from the layers that count them), or None."""
-    offsets = {int(c.offset) for c in caches if hasattr(c, "offset")}
+    """Positions held by a list of live caches (from the layers that count them), or None when
+    no layer counts positions (mamba, rwkv: their `ArraysCache`s have no `offset`)."""
+    offsets = {int(c.offset) for c in leaves(caches) if hasattr(c, "offset") and not _unused(c)}
     if len(offsets) > 1:
         raise ValueError(f"the layer caches disagree on their offset: {sorted(offsets)}")
     return offsets.pop() if offsets else None
+
+
+def _unused(cache: Any) -> bool:
+    """A KV cache the model never writes (some layers of nemotron-nas): it stays at offset 0."""
+    return getattr(cache, "keys", 0) is None and getattr(cache, "offset", None) == 0
 
 
 def generate_step(
@@ -54,7 +61,8 @@ def generate_step(
     (exhausted or closed) the prompt plus the generated tokens whose state is in the cache
     are committed. `generate_step` runs one step ahead of what it yields, but every token
     it has yielded has been fed to the model by then, so the cache holds exactly the
-    prompt and every yielded token.
+    prompt and every yielded token (which is also how positions are counted for models
+    whose caches count none).
     """
     from mlx_lm.generate import generate_step as mlx_generate_step
 
@@ -64,10 +72,12 @@ def generate_step(
     with prefix_cache.begin(arr, namespace=namespace, capture_hints=capture_hints) as session:
         caches = session.caches
         done = session.cached
+        step = int(kwargs.get("prefill_step_size", 2048))
         for point in session.capture_at:  # hybrid models: snapshot recurrent state on the way
-            model(mx.array(arr[done:point], dtype=mx.int32)[None], cache=caches)
-            mx.eval([c.state for c in caches])
-            session.capture()
+            for lo in range(done, point, step):
+                model(mx.array(arr[lo : min(lo + step, point)], dtype=mx.int32)[None], cache=caches)
+                mx.eval([c.state for c in leaves(caches)])
+            session.capture(point)
             done = point
         generated: list[int] = []
         try:
@@ -90,16 +100,39 @@ class TriePromptCache:
     any prefix of a stored sequence restores (not only whole entries), and an exact hit
     still leaves one token to compute. `max_size` bounds stored sequences (leaves of
     the trie), `max_bytes` the bytes held; `prefix_cache_kwargs` go to each PrefixCache
-    (e.g. a host tier: `host_bytes=...`).
+    (e.g. a host tier: `host_bytes=...`). `make_cache(model_key)`, when given, makes a
+    model's fresh caches, so that even the first request for a model gets caches that
+    record what a sliding window scrolls past (without it, kvtrie learns the cache layout
+    from the first insert, and that first sequence keeps only its last window).
     """
 
-    def __init__(self, max_size: int = 10, max_bytes: int = 1 << 63, **prefix_cache_kwargs: Any):
+    def __init__(
+        self,
+        max_size: int = 10,
+        max_bytes: int = 1 << 63,
+        *,
+        make_cache: Optional[Callable[[Any], list]] = None,
+        **prefix_cache_kwargs: Any,
+    ):
         if max_size < 0 or max_bytes < 0:
             raise ValueError("max_size and max_bytes must be non-negative")
+        if make_cache is not None and not callable(make_cache):
+            raise TypeError(f"make_cache must be callable (model key -> caches), got {type(make_cache).__name__}")
         self.max_size = max_size
         self.max_bytes = max_bytes
         self._kwargs = {"device_bytes": max_bytes, "host_bytes": 0, **prefix_cache_kwargs}
+        self._make_cache = make_cache
         self._tries: dict[Any, PrefixCache] = {}
+
+    def _trie(self, model: Any, like: Optional[list] = None) -> Optional[PrefixCache]:
+        """The model's PrefixCache, made from `make_cache` or from caches shaped `like` the given ones."""
+        pc = self._tries.get(model)
+        if pc is None and self._make_cache is not None:
+            pc = self._tries[model] = PrefixCache(lambda: self._make_cache(model), **self._kwargs)
+        elif pc is None and like is not None:
+            templates = [_empty_like(c) for c in like]
+            pc = self._tries[model] = PrefixCache(lambda: [_empty_like(c) for c in templates], **self._kwargs)
+        return pc
 
     def __len__(self) -> int:
         return sum(pc.num_sequences for pc in self._tries.values())
@@ -109,22 +142,24 @@ class TriePromptCache:
         return sum(pc.stats()["device_bytes"] + pc.stats()["host_bytes"] for pc in self._tries.values())
 
     def fetch_nearest_cache(self, model: Any, tokens: Sequence[int]) -> tuple[Optional[list], list[int]]:
-        """Live caches holding the longest stored prefix of `tokens`, and the tokens left to compute."""
-        pc = self._tries.get(model)
+        """Live caches holding the longest stored prefix of `tokens`, and the tokens left to compute.
+
+        On a miss mlx-lm's answer is `(None, tokens)`; for models with sliding-window layers
+        kvtrie hands out empty caches instead, which record every position the window
+        scrolls past, so the whole sequence can be stored when it comes back.
+        """
+        pc = self._trie(model)
         tokens = list(tokens)
         if pc is None or not tokens:
             return None, tokens
         with pc.begin(tokens) as session:
-            if not session.cached:
+            if not session.cached and WINDOW not in pc.layer_kinds:
                 return None, tokens
             return session.caches, tokens[session.cached :]
 
     def insert_cache(self, model: Any, tokens: Sequence[int], prompt_cache: list, *, cache_type: str = "assistant") -> None:
         """Store the state `prompt_cache` holds for `tokens` (cut to the positions the cache holds)."""
-        pc = self._tries.get(model)
-        if pc is None:
-            templates = [_empty_like(c) for c in prompt_cache]
-            pc = self._tries[model] = PrefixCache(lambda: [_empty_like(c) for c in templates], **self._kwargs)
+        pc = self._trie(model, like=prompt_cache)
         held = cache_offset(prompt_cache)
         tokens = list(tokens)[: len(tokens) if held is None else held]
         if tokens:
@@ -150,11 +185,15 @@ def _empty_like(cache: Any) -> Any:
         return type(cache)(max_size=cache.max_size, keep=cache.keep)
     if name == "QuantizedKVCache":
         return type(cache)(group_size=cache.group_size, bits=cache.bits)
+    if name == "ChunkedKVCache":
+        return type(cache)(cache.chunk_size)
     if name == "ArraysCache":
         return type(cache)(size=len(cache.cache))
     if name == "CacheList":
         return type(cache)(*[_empty_like(c) for c in cache.caches])
-    if name in ("KVCache", "MambaCache", "RecurrentCache"):
+    if name == "LayerCache" and hasattr(cache, "window_size"):  # deepseek-v4
+        return type(cache)(cache.window_size)
+    if name in ("KVCache", "ConcatenateKVCache", "MambaCache", "RecurrentCache"):
         return type(cache)()
     raise TypeError(f"kvtrie cannot make an empty {type(cache).__module__}.{name}: not a cache type it knows")
 

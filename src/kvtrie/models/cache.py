@@ -18,18 +18,26 @@ class KVCache:
     """Keys/values of one attention layer, `[B, H, T, D]`, grown in steps of `step` positions.
 
     Growing in steps (not one concatenation per token) keeps decode cheap; `state`
-    gives exactly the first `offset` positions.
+    gives exactly the first `offset` positions. With `dtype` the keys/values are stored in
+    that dtype and handed back in the model's (e.g. bfloat16 storage for a float32 model).
     """
 
     step = 256
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: Optional[mx.Dtype] = None) -> None:
         self.keys: Optional[mx.array] = None
         self.values: Optional[mx.array] = None
         self.offset = 0
+        self.dtype = dtype
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Append `keys`/`values` (`[B, H, L, D]`) and return all positions so far."""
+        if self.dtype is not None and keys.dtype != self.dtype:
+            out = self._store(keys.astype(self.dtype), values.astype(self.dtype))
+            return out[0].astype(keys.dtype), out[1].astype(values.dtype)
+        return self._store(keys, values)
+
+    def _store(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         prev = self.offset
         n = keys.shape[2]
         if self.keys is None or prev + n > self.keys.shape[2]:

@@ -104,7 +104,11 @@ class Generation:
         return logits[0, -1]
 
     def _prefill(self, rest: np.ndarray, caches: list, session: Any) -> mx.array:
-        """Run the uncached tail in chunks, cut also at the session's capture offsets."""
+        """Run the uncached tail in chunks, cut also at the session's capture offsets.
+
+        The capture at the prompt's end (if planned) gets the last logits, so the same
+        prompt can later be restored whole, with nothing left to prefill.
+        """
         start = session.cached if session is not None else 0
         captures = {p - start for p in session.capture_at} if session is not None else set()
         cuts = sorted(set(range(self._step, len(rest), self._step)) | captures | {len(rest)})
@@ -114,19 +118,24 @@ class Generation:
             mx.eval(logits)
             done = cut
             if cut in captures:
-                session.capture()
+                session.capture(start + cut, logits=logits if cut == len(rest) else None)
         return logits
 
     def _run(self) -> Iterator[int]:
         prompt = self._prompt
         t0 = time.perf_counter()
-        session = self._pc.begin(prompt, namespace=self._namespace, capture_hints=self._hints) if self._pc is not None else None
+        session = None
+        if self._pc is not None:
+            session = self._pc.begin(prompt, namespace=self._namespace, capture_hints=self._hints, reuse_logits=True)
         restore_s = time.perf_counter() - t0
         try:
             cached = session.cached if session is not None else 0
             caches = session.caches if session is not None else self._model.make_cache()
             rest = prompt[cached:]
-            logits = self._prefill(rest, caches, session)
+            if session is not None and session.logits is not None:  # the whole prompt, with its logits
+                logits = session.logits
+            else:
+                logits = self._prefill(rest, caches, session)
             history = prompt.tolist()
             kept: list[np.ndarray] = []
             generated: list[int] = []

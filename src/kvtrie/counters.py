@@ -1,0 +1,37 @@
+"""The PrefixCache's counters since creation, in one value object shared by its parts."""
+
+from __future__ import annotations
+
+import attrs
+
+
+@attrs.define(slots=True)
+class Counters:
+    """What happened: requests and their hits, tier traffic, evictions, disk, snapshots."""
+
+    requests: int = 0
+    hits: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    cached_tokens_device: int = 0
+    cached_tokens_host: int = 0
+    cached_tokens_disk: int = 0
+    page_outs: int = 0
+    host_restores: int = 0
+    hot_restores: int = 0
+    logits_restores: int = 0  # whole prompts restored with their last logits (nothing prefilled)
+    evictions: int = 0
+    evicted_tokens: int = 0
+    disk_writes: int = 0
+    disk_restores: int = 0
+    disk_errors: int = 0
+    snapshots_made: int = 0  # recurrent snapshots stored
+    snapshots_dropped: int = 0  # dropped by the policy or evicted
+    snapshots_used: int = 0  # restores that resumed from a snapshot
+
+    def add_cached(self, tier: str, tokens: int) -> None:
+        name = f"cached_tokens_{tier}"
+        setattr(self, name, getattr(self, name) + tokens)
+
+    def as_dict(self) -> dict[str, int]:
+        return attrs.asdict(self)

@@ -1,0 +1,311 @@
+"""Which recurrent snapshots to take and keep, and in which order payloads page out and go.
+
+At real model sizes a recurrent snapshot costs the KV of thousands of tokens (Qwen3-Next-80B:
+~74 MiB, the bf16 KV of ~3,100 tokens), so snapshots must pay for themselves. Ideas from
+Marconi (MLSys 2025): admit states only where reuse is likely, and evict by the prefill saved
+per byte as well as by recency.
+
+`WorthPolicy` (the default):
+- *plan*: a request snapshots where it diverges from the trie (a branch point), at the
+  caller's hints (message ends), at its prompt end (with the last logits, so a regenerate
+  restores the whole prompt), and, over a long stretch of new territory, guesses at future
+  branch points: every `interval` tokens and, denser, 16, 32, 64, 128 tokens before the
+  prompt's end (where the last message starts). Its commit adds the sequence end.
+- *worth* of a payload: the prefill it saves (tokens back to the previous snapshot on its
+  path, or its edge for KV) per byte, times how likely it is to be restored again: sequence
+  ends (leaves) and branch points are proven (1.0), hints too; prompt ends and former
+  sequence ends are likely (0.5); periodic guesses less so (0.25).
+- *order*: GreedyDual-Size (Cao & Irani, 1997): a payload's priority is the inflation value
+  `L` at its last use plus its worth, and `L` rises to the priority of each payload that
+  moves down or goes. Among payloads of equal worth that is exactly LRU; a payload that saves
+  more per byte outlives less useful ones used a little later.
+- *retention* without memory pressure: a snapshot that is not proven stays while it pays for
+  itself (likelihood x tokens saved x KV bytes per token >= its bytes: always at tiny sizes,
+  rarely at real ones). The others are young: held to an allowance of `speculative_ratio` x
+  the bytes of the other snapshots (at least `young_floor` snapshots), least valuable first;
+  a proven branch point supersedes the guesses above it. A byte budget replaces the
+  allowance: speculative snapshots then stay until the budget needs their bytes.
+
+`LRUPolicy` is kvtrie before snapshots had worth (an ablation, and for users who want plain
+LRU): snapshots at the divergence point, `len - 1`, hints and every `interval` tokens, kept
+until evicted in least-recently-used order.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
+
+import attrs
+from sortedcontainers import SortedList
+
+# why a snapshot was taken (flags; a node may have several)
+END = 1  # a sequence end (commit)
+BRANCH = 2  # where a request diverged from a stored path
+HINT = 4  # a caller's capture hint (e.g. a message end)
+PROMPT = 8  # a prompt's end (with its last logits when the caller gives them)
+PERIODIC = 16  # every `interval` tokens of new territory
+
+REASON_NAMES = {END: "end", BRANCH: "branch", HINT: "hint", PROMPT: "prompt", PERIODIC: "periodic"}
+_LIKELIHOOD = {BRANCH: 1.0, HINT: 1.0, END: 0.5, PROMPT: 0.5, PERIODIC: 0.25}
+
+
+@attrs.frozen
+class PlanRequest:
+    """What a `begin` knows when it plans captures."""
+
+    path: tuple[Any, ...]  # matched nodes, root excluded
+    matched: int  # tokens matched in the trie
+    cached: int  # tokens restored
+    n: int  # prompt length
+    hints: tuple[int, ...]
+    logits: bool  # the caller captures the prompt end with its last logits
+    at_leaf_end: bool  # the match ends exactly at a stored sequence's end (a continuation)
+
+
+def _structural(node: Any) -> bool:
+    return node.is_leaf or len(node.children) >= 2
+
+
+def is_guess(node: Any) -> bool:
+    """The node's snapshot is only a periodic guess (not proven by the trie's shape either)."""
+    return node.payload.reasons == PERIODIC and not _structural(node)
+
+
+def previous_snapshot(node: Any, skip_guesses: bool = False) -> int:
+    """The end of the nearest ancestor that holds a full state (0: the root); with
+    `skip_guesses`, periodic guesses (which may soon go) do not count."""
+    parent = node.parent
+    while parent is not None and parent.parent is not None:
+        if parent.payload.has_state and not (skip_guesses and is_guess(parent)):
+            return parent.end
+        parent = parent.parent
+    return 0
+
+
+class WorthPolicy:
+    """Snapshots by expected worth per byte; GreedyDual-Size order for page-out and eviction."""
+
+    name = "worth"
+
+    def __init__(
+        self,
+        interval: Optional[int] = 256,
+        max_periodic: int = 32,
+        speculative_ratio: float = 0.5,
+        young_floor: int = 2,
+    ):
+        self.interval = interval
+        self.max_periodic = max_periodic
+        self.speculative_ratio = speculative_ratio
+        self.young_floor = young_floor
+        self.hybrid = False  # set by the cache: some layer keeps a whole state
+        self.kv_bytes_per_token = 0.0  # learned from the first stored KV payload
+        self.snapshot_bytes = 0  # the largest snapshot seen (the floor's unit)
+        self.bounded = False  # a byte budget is set: it, not the allowance, bounds speculation
+        self.inflation = 0.0
+        self._young = SortedList()  # order keys of the young speculative snapshots, least valuable first
+        self._young_entries: dict[int, tuple[Any, tuple, int]] = {}  # id -> (node, key, snapshot bytes)
+        self.young_bytes = 0
+
+    # --- planning ---------------------------------------------------------------------------
+
+    def plan(self, r: PlanRequest) -> tuple[tuple[int, int], ...]:
+        """Offsets in `(cached, n]` to snapshot during this prefill, each with its reasons."""
+        if not self.hybrid:
+            return ()
+        last = r.n if r.logits else r.n - 1
+        points: dict[int, int] = {}
+
+        def add(p: int, reason: int) -> None:
+            if r.cached < p <= last:
+                points[p] = points.get(p, 0) | reason
+
+        if r.matched < r.n and not r.at_leaf_end:
+            add(r.matched, BRANCH)
+        for h in r.hints:
+            add(h, HINT)
+        add(last, PROMPT)
+        start = max(r.cached, r.matched)
+        if self.interval is not None and r.n - start >= self.interval:  # a long stretch of new territory
+            # guesses only where no real boundary (a hint, the divergence point, the prompt end)
+            # lies within `interval` below: every `interval` tokens, and denser near the prompt's
+            # end, where a last message starts, unless a hint already marks it
+            real = [p for p in points if start < p < last]
+            first = (start // self.interval + 1) * self.interval
+            guesses = set(range(first, r.n, self.interval))
+            if not any(r.n - self.interval <= p for p in real):
+                step = 16
+                while r.n - step > start and step < self.interval:
+                    guesses.add(r.n - step)
+                    step *= 2
+            guesses = {g for g in guesses if not any(g < p < g + self.interval for p in real)}
+            for p in sorted(guesses, reverse=True)[: self.max_periodic]:
+                add(p, PERIODIC)
+        return tuple(sorted(points.items()))
+
+    # --- worth and order --------------------------------------------------------------------
+
+    is_guess = staticmethod(is_guess)
+
+    def likelihood(self, node: Any) -> float:
+        """How likely the snapshot at `node`'s end is to be restored again (1.0: proven)."""
+        if _structural(node):
+            return 1.0
+        reasons = node.payload.reasons
+        return max((w for flag, w in _LIKELIHOOD.items() if reasons & flag), default=0.25)
+
+    def saved(self, node: Any) -> int:
+        """Tokens of prefill this node's payload saves: back to the previous snapshot for a
+        node holding one in a hybrid model, else its edge."""
+        if self.hybrid and node.payload.has_state:
+            # a real boundary's worth is not diminished by the guesses above it
+            return node.end - previous_snapshot(node, skip_guesses=node.payload.reasons != PERIODIC)
+        return node.end - node.start
+
+    def worth(self, node: Any) -> float:
+        """Prefill saved per byte, weighted by likelihood (a node's whole payload)."""
+        nbytes = node.payload.nbytes
+        if nbytes <= 0:
+            return float("inf")
+        weight = self.likelihood(node) if self.hybrid and node.payload.has_state else 1.0
+        return weight * self.saved(node) / nbytes
+
+    def key(self, node: Any) -> tuple:
+        """Sort key of the page-out and eviction orders: the smallest moves or goes first."""
+        return (node.payload.base + self.worth(node), node.last_used, -node.start, node.id)
+
+    def touched(self, node: Any) -> None:
+        """A node was restored or written: its priority restarts from the current inflation."""
+        node.payload.base = self.inflation
+
+    def removed(self, node: Any) -> None:
+        """A node moved down a tier or lost a payload: inflation rises to its priority."""
+        self.inflation = max(self.inflation, node.payload.base + self.worth(node))
+
+    # --- retention --------------------------------------------------------------------------
+
+    def pays(self, node: Any) -> bool:
+        """A snapshot pays for itself: its expected prefill saved is worth its bytes as KV."""
+        return self.likelihood(node) * self.saved(node) * self.kv_bytes_per_token >= node.payload.snapshot_nbytes
+
+    def settle(self, path: Sequence[Any], created: set[int], snapshot_bytes: Callable[[], int], drop: Callable[[Any], None]) -> None:
+        """After a commit along `path` (which took the snapshots of the nodes in `created`):
+        drop the speculative snapshots that no longer earn their bytes, through `drop(node)`.
+
+        - A branch point this commit proved supersedes the periodic guesses above it (back
+          to the nearest snapshot that is not a guess), all but the deepest, which still
+          serves requests that diverge just above the branch.
+        - Snapshots that are not proven and do not pay for themselves are young; they are
+          held to the allowance (`speculative_ratio` x the other snapshots' bytes, at least
+          `young_floor` snapshots), least valuable first, unless a byte budget bounds memory
+          instead. This commit's prompt end and periodic guesses are spared until the next
+          commit: the request after this one is the likeliest to regenerate the answer or
+          branch off this new path.
+        """
+        if not self.hybrid:
+            return
+        for node in path:
+            data = node.payload
+            if data.has_state:
+                self.snapshot_bytes = max(self.snapshot_bytes, data.snapshot_nbytes)
+                if node.id in created and data.reasons & BRANCH and len(node.children) >= 2:
+                    for guess in self._superseded(node):
+                        drop(guess)
+        for node in path:
+            if not node.payload.has_state or _structural(node) or self.pays(node):
+                self.forget(node)
+            else:
+                self._add_young(node)
+        if self.bounded:
+            return
+        probation = {node.id for node in path if node.id in created and not node.payload.reasons & ~(PROMPT | PERIODIC)}
+        while True:
+            allowance = max(self.young_floor * self.snapshot_bytes, self.speculative_ratio * (snapshot_bytes() - self.young_bytes))
+            victim = next((self._young_entries[k[-1]][0] for k in self._young if k[-1] not in probation), None)
+            if self.young_bytes <= allowance or victim is None:
+                return
+            self.removed(victim)  # GreedyDual: what stays young ages against what comes next
+            drop(victim)  # forgets it; the snapshots below it are re-keyed (they now save more)
+
+    def _superseded(self, branch: Any) -> list[Any]:
+        """Periodic guesses above a proven branch point, back to the nearest real boundary, but the deepest."""
+        guesses = []
+        node = branch.parent
+        while node is not None and node.parent is not None:
+            data = node.payload
+            if data.has_state:
+                if data.reasons != PERIODIC or _structural(node):
+                    break
+                guesses.append(node)
+            node = node.parent
+        return guesses[1:]
+
+    def _add_young(self, node: Any) -> None:
+        self.forget(node)
+        # least valuable first; among equals, the shallower goes first (dropping it makes the one
+        # below it worth more, dropping the deeper one makes nothing worth more)
+        key = (node.payload.base + self.worth(node), node.last_used, node.start, node.id)
+        nbytes = node.payload.snapshot_nbytes
+        self._young.add(key)
+        self._young_entries[node.id] = (node, key, nbytes)
+        self.young_bytes += nbytes
+
+    def rekey(self, node: Any) -> None:
+        """`node` changed (used, moved, its neighbours' snapshots): refresh its place among the young."""
+        entry = self._young_entries.get(node.id)
+        if entry is not None:
+            self.forget(node)
+            self._add_young(node)
+
+    def forget(self, node: Any) -> None:
+        """`node`'s snapshot is no longer young speculation (dropped, evicted, proven or passed)."""
+        entry = self._young_entries.pop(node.id, None)
+        if entry is not None:
+            _, key, nbytes = entry
+            self._young.remove(key)
+            self.young_bytes -= nbytes
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "policy": self.name,
+            "snapshot_interval": self.interval,
+            "speculative_ratio": self.speculative_ratio,
+            "young_snapshots": len(self._young),
+            "young_bytes": self.young_bytes,
+        }
+
+
+class LRUPolicy(WorthPolicy):
+    """Plain least-recently-used order; snapshots at divergence, `len - 1`, hints and every interval, never thinned."""
+
+    name = "lru"
+
+    def plan(self, r: PlanRequest) -> tuple[tuple[int, int], ...]:
+        if not self.hybrid:
+            return ()
+        points = {r.matched: BRANCH, r.n - 1: PROMPT, **{h: HINT for h in r.hints}}
+        if self.interval is not None:
+            room = self.max_periodic - sum(1 for node in r.path if node.end <= r.cached and node.payload.has_state)
+            first = (r.cached // self.interval + 1) * self.interval
+            points.update({p: PERIODIC for p in itertools.islice(range(first, r.n, self.interval), max(room, 0))})
+        return tuple(sorted((p, why) for p, why in points.items() if r.cached < p < r.n))
+
+    def key(self, node: Any) -> tuple:
+        return (0.0, node.last_used, -node.start, node.id)
+
+    def touched(self, node: Any) -> None:
+        pass
+
+    def removed(self, node: Any) -> None:
+        pass
+
+    def settle(self, path: Sequence[Any], created: set[int], snapshot_bytes: Callable[[], int], drop: Callable[[Any], None]) -> None:
+        pass
+
+    def rekey(self, node: Any) -> None:
+        pass
+
+
+POLICIES = {"worth": WorthPolicy, "lru": LRUPolicy}
