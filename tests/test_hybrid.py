@@ -10,6 +10,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from kvtrie import PrefixCache
 from kvtrie.models import generate, load_model
+from kvtrie.policy import NEAR
 
 from fakes import FakeModel, assert_cold, check_invariants, draw_tokens, lcp
 from test_generate import assert_warm_equals_cold, random_requests
@@ -63,7 +64,8 @@ class HybridMachine(RuleBasedStateMachine):
         n = len(tokens)
         continuation = any(len(t) == matched and not any(len(u) > matched and u[:matched] == t for u in self.stored)
                            for t in self.stored)
-        if s.cached < matched < n and (self.policy == "lru" or not continuation):
+        near = self.policy == "worth" and matched - s.cached < NEAR  # a snapshot just above serves
+        if s.cached < matched < n and (self.policy == "lru" or not continuation) and not near:
             assert matched in s.capture_at, "the divergence point must be captured"
         if s.cached < n - 1:
             assert n - 1 in s.capture_at, "the regenerate point must be captured"
@@ -104,6 +106,8 @@ class HybridMachine(RuleBasedStateMachine):
             return
         check_invariants(self.pc, self.open, self.model)
         assert self._with_state() == self.snapshots
+        stats = self.pc.stats()
+        assert stats["snapshots_made"] - stats["snapshots_dropped"] == stats["snapshots"] == len(self.snapshots)
         for _, node, _ in self.pc.walk():
             if node.is_leaf:
                 assert node.payload.has_state, "a stored sequence's end keeps its snapshot"
@@ -120,23 +124,25 @@ TestHybridMachine.settings = settings(max_examples=100, stateful_step_count=10)
 def test_split_node_has_no_snapshot_until_captured():
     model = FakeModel(kinds="KR")
     pc = PrefixCache(model.make_cache, snapshot_interval=None)
-    a = list(range(10))
+    a = list(range(30))
     with pc.begin(a) as s:
         model(a, s.caches)
-        s.commit(a)  # no capture: only the end (10) has a snapshot
-    b = a[:6] + [50, 51]
+        s.commit(a)  # no capture: only the end (30) has a snapshot
+    b = a[:16] + [50, 51]
     with pc.begin(b) as s:
-        assert s.cached == 0, "no snapshot at 6 yet: restart from scratch, never from a wrong state"
-        assert s.capture_at == (6, 7)
-        model(b[:6], s.caches)
+        assert s.cached == 0, "no snapshot at 16 yet: restart from scratch, never from a wrong state"
+        assert s.capture_at == (16, 17)
+        model(b[:16], s.caches)
         s.capture()
-        model(b[6:], s.caches)
+        model(b[16:], s.caches)
         s.commit(b)
-    upper = [n for _, n, _ in pc.walk() if n.end == 6][0]
+    upper = [n for _, n, _ in pc.walk() if n.end == 16][0]
     assert upper.payload.has_state
-    with pc.begin(a[:6] + [60, 61]) as s:
-        assert s.cached == 6
-        assert_cold(model, s.caches, a[:6], 6)
+    with pc.begin(a[:16] + [60, 61]) as s:
+        assert s.cached == 16
+        assert_cold(model, s.caches, a[:16], 16)
+    with pc.begin(a[:20] + [70, 71]) as s:  # 4 tokens below a snapshot: that one serves, none is taken
+        assert s.cached == 16 and s.capture_at == (21,)
 
 
 def test_interval_snapshots_respect_the_cap():
@@ -191,15 +197,24 @@ def test_two_conversations_share_a_long_system_prompt(qwen):
     warm = generate(model, pc, second, max_tokens=3, return_logits=True)
     assert warm.cached_tokens >= 1000
     assert_warm_equals_cold(model, warm, second, 3)
-    # the third diverges from the second after "second " (1007), where nothing was captured
-    # yet: it falls back to the deepest snapshot (1000) and captures 1007 for later requests
+    # the third diverges from the second after "second " (1007), where nothing was captured:
+    # it falls back to the deepest snapshot (1000), only 7 tokens above, which serves as the
+    # branch point from now on (a 6 MiB snapshot at real sizes is not worth 7 tokens of prefill)
     warm3 = generate(model, pc, third, max_tokens=3, return_logits=True)
     assert warm3.cached_tokens == 1000 and lcp(second, third) == 1007
     assert_warm_equals_cold(model, warm3, third, 3)
     fourth = system + tokenizer.encode("second three")  # diverges where the third did
     warm = generate(model, pc, fourth, max_tokens=3, return_logits=True)
-    assert warm.cached_tokens == 1007
+    assert warm.cached_tokens == 1000
     assert_warm_equals_cold(model, warm, fourth, 3)
+    fifth = system + tokenizer.encode("sixteen tokens of a fifth")
+    sixth = system + tokenizer.encode("sixteen tokens of a sixth")  # 20 tokens below 1000: worth a snapshot
+    generate(model, pc, fifth, max_tokens=2)
+    assert generate(model, pc, sixth, max_tokens=2).cached_tokens == 1000 and lcp(fifth, sixth) == 1020
+    seventh = system + tokenizer.encode("sixteen tokens of a seventh")
+    warm = generate(model, pc, seventh, max_tokens=3, return_logits=True)
+    assert warm.cached_tokens == 1020
+    assert_warm_equals_cold(model, warm, seventh, 3)
     # regenerating the same answer at once restores the whole prompt with its last logits:
     # nothing to prefill
     again = generate(model, pc, fourth, max_tokens=3, return_logits=True)

@@ -80,7 +80,7 @@ class PrefixCache:
         snapshot_interval: Optional[int] = 256,
         max_snapshots_per_path: int = 32,
         policy: str = "worth",
-        speculative_ratio: float = 0.5,
+        speculative_ratio: float = 0.4,
         device_bytes: Optional[int] = None,
         host_bytes: Optional[int] = None,
         promote_on_restore: bool = False,
@@ -412,6 +412,9 @@ class PrefixCache:
             storage.pin(leaf, +1)
             session._leaf = leaf
             path = leaf.path()
+            standing = self._policy.stand_in(path, session.cached)
+            if standing is not None:
+                storage.rekey_below(standing)
             storage.touch(path)
             self._policy.settle(path, created, lambda: storage.snapshot_bytes, storage.drop_snapshot)
             session._committed = True

@@ -19,12 +19,14 @@ per byte as well as by recency.
   `L` at its last use plus its worth, and `L` rises to the priority of each payload that
   moves down or goes. Among payloads of equal worth that is exactly LRU; a payload that saves
   more per byte outlives less useful ones used a little later.
-- *retention* without memory pressure: a snapshot that is not proven stays while it pays for
-  itself (likelihood x tokens saved x KV bytes per token >= its bytes: always at tiny sizes,
-  rarely at real ones). The others are young: held to an allowance of `speculative_ratio` x
-  the bytes of the other snapshots (at least `young_floor` snapshots), least valuable first;
-  a proven branch point supersedes the guesses above it. A byte budget replaces the
-  allowance: speculative snapshots then stay until the budget needs their bytes.
+- *retention* without memory pressure: a snapshot that is not proven stays while it earns
+  its keep (likelihood x tokens saved x KV bytes per token >= a tenth of its bytes: always at
+  tiny sizes; at real ones a hint or prompt end that saves hundreds of tokens, e.g. a shared
+  document's end). The others are young: held to an allowance of `speculative_ratio` x the
+  bytes of the other snapshots (at least `young_floor` snapshots), least valuable first. A
+  newly proven branch point supersedes what it makes redundant just above it. A byte
+  budget replaces the allowance: speculative snapshots then stay until the budget needs
+  their bytes.
 
 `LRUPolicy` is kvtrie before snapshots had worth (an ablation, and for users who want plain
 LRU): snapshots at the divergence point, `len - 1`, hints and every `interval` tokens, kept
@@ -47,6 +49,7 @@ HINT = 4  # a caller's capture hint (e.g. a message end)
 PROMPT = 8  # a prompt's end (with its last logits when the caller gives them)
 PERIODIC = 16  # every `interval` tokens of new territory
 
+NEAR = 8  # a divergence this close below a restorable snapshot is not worth one of its own
 REASON_NAMES = {END: "end", BRANCH: "branch", HINT: "hint", PROMPT: "prompt", PERIODIC: "periodic"}
 _LIKELIHOOD = {BRANCH: 1.0, HINT: 1.0, END: 0.5, PROMPT: 0.5, PERIODIC: 0.25}
 
@@ -93,13 +96,14 @@ class WorthPolicy:
         self,
         interval: Optional[int] = 256,
         max_periodic: int = 32,
-        speculative_ratio: float = 0.5,
+        speculative_ratio: float = 0.4,
         young_floor: int = 2,
     ):
         self.interval = interval
         self.max_periodic = max_periodic
         self.speculative_ratio = speculative_ratio
         self.young_floor = young_floor
+        self.keep_fraction = 0.1
         self.hybrid = False  # set by the cache: some layer keeps a whole state
         self.kv_bytes_per_token = 0.0  # learned from the first stored KV payload
         self.snapshot_bytes = 0  # the largest snapshot seen (the floor's unit)
@@ -122,8 +126,8 @@ class WorthPolicy:
             if r.cached < p <= last:
                 points[p] = points.get(p, 0) | reason
 
-        if r.matched < r.n and not r.at_leaf_end:
-            add(r.matched, BRANCH)
+        if r.matched < r.n and not r.at_leaf_end and r.matched - r.cached >= NEAR:
+            add(r.matched, BRANCH)  # (a snapshot just above serves as well, for a few tokens' prefill)
         for h in r.hints:
             add(h, HINT)
         add(last, PROMPT)
@@ -187,8 +191,11 @@ class WorthPolicy:
     # --- retention --------------------------------------------------------------------------
 
     def pays(self, node: Any) -> bool:
-        """A snapshot pays for itself: its expected prefill saved is worth its bytes as KV."""
-        return self.likelihood(node) * self.saved(node) * self.kv_bytes_per_token >= node.payload.snapshot_nbytes
+        """A snapshot earns its keep: the prefill it is expected to save is worth at least
+        `keep_fraction` of what its bytes would save as KV (always so at tiny sizes; at real
+        ones, a hint or prompt end that saves hundreds of tokens)."""
+        expected = self.likelihood(node) * self.saved(node) * self.kv_bytes_per_token
+        return expected >= self.keep_fraction * node.payload.snapshot_nbytes
 
     def settle(self, path: Sequence[Any], created: set[int], snapshot_bytes: Callable[[], int], drop: Callable[[Any], None]) -> None:
         """After a commit along `path` (which took the snapshots of the nodes in `created`):
@@ -201,8 +208,8 @@ class WorthPolicy:
           held to the allowance (`speculative_ratio` x the other snapshots' bytes, at least
           `young_floor` snapshots), least valuable first, unless a byte budget bounds memory
           instead. This commit's prompt end and periodic guesses are spared until the next
-          commit: the request after this one is the likeliest to regenerate the answer or
-          branch off this new path.
+          commit (the guesses do not count against the allowance until then): the request
+          after this one is the likeliest to regenerate the answer or branch off this new path.
         """
         if not self.hybrid:
             return
@@ -220,23 +227,40 @@ class WorthPolicy:
                 self._add_young(node)
         if self.bounded:
             return
+        # this commit's prompt end and guesses are spared; the guesses do not even count yet
         probation = {node.id for node in path if node.id in created and not node.payload.reasons & ~(PROMPT | PERIODIC)}
+        waiting = sum(e[2] for i in probation if (e := self._young_entries.get(i)) and e[0].payload.reasons == PERIODIC)
         while True:
+            held = self.young_bytes - waiting
             allowance = max(self.young_floor * self.snapshot_bytes, self.speculative_ratio * (snapshot_bytes() - self.young_bytes))
             victim = next((self._young_entries[k[-1]][0] for k in self._young if k[-1] not in probation), None)
-            if self.young_bytes <= allowance or victim is None:
+            if held <= allowance or victim is None:
                 return
             self.removed(victim)  # GreedyDual: what stays young ages against what comes next
             drop(victim)  # forgets it; the snapshots below it are re-keyed (they now save more)
 
+    def stand_in(self, path: Sequence[Any], resumed: int) -> Optional[Any]:
+        """The snapshot a request resumed from, fewer than `NEAR` tokens above the branch point
+        its commit made (which took no snapshot of its own), now serves as that branch point:
+        returns its node, whose worth changed, or None."""
+        if not self.hybrid:
+            return None
+        used = next((node for node in path if node.end == resumed and node.payload.has_state), None)
+        branch = next((node for node in path if node.end > resumed and len(node.children) >= 2), None)
+        if used is None or branch is None or branch.end - resumed >= NEAR or branch.payload.has_state:
+            return None
+        used.payload.reasons |= BRANCH
+        return used
+
     def _superseded(self, branch: Any) -> list[Any]:
-        """Periodic guesses above a proven branch point, back to the nearest real boundary, but the deepest."""
+        """The periodic guesses a newly proven branch point makes redundant: those above it back
+        to the nearest real boundary, but the deepest (it still serves requests that diverge
+        just above the branch)."""
         guesses = []
         node = branch.parent
         while node is not None and node.parent is not None:
-            data = node.payload
-            if data.has_state:
-                if data.reasons != PERIODIC or _structural(node):
+            if node.payload.has_state:
+                if not is_guess(node):
                     break
                 guesses.append(node)
             node = node.parent

@@ -168,8 +168,7 @@ class TieredStorage:
         data = node.payload
         data.reasons |= reasons
         if data.tier == DISK or data.has_state and (logits is None or data.logits is not None):
-            self.reindex(node)
-            self._reindex_below(node)
+            self.rekey_below(node)
             return False
         self._account(data, -1)
         layers = list(data.layers)
@@ -185,8 +184,7 @@ class TieredStorage:
             data.logits = to_host(logits, self.pool) if data.tier == HOST else logits
         self._account(data, +1)
         self.counters.snapshots_made += new
-        self.reindex(node)
-        self._reindex_below(node)
+        self.rekey_below(node)
         return new
 
     def drop_snapshot(self, node: Node) -> None:
@@ -195,6 +193,7 @@ class TieredStorage:
         self.policy.forget(node)
         if data.layers is None or not data.has_snapshot:
             return
+        had = data.has_state
         self._account(data, -1)
         dropped = [p for p, k in zip(data.layers, self.kinds) if k == STATE and p is not None]
         data.layers = tuple(None if k == STATE else p for p, k in zip(data.layers, self.kinds))
@@ -202,10 +201,9 @@ class TieredStorage:
             dropped.append(_Logits(data.logits))
             data.logits = None
         release(dropped, self.pool)
+        self.counters.snapshots_dropped += had
         self._account(data, +1)
-        self.counters.snapshots_dropped += 1
-        self.reindex(node)
-        self._reindex_below(node)
+        self.rekey_below(node)
 
     # --- payload callbacks for the trie --------------------------------------------------
 
@@ -259,8 +257,10 @@ class TieredStorage:
                 self.pager.index(node, self._evictable(node))
                 self.policy.rekey(node)
 
-    def _reindex_below(self, node: Node) -> None:
-        """Re-key the nodes whose worth depends on `node`'s snapshot: descendants down to the next snapshot."""
+    def rekey_below(self, node: Node) -> None:
+        """Re-key the nodes whose worth depends on `node`'s snapshot: its descendants down to the
+        next snapshot that is not a guess (and `node` itself)."""
+        self.reindex(node)
         if not self.hybrid:
             return
         stack = list(node.children.values())
@@ -273,8 +273,7 @@ class TieredStorage:
     def restructured(self, node: Node) -> None:
         """`node` gained or lost a child: re-key it (a leaf or branch point is worth more) and those below it."""
         if node.parent is not None:
-            self.reindex(node)
-            self._reindex_below(node)
+            self.rekey_below(node)
 
     def tiers(self) -> tuple[str, ...]:
         return (DEVICE, HOST, DISK) if self.disk is not None else (DEVICE, HOST)
@@ -335,7 +334,6 @@ class TieredStorage:
         if node.is_leaf:
             self.counters.evictions += 1
             self.counters.evicted_tokens += len(node.tokens)
-            self.counters.snapshots_dropped += self.hybrid and data.has_snapshot
             logger.debug("evict [%d, %d) %d B from %s", node.start, node.end, data.nbytes, data.tier)
             self.forget(node)
             self.restructured(parent)
@@ -349,6 +347,7 @@ class TieredStorage:
     def forget(self, node: Node) -> None:
         """Remove a leaf and everything it holds (memory, file, a write in flight)."""
         data = node.payload
+        self.counters.snapshots_dropped += self.hybrid and data.has_state
         self.policy.forget(node)
         self.pager.unindex(node)
         self.trie_of(node).remove_leaf(node)
@@ -365,6 +364,7 @@ class TieredStorage:
         if node.pins or child.pins or node.payload.tier != child.payload.tier or node.payload.tier == DISK:
             return False
         self.policy.forget(node)
+        self.counters.snapshots_dropped += self.hybrid and node.payload.has_state
         self._account(node.payload, -1)
         self._account(child.payload, -1)
         self.pager.unindex(node)
