@@ -217,9 +217,9 @@ def test_two_conversations_share_a_long_system_prompt(qwen):
     assert_warm_equals_cold(model, warm, seventh, 3)
     # regenerating the same answer at once restores the whole prompt with its last logits:
     # nothing to prefill
-    again = generate(model, pc, fourth, max_tokens=3, return_logits=True)
-    assert again.cached_tokens == len(fourth) and again.prefill_tokens == 0 and again.tokens == warm.tokens
-    assert_warm_equals_cold(model, again, fourth, 3)
+    again = generate(model, pc, seventh, max_tokens=3, return_logits=True)
+    assert again.cached_tokens == len(seventh) and again.prefill_tokens == 0 and again.tokens == warm.tokens
+    assert_warm_equals_cold(model, again, seventh, 3)
     assert pc.stats()["logits_restores"] == 1
 
 
