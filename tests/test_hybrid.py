@@ -37,7 +37,9 @@ class HybridMachine(RuleBasedStateMachine):
     def setup(self, kinds, interval, cap, policy, pad):
         self.model = FakeModel(kinds=kinds, heads=1, dim=2, state_pad=pad)
         self.policy = policy
-        self.pc = PrefixCache(self.model.make_cache, snapshot_interval=interval, max_snapshots_per_path=cap, policy=policy)
+        self.pc = PrefixCache(  # no hot sessions: every restore comes from the trie's snapshots
+            self.model.make_cache, snapshot_interval=interval, max_snapshots_per_path=cap, policy=policy, hot_sessions=0
+        )
         self.stored: list[list[int]] = []
         self.snapshots: set[tuple[int, ...]] = set()
         self.open: list = []
