@@ -35,6 +35,7 @@ bench: $(BENCH_STAMP)
 	LD_PRELOAD=$$(test -e $(OPENBLAS) && echo $(OPENBLAS)) $(PY) benchmarks/paging.py
 	LD_PRELOAD=$$(test -e $(OPENBLAS) && echo $(OPENBLAS)) $(PY) benchmarks/scale.py
 	LD_PRELOAD=$$(test -e $(OPENBLAS) && echo $(OPENBLAS)) $(PY) benchmarks/disk.py
+	LD_PRELOAD=$$(test -e $(OPENBLAS) && echo $(OPENBLAS)) $(PY) benchmarks/hybrid.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis

@@ -252,3 +252,30 @@ def test_disk_budget_evicts_least_recently_used_files(tmp_path):
     assert serve(pc, model, [103] + list(range(9)) + [1]) == 10
     pc.close()
     assert len(list(tmp_path.glob("*.safetensors"))) == len(json.loads((tmp_path / "index.json").read_text())["namespaces"]["default"])
+
+
+def test_prompt_ends_keep_their_logits_and_reasons_across_a_restart(tmp_path):
+    import mlx.core as mx
+    import numpy as np
+
+    model = FakeModel(kinds="KRK", heads=1, dim=4)
+    prompt = list(range(30))
+    settings_ = dict(disk_dir=str(tmp_path), fingerprint="fake-logits")
+    with PrefixCache(model.make_cache, **settings_) as pc:
+        with pc.begin(prompt, capture_hints=[10], reuse_logits=True) as s:
+            done = 0
+            for p in s.capture_at:
+                model(prompt[done:p], s.caches)
+                s.capture(p, logits=mx.arange(5, dtype=mx.float32) if p == len(prompt) else None)
+                done = p
+            model([1], s.caches)
+            s.commit(prompt + [1])
+        before = pc.dump()
+    with PrefixCache(model.make_cache, **settings_) as pc:
+        with pc.begin(prompt, reuse_logits=True) as s:
+            assert s.cached == len(prompt)
+            np.testing.assert_array_equal(np.array(s.logits), np.arange(5, dtype=np.float32))
+            assert_cold(model, s.caches, prompt, len(prompt))
+        after = pc.dump()
+    for reason in ("state(hint)", "state(prompt) logits", "state(end)"):
+        assert reason in before and reason in after
