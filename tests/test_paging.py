@@ -46,14 +46,18 @@ def check_tiers_and_budgets(pc, strict: bool) -> None:
     assert stats["device_bytes"] == by_tier[DEVICE] and stats["host_bytes"] == by_tier[HOST]
     assert stats["disk_bytes"] == by_tier[DISK]
     budget = pc.budgets
-    chain = list(budget)  # device, host[, disk]: payloads move down it, the last tier evicts
+    # device, host[, disk]: payloads move down it, the last tier evicts; a tier below the device
+    # with a zero budget is left out of the chain (what would move there is evicted instead)
+    chain = [t for t in budget if t == DEVICE or budget[t] != 0 or stats[f"{t}_bytes"] > 0]
     nodes = nodes_of(pc)
 
     def movable(tier):
         return [n for n in nodes if n.payload.tier == tier and not n.pins]
 
     def evictable(tier):
-        return [n for n in movable(tier) if n.is_leaf or (tier != DISK and n.payload.has_snapshot)]
+        return [n for n in movable(tier) if n.is_leaf or (tier != DISK and n.payload.has_snapshot)] + [
+            n for n in nodes if n.payload.tier == tier and n.pins and tier != DISK and pc.policy.speculative(n)
+        ]
 
     for i, tier in enumerate(chain):
         if budget[tier] is None or stats[f"{tier}_bytes"] <= budget[tier]:
@@ -90,9 +94,12 @@ def spy_on_order(pc):
 
     def checked_evict(node):
         tier = node.payload.tier
-        candidates = [
+        candidates = [  # a pinned node may lose a speculative snapshot, nothing else
             n for n in nodes_of(pc)
-            if n.payload.tier == tier and not n.pins and (n.is_leaf or (tier != DISK and n.payload.has_snapshot))
+            if n.payload.tier == tier and (
+                (not n.pins and (n.is_leaf or (tier != DISK and n.payload.has_snapshot)))
+                or (n.pins and tier != DISK and pc.policy.speculative(n))
+            )
         ]
         assert node is first(candidates, "evict"), f"eviction must take the first evictable node of {tier}"
         evict(node)

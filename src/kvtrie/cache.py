@@ -397,8 +397,10 @@ class PrefixCache:
             trie = storage.trie(session.namespace, create=True)
             match, _ = storage.resident(trie, arr, trie.match(arr), n)
             added = n - match.length
+            branched = None  # where this commit's new edge hangs off a stored path, if it does
             if added:
                 parent = storage.split(trie, match.last, match.length) if match.ends_mid_edge else (match.last or trie.root)
+                branched = parent if parent.children else None
                 for lo, hi, layers in self._new_payloads(live, match.length, n):
                     parent = storage.add(trie, parent, arr[lo:hi], storage.new_data(layers))
             created: set[int] = set()
@@ -412,11 +414,13 @@ class PrefixCache:
             storage.pin(leaf, +1)
             session._leaf = leaf
             path = leaf.path()
+            proven = {branched.id} if branched is not None and not branched.is_root else set()
             standing = self._policy.stand_in(path, session.cached)
-            if standing is not None:
+            if standing is not None:  # proven now, standing in for the branch point just below
                 storage.rekey_below(standing)
+                proven.add(standing.id)
             storage.touch(path)
-            self._policy.settle(path, created, lambda: storage.snapshot_bytes, storage.drop_snapshot)
+            self._policy.settle(path, created, lambda: storage.snapshot_bytes, storage.drop_snapshot, proven)
             session._committed = True
             if caches is session.caches:  # only the session's own caches may be kept hot
                 session._committed_tokens = arr

@@ -10,7 +10,7 @@ storage carries out the structural part of an eviction.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Optional
 
 import mlx.core as mx
@@ -95,24 +95,26 @@ class Pager:
 
     # --- indexing: call `unindex` before changing a node, `index` after ------------------
 
-    def index(self, node: Any, evictable: bool) -> None:
-        """Enter `node` into its tier's orders; `evictable` is the caller's structural verdict."""
-        if node.parent is None or node.pins:
+    def index(self, node: Any, evictable: bool, movable: bool = True) -> None:
+        """Enter `node` into its tier's orders; `evictable` and `movable` are the caller's verdicts."""
+        if node.parent is None or not (evictable or movable):
             return
         key = (*self.key(node), node.id)
         tier = node.payload.tier
-        self._movable[tier].add(key)
+        if movable:
+            self._movable[tier].add(key)
         if evictable:
             self._evictable[tier].add(key)
         self._nodes[node.id] = node
-        self._keys[node.id] = (tier, key, evictable)
+        self._keys[node.id] = (tier, key, evictable, movable)
 
     def unindex(self, node: Any) -> None:
         entry = self._keys.pop(node.id, None)
         if entry is None:
             return
-        tier, key, evictable = entry
-        self._movable[tier].remove(key)
+        tier, key, evictable, movable = entry
+        if movable:
+            self._movable[tier].remove(key)
         if evictable:
             self._evictable[tier].remove(key)
         del self._nodes[node.id]
@@ -136,6 +138,6 @@ class Pager:
     def next_page_out(self) -> Optional[Any]:
         return self.next_move(DEVICE)
 
-    def evictable_order(self, tier: str = HOST) -> list[Any]:
-        """Evictable nodes of `tier` in the order they would go (for tests and debugging)."""
-        return [self._nodes[k[-1]] for k in self._evictable[tier]]
+    def evictable_order(self, tier: str = HOST) -> Iterator[Any]:
+        """Evictable nodes of `tier` in the order they would go, lazily."""
+        return (self._nodes[k[-1]] for k in self._evictable[tier])

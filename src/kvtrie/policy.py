@@ -9,8 +9,8 @@ per byte as well as by recency.
 - *plan*: a request snapshots where it diverges from the trie (a branch point), at the
   caller's hints (message ends), at its prompt end (with the last logits, so a regenerate
   restores the whole prompt), and, over a long stretch of new territory, guesses at future
-  branch points: every `interval` tokens and, denser, 16, 32, 64, 128 tokens before the
-  prompt's end (where the last message starts). Its commit adds the sequence end.
+  branch points: every `interval` tokens and, denser, 16, 22, 32, 45, 64, 90, 128, 181 tokens before
+  the prompt's end (where the last message starts). Its commit adds the sequence end.
 - *worth* of a payload: the prefill it saves (tokens back to the previous snapshot on its
   path, or its edge for KV) per byte, times how likely it is to be restored again: sequence
   ends (leaves) and branch points are proven (1.0), hints too; prompt ends and former
@@ -76,12 +76,17 @@ def is_guess(node: Any) -> bool:
     return node.payload.reasons == PERIODIC and not _structural(node)
 
 
-def previous_snapshot(node: Any, skip_guesses: bool = False) -> int:
-    """The end of the nearest ancestor that holds a full state (0: the root); with
-    `skip_guesses`, periodic guesses (which may soon go) do not count."""
+def is_proven(node: Any) -> bool:
+    """A sequence end, a branch point, or a snapshot standing in for one."""
+    return _structural(node) or bool(node.payload.reasons & BRANCH)
+
+
+def previous_snapshot(node: Any, skip: Callable[[Any], bool] = lambda n: False) -> int:
+    """The end of the nearest ancestor that holds a full state (0: the root), passing over the
+    snapshots `skip` says may soon go."""
     parent = node.parent
     while parent is not None and parent.parent is not None:
-        if parent.payload.has_state and not (skip_guesses and is_guess(parent)):
+        if parent.payload.has_state and not skip(parent):
             return parent.end
         parent = parent.parent
     return 0
@@ -140,10 +145,10 @@ class WorthPolicy:
             first = (start // self.interval + 1) * self.interval
             guesses = set(range(first, r.n, self.interval))
             if not any(r.n - self.interval <= p for p in real):
-                step = 16
-                while r.n - step > start and step < self.interval:
-                    guesses.add(r.n - step)
-                    step *= 2
+                step = 16.0
+                while r.n - int(step) > start and step < self.interval:
+                    guesses.add(r.n - int(step))
+                    step *= 2**0.5
             guesses = {g for g in guesses if not any(g < p < g + self.interval for p in real)}
             for p in sorted(guesses, reverse=True)[: self.max_periodic]:
                 add(p, PERIODIC)
@@ -152,6 +157,7 @@ class WorthPolicy:
     # --- worth and order --------------------------------------------------------------------
 
     is_guess = staticmethod(is_guess)
+    is_proven = staticmethod(is_proven)
 
     def likelihood(self, node: Any) -> float:
         """How likely the snapshot at `node`'s end is to be restored again (1.0: proven)."""
@@ -164,8 +170,15 @@ class WorthPolicy:
         """Tokens of prefill this node's payload saves: back to the previous snapshot for a
         node holding one in a hybrid model, else its edge."""
         if self.hybrid and node.payload.has_state:
-            # a real boundary's worth is not diminished by the guesses above it
-            return node.end - previous_snapshot(node, skip_guesses=node.payload.reasons != PERIODIC)
+            # a snapshot's worth is not diminished by weaker ones above it, which may soon go:
+            # a proven one looks past every unproven one, a hint or prompt end past guesses
+            if is_proven(node):
+                skip = lambda n: not is_proven(n)  # noqa: E731
+            elif is_guess(node):
+                skip = lambda n: False  # noqa: E731
+            else:
+                skip = is_guess
+            return node.end - previous_snapshot(node, skip)
         return node.end - node.start
 
     def worth(self, node: Any) -> float:
@@ -177,8 +190,22 @@ class WorthPolicy:
         return weight * self.saved(node) / nbytes
 
     def key(self, node: Any) -> tuple:
-        """Sort key of the page-out and eviction orders: the smallest moves or goes first."""
-        return (node.payload.base + self.worth(node), node.last_used, -node.start, node.id)
+        """Sort key of the page-out and eviction orders: the smallest moves or goes first.
+
+        Speculative snapshots (likely to be restored, not proven: prompt ends, former sequence
+        ends, guesses) come before everything else; within each class, GreedyDual-Size.
+        """
+        return (not self.speculative(node), node.payload.base + self.worth(node), node.last_used, -node.start, node.id)
+
+    def speculative(self, node: Any) -> bool:
+        """The node's snapshot may be restored, but nothing proved it will (a prompt end, a former
+        sequence end, a guess, a hint within a short stretch; not a sequence end or a branch
+        point, nor a snapshot standing in for one): under memory pressure these go first."""
+        data = node.payload
+        if not self.hybrid or not data.has_snapshot or _structural(node) or data.reasons & BRANCH:
+            return False
+        # a hint at the end of a long shared stretch (a system prompt, a document) is as good as proven
+        return not (data.reasons & HINT and self.interval is not None and self.saved(node) >= self.interval)
 
     def touched(self, node: Any) -> None:
         """A node was restored or written: its priority restarts from the current inflation."""
@@ -186,7 +213,7 @@ class WorthPolicy:
 
     def removed(self, node: Any) -> None:
         """A node moved down a tier or lost a payload: inflation rises to its priority."""
-        self.inflation = max(self.inflation, node.payload.base + self.worth(node))
+        self.inflation = max(self.inflation, self.key(node)[1])
 
     # --- retention --------------------------------------------------------------------------
 
@@ -197,9 +224,17 @@ class WorthPolicy:
         expected = self.likelihood(node) * self.saved(node) * self.kv_bytes_per_token
         return expected >= self.keep_fraction * node.payload.snapshot_nbytes
 
-    def settle(self, path: Sequence[Any], created: set[int], snapshot_bytes: Callable[[], int], drop: Callable[[Any], None]) -> None:
-        """After a commit along `path` (which took the snapshots of the nodes in `created`):
-        drop the speculative snapshots that no longer earn their bytes, through `drop(node)`.
+    def settle(
+        self,
+        path: Sequence[Any],
+        created: set[int],
+        snapshot_bytes: Callable[[], int],
+        drop: Callable[[Any], None],
+        proven: set[int] = frozenset(),
+    ) -> None:
+        """After a commit along `path` (which took the snapshots of the nodes in `created`, and
+        proved the branch points in `proven`): drop the speculative snapshots that no longer
+        earn their bytes, through `drop(node)`.
 
         - A branch point this commit proved supersedes the periodic guesses above it (back
           to the nearest snapshot that is not a guess), all but the deepest, which still
@@ -217,7 +252,7 @@ class WorthPolicy:
             data = node.payload
             if data.has_state:
                 self.snapshot_bytes = max(self.snapshot_bytes, data.snapshot_nbytes)
-                if node.id in created and data.reasons & BRANCH and len(node.children) >= 2:
+                if node.id in proven:
                     for guess in self._superseded(node):
                         drop(guess)
         for node in path:
@@ -317,7 +352,10 @@ class LRUPolicy(WorthPolicy):
         return tuple(sorted((p, why) for p, why in points.items() if r.cached < p < r.n))
 
     def key(self, node: Any) -> tuple:
-        return (0.0, node.last_used, -node.start, node.id)
+        return (True, 0.0, node.last_used, -node.start, node.id)
+
+    def speculative(self, node: Any) -> bool:
+        return False
 
     def touched(self, node: Any) -> None:
         pass
@@ -325,7 +363,7 @@ class LRUPolicy(WorthPolicy):
     def removed(self, node: Any) -> None:
         pass
 
-    def settle(self, path: Sequence[Any], created: set[int], snapshot_bytes: Callable[[], int], drop: Callable[[Any], None]) -> None:
+    def settle(self, path, created, snapshot_bytes, drop, proven=frozenset()) -> None:
         pass
 
     def rekey(self, node: Any) -> None:

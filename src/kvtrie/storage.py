@@ -251,10 +251,16 @@ class TieredStorage:
         return node.is_leaf or (self.hybrid and node.payload.has_snapshot)
 
     def reindex(self, *nodes: Node) -> None:
+        """Re-enter nodes into the orders. A pinned node never moves or goes, but a speculative
+        snapshot on it may still be dropped: the session holds its own live state."""
         for node in nodes:
             self.pager.unindex(node)
             if node.parent is not None:
-                self.pager.index(node, self._evictable(node))
+                if node.pins:
+                    droppable = node.payload.tier != DISK and self.policy.speculative(node)
+                    self.pager.index(node, droppable, movable=False)
+                else:
+                    self.pager.index(node, self._evictable(node))
                 self.policy.rekey(node)
 
     def rekey_below(self, node: Node) -> None:
@@ -267,7 +273,7 @@ class TieredStorage:
         while stack:
             child = stack.pop()
             self.reindex(child)
-            if not child.payload.has_state or self.policy.is_guess(child):  # worth looks past guesses
+            if not child.payload.has_state or not self.policy.is_proven(child):  # worth looks past these
                 stack.extend(child.children.values())
 
     def restructured(self, node: Node) -> None:
@@ -276,12 +282,18 @@ class TieredStorage:
             self.rekey_below(node)
 
     def tiers(self) -> tuple[str, ...]:
-        return (DEVICE, HOST, DISK) if self.disk is not None else (DEVICE, HOST)
+        """The tiers payloads move down through. A tier below the device with a zero budget (and
+        nothing in it) is left out: what would move there is evicted from the tier above."""
+        chain = (DEVICE, HOST, DISK) if self.disk is not None else (DEVICE, HOST)
+        pager = self.pager
+        return tuple(t for t in chain if t == DEVICE or pager.budgets[t] != 0 or pager.bytes[t] > 0)
 
     def move(self, node: Node, tier: str) -> None:
         """Move a node's payloads one tier (device <-> host, host -> disk) and account for it."""
         data = node.payload
         if tier == DISK:
+            if data.tier == DEVICE:  # a host tier with no budget is skipped: through host memory
+                self.move(node, HOST)
             self._write_back(node)
             return
         self._account(data, -1)
@@ -324,7 +336,10 @@ class TieredStorage:
                 upper = next((t for t in reversed(chain[:-1]) if pager.next_move(t) is not None), None)
                 if upper is None:
                     break
-                self.move(pager.next_move(upper), chain[chain.index(upper) + 1])
+                # the last tier holds only nodes waiting for their children: send a leaf down
+                # (it can go from there), else whatever comes first
+                leaf = next((n for n in pager.evictable_order(upper) if n.is_leaf), None)
+                self.move(leaf or pager.next_move(upper), chain[chain.index(upper) + 1])
                 progress = True
 
     def evict(self, node: Node) -> None:
