@@ -89,6 +89,11 @@ def spy_on_order(pc):
         src = node.payload.tier
         if tier != DEVICE:  # moving down (promotion on restore is the request's own choice)
             candidates = [n for n in nodes_of(pc) if n.payload.tier == src and not n.pins]
+            if not storage.pager.over(src):
+                # not over its own budget: the last tier is over with nothing it can evict (its
+                # nodes wait for children above), so a leaf comes down first, where it can go
+                leaves = [n for n in candidates if n.is_leaf]
+                candidates = leaves or candidates
             assert node is first(candidates, "move"), f"a move off {src} must take the first unpinned node in order"
         move(node, tier)
 

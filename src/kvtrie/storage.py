@@ -338,7 +338,7 @@ class TieredStorage:
                     break
                 # the last tier holds only nodes waiting for their children: send a leaf down
                 # (it can go from there), else whatever comes first
-                leaf = next((n for n in pager.evictable_order(upper) if n.is_leaf), None)
+                leaf = next((n for n in pager.evictable_order(upper) if n.is_leaf and not n.pins), None)
                 self.move(leaf or pager.next_move(upper), chain[chain.index(upper) + 1])
                 progress = True
 
