@@ -608,7 +608,8 @@ class TieredStorage:
                 nodes[e["id"]] = node
                 referenced.add(ref.file)
                 self._account(data, +1)
-                self.reindex(node, parent)
+            # keyed once the whole trie stands: a node's worth depends on the shape around it
+            self.reindex(*(n for n in nodes.values() if n is not trie.root))
         self.clock = itertools.count(latest + 1)
         for name in self.disk.files() - referenced:
             self.disk.delete(name)
