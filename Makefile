@@ -12,7 +12,7 @@ BENCH_STAMP := $(VENV)/.bench-stamp
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,tokenizers,mlx-lm]'
+	$(PY) -m pip install -q -e '.[test,tokenizers,mlx-lm,serve]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 $(BENCH_STAMP): $(STAMP)
-	$(PY) -m pip install -q -e '.[test,tokenizers,mlx-lm,bench]'
+	$(PY) -m pip install -q -e '.[test,tokenizers,mlx-lm,serve,bench]'
 	touch $(BENCH_STAMP)
 
 # Benchmarks preload the system OpenBLAS when there is one (about 16x faster prefill

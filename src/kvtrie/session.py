@@ -9,6 +9,7 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import SessionError
+from .policy import BRANCH
 
 
 class SessionOwner(Protocol):
@@ -57,6 +58,12 @@ class Session:
         self._committed_tokens: Optional[np.ndarray] = None
         self._committed = False
         self._closed = False
+
+    @property
+    def branch_points(self) -> tuple[int, ...]:
+        """The planned captures where this prompt leaves the stored trie: a server that stores
+        state only where its prefill stops should stop there too."""
+        return tuple(p for p, r in self._reasons.items() if r & BRANCH)
 
     @property
     def closed(self) -> bool:

@@ -1,0 +1,472 @@
+"""`kvtrie serve`: mlx_lm.server with its prompt cache on kvtrie, bounded in bytes, observable.
+
+It runs mlx-lm's own server (every flag of `mlx_lm.server` works) with three parts swapped in:
+the prompt cache (`ServerPromptCache`: a `TriePromptCache` with device + host budgets that
+always hold, an optional disk tier, one log line per request), the batch generator (which,
+for hybrid models, also stops the prefill at the point where a prompt leaves the trie, so the
+recurrent state there is stored) and the HTTP handler (`GET /kvtrie/stats`, `GET /metrics`).
+SIGTERM and Ctrl-C stop the server and flush the cache to its disk tier.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import attrs
+
+from .integrations.mlx_lm import TriePromptCache, cache_offset
+
+logger = logging.getLogger("kvtrie.serve")
+
+MEMORY_FRACTION = 0.25  # the default bound: a quarter of the machine's memory
+HOST_SHARE = 0.5  # of the bound, what the host tier may hold (the rest is the device tier)
+
+
+def machine_memory() -> int:
+    """Physical memory in bytes (0 where the platform does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def default_cache_bytes() -> int:
+    """The byte bound when `--prompt-cache-bytes` is not given: a quarter of the machine's memory."""
+    return int(machine_memory() * MEMORY_FRACTION) or 4 << 30
+
+
+@attrs.frozen
+class ServeOptions:
+    """kvtrie's side of the server: byte budgets, the disk tier, the sequence cap."""
+
+    cache_bytes: int  # device + host tiers together
+    host_bytes: int  # of which the host tier
+    disk_dir: Optional[str] = None
+    disk_bytes: Optional[int] = None
+    max_sequences: Optional[int] = None  # --prompt-cache-size, only when given
+
+    def __attrs_post_init__(self) -> None:
+        if self.cache_bytes < 0 or not 0 <= self.host_bytes <= self.cache_bytes:
+            raise ValueError(
+                f"--prompt-cache-bytes must be >= 0 and --host-bytes within it, got {self.cache_bytes} and {self.host_bytes}"
+            )
+        if self.disk_bytes is not None and self.disk_bytes < 0:
+            raise ValueError(f"--disk-bytes must be >= 0, got {self.disk_bytes}")
+
+    @property
+    def device_bytes(self) -> int:
+        return self.cache_bytes - self.host_bytes
+
+
+def model_fingerprint(model: Any) -> str:
+    """A name for the model's weights: parameter names, shapes, dtypes and a sample of each
+    parameter's bytes (the first 64 KiB), hashed; another model or other weights give another."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx.utils import tree_flatten
+
+    h = hashlib.sha256()
+    for name, p in sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0]):
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
+        flat = p.reshape(-1)[: max(1, 65536 // max(p.dtype.size, 1))]
+        if flat.dtype == mx.bfloat16:
+            flat = flat.view(mx.uint16)
+        h.update(np.asarray(flat).tobytes())
+    return h.hexdigest()[:32]
+
+
+class ServerPromptCache(TriePromptCache):
+    """The server's prompt cache: one PrefixCache per loaded model, bounded in bytes, with a
+    log line per request and a hit-rate record; `split_points` tells the batch generator where
+    a hybrid model's prefill should stop to store its state."""
+
+    def __init__(self, options: ServeOptions, model_provider: Any):
+        super().__init__(
+            max_size=options.max_sequences if options.max_sequences is not None else 1 << 62,
+            max_bytes=options.cache_bytes,
+            make_cache=self._fresh_caches,
+            device_bytes=options.device_bytes,
+            host_bytes=options.host_bytes,
+        )
+        self.options = options
+        self._provider = model_provider
+        self._lock = threading.Lock()
+        self._splits: dict[tuple[int, ...], tuple[int, ...]] = {}
+        self.requests = 0
+        self.prompt_tokens = 0
+        self.cached_tokens = 0
+        self.restore_seconds = 0.0
+
+    # --- building the per-model caches -----------------------------------------------------
+
+    def _fresh_caches(self, model_key: Any) -> list:
+        from mlx_lm.models.cache import make_prompt_cache
+
+        model = self._model_for(model_key)
+        return make_prompt_cache(model)
+
+    def _model_for(self, model_key: Any) -> Any:
+        provider = self._provider
+        if provider.model_key != model_key or provider.model is None:
+            raise RuntimeError(f"model {model_key!r} is not the one loaded ({provider.model_key!r})")
+        return provider.model
+
+    def _trie(self, model: Any, like: Optional[list] = None):
+        pc = self._tries.get(model)
+        if pc is None:
+            from .cache import PrefixCache
+
+            kwargs = dict(self._kwargs)
+            if self.options.disk_dir is not None:
+                fingerprint = model_fingerprint(self._model_for(model))
+                kwargs.update(
+                    disk_dir=os.path.join(self.options.disk_dir, fingerprint[:16]),
+                    disk_bytes=self.options.disk_bytes,
+                    fingerprint=fingerprint,
+                )
+            # several models share the budgets: each new one gets the whole bound, and
+            # `trim_to` (called with the total) keeps the sum within it
+            pc = self._tries[model] = PrefixCache(lambda: self._fresh_caches(model), **kwargs)
+        return pc
+
+    # --- mlx-lm's prompt-cache interface -------------------------------------------------
+
+    def fetch_nearest_cache(self, model: Any, tokens: Sequence[int]) -> tuple[Optional[list], list[int]]:
+        tokens = list(tokens)
+        tic = time.perf_counter()
+        pc = self._trie(model) if tokens else None
+        if pc is None:
+            return None, tokens
+        before = pc.stats()
+        with pc.begin(tokens) as session:
+            cached, caches, branches = session.cached, session.caches, session.branch_points
+        seconds = time.perf_counter() - tic
+        after = pc.stats()
+        tier = next(
+            (t for t in ("disk", "host", "device") if after[f"cached_tokens_{t}"] > before[f"cached_tokens_{t}"]),
+            "hot" if after["hot_restores"] > before["hot_restores"] else "-",
+        )
+        with self._lock:
+            self.requests += 1
+            self.prompt_tokens += len(tokens)
+            self.cached_tokens += cached
+            self.restore_seconds += seconds
+            if pc.recurrent_layers:
+                # a hybrid model's state is stored only where the prefill stops: stop where the
+                # prompt leaves the trie (a branch point), the batch generator splits there
+                branch = tuple(p for p in branches if cached < p < len(tokens) - 1)
+                if branch:
+                    self._splits[tuple(tokens)] = branch
+                    while len(self._splits) > 64:
+                        self._splits.pop(next(iter(self._splits)))
+        logger.info(
+            "request: %d prompt tokens, %d cached (%s), restore %.2f ms",
+            len(tokens), cached, tier if cached else "miss", seconds * 1e3,
+        )
+        if not cached and not any(k == "window" for k in pc.layer_kinds):
+            return None, tokens
+        return caches, tokens[cached:]
+
+    def trim_to(self, *, n_sequences: Optional[int] = None, n_bytes: Optional[int] = None) -> None:
+        """The server's trim: the byte budgets already bound the device and host tiers (active
+        requests' live caches are theirs, not the cache's), so only a sequence cap applies."""
+        if n_sequences is not None:
+            for pc in self._tries.values():
+                pc.shrink(max_sequences=n_sequences)
+
+    def split_points(self, tokens: Sequence[int]) -> tuple[int, ...]:
+        """Absolute offsets where the prefill of `tokens` should stop to store its state (taken once)."""
+        with self._lock:
+            return self._splits.pop(tuple(tokens), ())
+
+    def insert_cache(self, model: Any, tokens: Sequence[int], prompt_cache: list, *, cache_type: str = "assistant") -> None:
+        pc = self._trie(model)
+        held = cache_offset(prompt_cache)
+        tokens = list(tokens)[: len(tokens) if held is None else held]
+        if tokens:
+            pc.store(tokens, prompt_cache)
+        if self.options.max_sequences is not None:
+            pc.shrink(max_sequences=self.options.max_sequences)
+
+    # --- what the endpoints show -----------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Per model: the PrefixCache's stats; and the server's totals, budgets and hit rate."""
+        with self._lock:
+            totals = {
+                "requests": self.requests,
+                "prompt_tokens": self.prompt_tokens,
+                "cached_tokens": self.cached_tokens,
+                "hit_rate": self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0,
+                "restore_ms_mean": 1e3 * self.restore_seconds / self.requests if self.requests else 0.0,
+            }
+        models = {json.dumps(list(k) if isinstance(k, tuple) else k): pc.stats() for k, pc in list(self._tries.items())}
+        return {
+            **totals,
+            "budgets": {
+                "prompt_cache_bytes": self.options.cache_bytes,
+                "device_bytes": self.options.device_bytes,
+                "host_bytes": self.options.host_bytes,
+                "disk_bytes": self.options.disk_bytes,
+                "disk_dir": self.options.disk_dir,
+            },
+            "models": models,
+        }
+
+    def close(self) -> None:
+        """Flush every model's cache (to its disk tier, where there is one)."""
+        for pc in list(self._tries.values()):
+            pc.close()
+
+
+def metrics_text(cache: ServerPromptCache) -> bytes:
+    """The Prometheus text exposition of `cache.stats()`."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    stats = cache.stats()
+
+    class Collector:
+        def collect(self):
+            for name in ("requests", "prompt_tokens", "cached_tokens"):
+                yield CounterMetricFamily(f"kvtrie_{name}", f"{name.replace('_', ' ')} since the server started", value=stats[name])
+            yield GaugeMetricFamily("kvtrie_hit_rate", "cached tokens / prompt tokens", value=stats["hit_rate"])
+            budget = GaugeMetricFamily("kvtrie_budget_bytes", "byte budget per tier", labels=["tier"])
+            for tier in ("device", "host", "disk"):
+                value = stats["budgets"][f"{tier}_bytes"]
+                if value is not None:
+                    budget.add_metric([tier], value)
+            yield budget
+            per_model: dict[str, Any] = {}
+            for model, s in stats["models"].items():
+                for key, value in s.items():
+                    if isinstance(value, (int, float)):
+                        family = per_model.get(key)
+                        if family is None:
+                            kind = CounterMetricFamily if key not in _GAUGES else GaugeMetricFamily
+                            family = per_model[key] = kind(f"kvtrie_cache_{key}", f"PrefixCache stats()['{key}']", labels=["model"])
+                        family.add_metric([model], value)
+            yield from per_model.values()
+
+    registry = CollectorRegistry()
+    registry.register(Collector())
+    return generate_latest(registry)
+
+
+_GAUGES = {
+    "nodes", "tokens_stored", "sequences", "snapshots", "device_bytes", "host_bytes", "disk_bytes",
+    "kv_bytes", "snapshot_bytes",
+}
+
+
+def make_handler(base: type, cache: ServerPromptCache) -> type:
+    """mlx-lm's APIHandler with `GET /kvtrie/stats` (JSON) and `GET /metrics` (Prometheus)."""
+
+    class Handler(base):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            path = self.path.split("?", 1)[0]
+            if path == "/kvtrie/stats":
+                body, kind = json.dumps(cache.stats()).encode(), "application/json"
+            elif path == "/metrics":
+                body, kind = metrics_text(cache), "text/plain; version=0.0.4; charset=utf-8"
+            else:
+                return super().do_GET()
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    return Handler
+
+
+def make_batch_generator(base: type, cache: ServerPromptCache) -> type:
+    """mlx-lm's BatchGenerator that also stops a prompt's prefill at the points `cache` asks for
+    (where a hybrid model's prompt leaves the trie) and stores the state there, without telling
+    the server (whose own segment bookkeeping stays as it is)."""
+
+    class SplittingBatchGenerator(base):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._kvtrie_splits: dict[int, list[int]] = {}  # uid -> segment ends to store quietly
+            self._kvtrie_model_key = cache._provider.model_key
+
+        def insert_segments(self, segments, max_tokens=None, caches=None, all_tokens=None, **kwargs):
+            extra: list[list[int]] = []
+            new_segments = []
+            for i, seq in enumerate(segments):
+                seq = [s for s in seq if len(s)]
+                done = list(all_tokens[i]) if all_tokens else []
+                prompt = done + [t for s in seq for t in s]
+                cuts = [p - len(done) for p in cache.split_points(prompt)]
+                pieces, ends, pos = [], [], 0
+                for s in seq:
+                    lo, hi = pos, pos + len(s)
+                    inner = [c - lo for c in cuts if lo < c < hi - 1]
+                    last = 0
+                    for c in inner:
+                        pieces.append(s[last:c])
+                        ends.append(len(pieces) - 1)
+                        last = c
+                    pieces.append(s[last:])
+                    pos = hi
+                new_segments.append(pieces)
+                extra.append(ends)
+            uids = super().insert_segments(new_segments, max_tokens, caches, all_tokens, **kwargs)
+            for uid, ends in zip(uids, extra):
+                if ends:
+                    self._kvtrie_splits[uid] = [0, set(ends)]
+            return uids
+
+        def _next(self):
+            prompt_responses, generation_responses = super()._next()
+            for r in prompt_responses:
+                entry = self._kvtrie_splits.get(r.uid)
+                if entry is None or not r.end_of_segment or r.end_of_prompt:
+                    continue
+                index = entry[0]
+                entry[0] += 1
+                if index in entry[1]:
+                    r.end_of_segment = False  # the server's segments end elsewhere
+                    extracted = self.extract_cache([r.uid]).get(r.uid)
+                    if extracted is not None:
+                        prompt_cache, tokens = extracted
+                        try:
+                            cache.insert_cache(self._kvtrie_model_key, list(tokens), prompt_cache)
+                        except Exception:  # never fail a request over a cache insert
+                            logger.exception("storing the state at a branch point failed")
+                    if index >= max(entry[1]):
+                        del self._kvtrie_splits[r.uid]
+            return prompt_responses, generation_responses
+
+    SplittingBatchGenerator._kvtrie_base = base
+    return SplittingBatchGenerator
+
+
+# --- the command line ----------------------------------------------------------------------
+
+
+def _size(text: str) -> int:
+    """Bytes from `123`, `512M`, `4G`, `1.5GB` (powers of 1024)."""
+    s = text.strip().upper().removesuffix("B").removesuffix("I")
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    try:
+        if s and s[-1] in units:
+            return int(float(s[:-1]) * units[s[-1]])
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r} (e.g. 800000000, 512M, 4G)") from None
+
+
+KVTRIE_HELP = f"""\
+The prompt cache is a prefix trie (kvtrie). Sequences that share a prefix store it once,
+any stored prefix restores, and memory is bounded in bytes: --prompt-cache-bytes bounds the
+device and host tiers together (default: {int(MEMORY_FRACTION * 100)}% of this machine's memory, never unbounded).
+--prompt-cache-size no longer throttles sequences that share storage; given explicitly it
+caps the number of stored sequences (trie leaves). Also: GET /kvtrie/stats, GET /metrics."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("kvtrie", KVTRIE_HELP)
+    group.add_argument("--host-bytes", type=_size, default=None,
+                       help=f"of --prompt-cache-bytes, what the host tier holds (default {int(HOST_SHARE * 100)}%%)")
+    group.add_argument("--disk-dir", default=None,
+                       help="directory of the persistent tier (a subdirectory per model, named by its weights)")
+    group.add_argument("--disk-bytes", type=_size, default=None, help="byte budget of the disk tier (default: unbounded)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """mlx_lm.server's parser with kvtrie's meaning of the prompt-cache flags and its own flags."""
+
+    def add_argument(self, *names, **kwargs):
+        if "--prompt-cache-size" in names:
+            kwargs.update(default=None, help="with kvtrie: the most stored sequences (trie leaves); unset, only bytes bound the cache")
+        elif "--prompt-cache-bytes" in names:
+            kwargs.update(help="bytes of the device + host tiers together (default: a quarter of the machine's memory)")
+        return super().add_argument(*names, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):
+        if not any(a.title == "kvtrie" for a in self._action_groups):
+            add_arguments(self)
+        return super().parse_args(args, namespace)
+
+
+def options_from(args: argparse.Namespace) -> ServeOptions:
+    total = args.prompt_cache_bytes if args.prompt_cache_bytes is not None else default_cache_bytes()
+    host = args.host_bytes if args.host_bytes is not None else int(total * HOST_SHARE)
+    return ServeOptions(
+        cache_bytes=total,
+        host_bytes=min(host, total),
+        disk_dir=args.disk_dir,
+        disk_bytes=args.disk_bytes,
+        max_sequences=args.prompt_cache_size,
+    )
+
+
+def run(host: str, port: int, model_provider: Any, server_class: Optional[type] = None, handler_class: Optional[type] = None) -> None:
+    """mlx_lm.server.run with kvtrie's prompt cache, batch generator and handler; stops cleanly
+    on SIGTERM / Ctrl-C, flushing the cache."""
+    import mlx.core as mx
+    import mlx_lm.server as server
+
+    options = options_from(model_provider.cli_args)
+    # the server rebuilds caches for every request: keep freed buffers for reuse (DESIGN.md)
+    mx.set_cache_limit(max(mx.get_cache_memory(), 1 << 30))
+    cache = ServerPromptCache(options, model_provider)
+    server.BatchGenerator = make_batch_generator(_original_batch_generator(server), cache)
+    generator = server.ResponseGenerator(model_provider, cache)
+    handler = make_handler(handler_class or server.APIHandler, cache)
+    logger.info(
+        "kvtrie serve: prompt cache %d B (device %d, host %d)%s",
+        options.cache_bytes, options.device_bytes, options.host_bytes,
+        f", disk tier {options.disk_dir}" + (f" ({options.disk_bytes} B)" if options.disk_bytes else "") if options.disk_dir else "",
+    )
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        server._run_http_server(host, port, generator, handler_class=handler, **({"server_class": server_class} if server_class else {}))
+    except KeyboardInterrupt:
+        generator.stop_and_join()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        cache.close()
+        logger.info("kvtrie serve: stopped, cache flushed")
+
+
+def _original_batch_generator(server: Any) -> type:
+    bg = server.BatchGenerator
+    return getattr(bg, "_kvtrie_base", bg)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """`kvtrie serve [mlx_lm.server flags] [kvtrie flags]`."""
+    import mlx_lm.server as server
+
+    saved = server.argparse, server.run, sys.argv
+    shim = argparse.Namespace(**{k: getattr(argparse, k) for k in dir(argparse) if not k.startswith("__")})
+    shim.ArgumentParser = _Parser
+    server.argparse, server.run = shim, run
+    if argv is not None:
+        sys.argv = ["kvtrie serve", *argv]
+    else:
+        sys.argv = ["kvtrie serve", *sys.argv[1:]]
+    try:
+        server.main()
+    finally:
+        server.argparse, server.run, sys.argv = saved
+
+
+if __name__ == "__main__":
+    main()
