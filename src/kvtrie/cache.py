@@ -60,12 +60,15 @@ class PrefixCache:
     still works, and the budget holds again once it closes. `promote_on_restore=True`
     copies restored host payloads back to the device tier.
 
-    `disk_dir` adds a third tier under host memory (`disk_bytes` its budget): payloads
-    leaving the host go to safetensors files there (written on a background thread)
-    instead of being dropped, and `close()` writes everything with an index, so a new
-    PrefixCache on the same directory with the same `fingerprint` (the model's identity,
-    e.g. `kvtrie.models.model_fingerprint(model)`; required with a disk) starts warm. A
-    damaged or missing file is a miss from that node down, never restored state.
+    `disk_dir` adds a third tier under host memory (`disk_bytes` its budget): every stored
+    payload is also written there as a self-describing record (on a background thread,
+    within `persist_seconds` of being stored, each once), payloads leaving the host keep
+    only their records instead of being dropped, and a new PrefixCache on the same directory
+    with the same `fingerprint` (the model's identity, e.g.
+    `kvtrie.models.model_fingerprint(model)`; required with a disk) starts warm from the
+    records, after `close()` or after any end of the process (kill -9 included): what was
+    stored more than `persist_seconds` (plus the write) before survives. A damaged or missing
+    record is a miss from that node down, never restored state.
 
     The live caches of the last `hot_sessions` committed sessions are kept after they
     close: a request that continues one of those sequences takes them over as they are,
@@ -88,6 +91,7 @@ class PrefixCache:
         disk_dir: Optional[str] = None,
         disk_bytes: Optional[int] = None,
         fingerprint: Optional[str] = None,
+        persist_seconds: Optional[float] = 2.0,
     ):
         if not callable(make_cache):
             raise TypeError(f"make_cache must be callable (a model's make_cache), got {type(make_cache).__name__}")
@@ -100,6 +104,10 @@ class PrefixCache:
             raise ValueError(f"speculative_ratio must be a non-negative number, got {speculative_ratio!r}")
         if isinstance(hot_sessions, bool) or not isinstance(hot_sessions, int) or hot_sessions < 0:
             raise ValueError(f"hot_sessions must be a non-negative int, got {hot_sessions!r}")
+        if persist_seconds is not None and (
+            isinstance(persist_seconds, bool) or not isinstance(persist_seconds, (int, float)) or not persist_seconds > 0
+        ):
+            raise ValueError(f"persist_seconds must be a positive number of seconds or None, got {persist_seconds!r}")
         if disk_dir is not None and not isinstance(fingerprint, str):
             raise TypeError(
                 "a disk tier needs fingerprint=str, the model's identity (e.g. kvtrie.models.model_fingerprint(model)), "
@@ -135,8 +143,15 @@ class PrefixCache:
         self._hot: deque[tuple[str, np.ndarray, list]] = deque(maxlen=hot_sessions or None)
         self._hot_slots = hot_sessions
         self._closed = False
+        self._stop_persisting = threading.Event()
+        self._persister: Optional[threading.Thread] = None
         if self._storage.disk is not None:
-            self._storage.load_index()
+            self._storage.load_records()
+            if persist_seconds is not None:
+                self._persister = threading.Thread(
+                    target=self._persist_loop, args=(float(persist_seconds),), name="kvtrie-persist", daemon=True
+                )
+                self._persister.start()
 
     @property
     def num_layers(self) -> int:
@@ -518,12 +533,47 @@ class PrefixCache:
         if self._closed:
             raise SessionError("this PrefixCache is closed; make a new one (on the same disk_dir to start warm)")
 
+    def persist(self, wait: bool = False) -> int:
+        """With a disk tier: queue a record for everything stored that no record holds yet (the
+        background thread does this every `persist_seconds`); `wait=True` also waits until
+        the records are written. Returns how many records were queued."""
+        storage = self._storage
+        if storage.disk is None:
+            return 0
+        with self._lock:
+            self._check_open()
+            storage.drain()
+            queued = storage.persist()
+        if wait:
+            storage.disk.flush()
+            with self._lock:
+                storage.drain()
+                queued += storage.persist()  # records whose parents were in flight
+            storage.disk.flush()
+            with self._lock:
+                storage.drain()
+        return queued
+
+    def _persist_loop(self, period: float) -> None:
+        while not self._stop_persisting.wait(period):
+            try:
+                with self._lock:
+                    if self._closed:
+                        return
+                    self._storage.drain()
+                    self._storage.persist()
+            except Exception:  # never let the thread die: the next round tries again
+                logger.exception("persisting records failed")
+
     def close(self) -> None:
-        """With a disk tier: write every payload that fits to disk, wait for the writes, write the index.
+        """With a disk tier: every payload that fits goes to disk, the writes finish.
 
         A new PrefixCache on the same directory (same fingerprint) then starts warm.
         Without one, just marks the cache closed. Closing twice is harmless.
         """
+        self._stop_persisting.set()
+        if self._persister is not None and self._persister is not threading.current_thread():
+            self._persister.join()
         with self._lock:
             if self._closed:
                 return

@@ -1,11 +1,19 @@
-"""The disk tier: payload files that survive restarts, an atomic index, integrity checks, write-back.
+"""The disk tier: self-describing payload records that survive any end, integrity checks, a writer.
 
-Each payload is one safetensors file named `<id>-<crc32>.safetensors`: the name carries
-the checksum of the file's bytes, so a truncated, flipped or half-written file is
-detected when read and never restored. Files are written to a temporary name and
-renamed, so a process killed while writing leaves only `*.tmp` files, which the next
-start removes. The trie's structure lives in `index.json`, written the same way. Writes
-run on a background thread (write-back) behind a bounded queue; reads are synchronous.
+Each record is one safetensors file named `<key>-<crc32>.safetensors`. The key is a hash of
+the model's fingerprint, the namespace and every token up to the record's end (the same
+content always gets the same key, so it is written once); the name's checksum covers the
+file's bytes, so a truncated, flipped or half-written file is detected when read and never
+restored. A record's header says what it holds and where it hangs: the key of the record
+before it on its path (`parent`), its first position (`start`) and its tokens, plus the
+cache layout and fingerprint. So the directory alone describes the trie: a process killed at
+any moment (kill -9 included) restarts from whatever records were complete, with no index.
+A record is either a run of tokens (every per-token layer, and the whole states at its end
+when it has them) or a state only (`tokens` empty: the whole states at `start`).
+
+Files are written to a temporary name and renamed, so a process killed while writing
+leaves only `*.tmp` files, which the next start removes. Writes run on a background thread
+behind a bounded queue; reads are synchronous.
 """
 
 from __future__ import annotations
@@ -15,7 +23,6 @@ import logging
 import os
 import queue
 import threading
-import uuid
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
@@ -31,8 +38,8 @@ from .snapshot import KVPayload
 
 logger = logging.getLogger("kvtrie")
 
-INDEX = "index.json"
-FORMAT = 2
+LEGACY_INDEX = "index.json"  # format 2 kept the structure in an index a clean close wrote
+FORMAT = 3
 
 
 class PayloadCorrupt(Exception):
@@ -41,9 +48,8 @@ class PayloadCorrupt(Exception):
 
 @attrs.frozen
 class DiskRef:
-    """Where a node's payload lives on disk, and what it holds (known without reading it)."""
+    """What a node's payload on the disk tier holds (known without reading its records)."""
 
-    file: str
     nbytes: int
     snapshot_nbytes: int
     has_state: bool
@@ -60,8 +66,9 @@ def _host(a: Any) -> HostArray:
     return a
 
 
-def encode(layers: Iterable[Any], logits: Any = None) -> bytes:
-    """One safetensors file holding every layer payload of a node (host arrays) and its logits, with its structure."""
+def encode(layers: Iterable[Any], logits: Any = None, record: Optional[dict] = None) -> bytes:
+    """One safetensors file holding layer payloads (host arrays), logits, their structure and
+    the record's header (`record`: where it hangs in the trie)."""
     import safetensors.numpy
 
     tensors: dict[str, np.ndarray] = {}
@@ -79,7 +86,8 @@ def encode(layers: Iterable[Any], logits: Any = None) -> bytes:
             structure.append({"kind": "tokens", "arrays": [put(f"{i}.{j}", a) for j, a in enumerate(p.arrays)]})
         else:
             structure.append({"kind": "state", "tree": _to_json(p.states, i, put)})
-    meta = {"format": FORMAT, "layers": structure, "logits": None if logits is None else put("logits", logits)}
+    meta = {"format": FORMAT, "layers": structure, "logits": None if logits is None else put("logits", logits),
+            "record": record or {}}
     return safetensors.numpy.save(tensors, metadata={"kvtrie": json.dumps(meta)})
 
 
@@ -110,17 +118,22 @@ _NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "U16": np.uint16, "U32": 
                  "I16": np.int16, "U64": np.uint64}
 
 
-def decode(data: bytes) -> tuple[tuple[Any, ...], Any]:
-    """The layer payloads (host arrays) and logits of a file made by `encode`.
+def _meta(header_bytes: bytes) -> tuple[dict, dict]:
+    header = json.loads(header_bytes)
+    meta = json.loads(header.pop("__metadata__")["kvtrie"])
+    if meta.get("format") != FORMAT:
+        raise PayloadCorrupt(f"unknown payload format {meta.get('format')}")
+    return header, meta
+
+
+def decode(data: bytes) -> tuple[tuple[Any, ...], Any, dict]:
+    """The layer payloads (host arrays), logits and record header of a file made by `encode`.
 
     The arrays are read-only views of `data` (safetensors' own loader would copy them):
     a restore only reads them.
     """
     n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + n])
-    meta = json.loads(header.pop("__metadata__")["kvtrie"])
-    if meta.get("format") != FORMAT:
-        raise PayloadCorrupt(f"unknown payload format {meta.get('format')}")
+    header, meta = _meta(data[8 : 8 + n])
     body = memoryview(data)[8 + n :]
     tensors = {}
     for name, info in header.items():
@@ -135,17 +148,21 @@ def decode(data: bytes) -> tuple[tuple[Any, ...], Any]:
         else:
             layers.append(RecurrentPayload(_from_json(entry["tree"], tensors)))
     logits = None if meta.get("logits") is None else _from_json(meta["logits"], tensors)
-    return tuple(layers), logits
+    return tuple(layers), logits, meta.get("record", {})
 
 
 @attrs.frozen(eq=False)
 class WriteJob:
-    """A payload to write; the writer names the file (the name carries its checksum)."""
+    """A record to write; the writer names the file `<stem>-<crc32>` (the name carries its checksum)."""
 
     node_id: int
     stem: str
     layers: tuple[Any, ...]
     logits: Any = None
+    record: dict = attrs.Factory(dict)
+    data: Any = None  # the node's payload object when the job was made (changed since: superseded)
+    state_only: bool = False
+    copies: bool = False  # the arrays are copies made for the writer (given back to the pool after)
 
 
 class DiskStore:
@@ -160,12 +177,9 @@ class DiskStore:
         self._thread.start()
         for tmp in self.dir.glob("*.tmp"):  # left by a process killed mid-write
             tmp.unlink(missing_ok=True)
+        (self.dir / LEGACY_INDEX).unlink(missing_ok=True)
 
     # --- files ---------------------------------------------------------------------------
-
-    @staticmethod
-    def new_name() -> str:
-        return uuid.uuid4().hex
 
     def path(self, file: str) -> Path:
         return self.dir / file
@@ -178,15 +192,34 @@ class DiskStore:
             os.fsync(f.fileno())
         os.replace(tmp, target)
 
-    def write(self, stem: str, layers: tuple[Any, ...], logits: Any = None) -> str:
-        """Write a payload file; returns its name, which carries the checksum."""
-        data = encode(layers, logits)
+    def write(self, stem: str, layers: tuple[Any, ...], logits: Any = None, record: Optional[dict] = None) -> str:
+        """Write a record; returns its file name, which carries the checksum."""
+        data = encode(layers, logits, record)
         name = f"{stem}-{zlib.crc32(data):08x}.safetensors"
         self._atomic_write(self.path(name), data)
         return name
 
-    def read(self, file: str) -> tuple[tuple[Any, ...], Any]:
-        """The payloads and logits of `file`, verified against the checksum in its name; PayloadCorrupt otherwise."""
+    @staticmethod
+    def stem(file: str) -> str:
+        return file.rsplit("-", 1)[0]
+
+    def header(self, file: str) -> dict:
+        """A record's header, read without its arrays; PayloadCorrupt if unreadable."""
+        try:
+            with open(self.path(file), "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                if not 0 < n < 1 << 26:
+                    raise ValueError(f"header length {n}")
+                _, meta = _meta(f.read(n))
+            return meta.get("record") or {}
+        except PayloadCorrupt:
+            raise
+        except Exception as exc:
+            raise PayloadCorrupt(f"{file}: {exc}") from exc
+
+    def read(self, file: str) -> tuple[tuple[Any, ...], Any, dict]:
+        """The payloads, logits and header of `file`, verified against the checksum in its name;
+        PayloadCorrupt otherwise."""
         try:
             data = self.path(file).read_bytes()
             expected = int(file.rsplit("-", 1)[1].split(".")[0], 16)
@@ -224,7 +257,7 @@ class DiskStore:
                 if isinstance(job, str):
                     self.delete(job)
                     continue
-                self.done.put((job, self.write(job.stem, job.layers, job.logits), None))
+                self.done.put((job, self.write(job.stem, job.layers, job.logits, job.record), None))
             except BaseException as exc:  # reported to the cache, which treats the node as lost
                 self.done.put((job, None, exc))
             finally:
@@ -239,21 +272,6 @@ class DiskStore:
         self._jobs.put(None)
         self._thread.join()
 
-    # --- index -----------------------------------------------------------------------------
-
-    def write_index(self, index: dict) -> None:
-        self._atomic_write(self.dir / INDEX, json.dumps(index).encode())
-
-    def read_index(self) -> Optional[dict]:
-        try:
-            return json.loads((self.dir / INDEX).read_bytes())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as exc:
-            logger.warning("disk index in %s is unreadable (%s): starting cold", self.dir, exc)
-            return None
-
     def clear(self) -> None:
         for name in self.files():
             self.delete(name)
-        (self.dir / INDEX).unlink(missing_ok=True)

@@ -53,6 +53,7 @@ class ServeOptions:
     disk_dir: Optional[str] = None
     disk_bytes: Optional[int] = None
     max_sequences: Optional[int] = None  # --prompt-cache-size, only when given
+    persist_seconds: float = 2.0  # a stored sequence is on disk this long after (plus the write)
 
     def __attrs_post_init__(self) -> None:
         if self.cache_bytes < 0 or not 0 <= self.host_bytes <= self.cache_bytes:
@@ -61,6 +62,8 @@ class ServeOptions:
             )
         if self.disk_bytes is not None and self.disk_bytes < 0:
             raise ValueError(f"--disk-bytes must be >= 0, got {self.disk_bytes}")
+        if not self.persist_seconds > 0:
+            raise ValueError(f"--persist-seconds must be > 0, got {self.persist_seconds}")
 
     @property
     def device_bytes(self) -> int:
@@ -132,6 +135,7 @@ class ServerPromptCache(TriePromptCache):
                     disk_dir=os.path.join(self.options.disk_dir, fingerprint[:16]),
                     disk_bytes=self.options.disk_bytes,
                     fingerprint=fingerprint,
+                    persist_seconds=self.options.persist_seconds,
                 )
             # several models share the budgets: each new one gets the whole bound, and
             # `trim_to` (called with the total) keeps the sum within it
@@ -382,6 +386,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--disk-dir", default=None,
                        help="directory of the persistent tier (a subdirectory per model, named by its weights)")
     group.add_argument("--disk-bytes", type=_size, default=None, help="byte budget of the disk tier (default: unbounded)")
+    group.add_argument("--persist-seconds", type=float, default=2.0,
+                       help="with --disk-dir: what was stored this many seconds ago is on disk, so a server killed "
+                            "at any moment (kill -9 included) restarts warm with it (default 2)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -391,7 +398,8 @@ class _Parser(argparse.ArgumentParser):
         if "--prompt-cache-size" in names:
             kwargs.update(default=None, help="with kvtrie: the most stored sequences (trie leaves); unset, only bytes bound the cache")
         elif "--prompt-cache-bytes" in names:
-            kwargs.update(help="bytes of the device + host tiers together (default: a quarter of the machine's memory)")
+            kwargs.update(type=_size, help="bytes of the device + host tiers together, e.g. 800000000, 512M, 4G "
+                                           "(default: a quarter of the machine's memory)")
         return super().add_argument(*names, **kwargs)
 
     def parse_args(self, args=None, namespace=None):
@@ -409,6 +417,7 @@ def options_from(args: argparse.Namespace) -> ServeOptions:
         disk_dir=args.disk_dir,
         disk_bytes=args.disk_bytes,
         max_sequences=args.prompt_cache_size,
+        persist_seconds=args.persist_seconds,
     )
 
 

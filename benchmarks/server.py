@@ -1,0 +1,595 @@
+"""The same HTTP chat workload on mlx_lm.server (its LRUPromptCache) and on `kvtrie serve`.
+
+    python benchmarks/server.py [--quick] [--users 12 --turns 4 ...]
+
+Tiny float32 llama and qwen3_next model directories (Hugging Face layout, BPE tokenizer,
+ChatML template; `tests/serving.py`) are written to a temporary directory. Workload (seeded):
+N users x T turns sharing a system prompt of a few hundred tokens, sent round-robin (turn 1
+of every user, then turn 2, ...), each reply appended as the assistant message, greedy,
+`max_tokens` 16, one request at a time (so hit rates compare); then a concurrent phase (every
+user's next turn at once, streaming: time to the first `data:` line). Both servers get the
+same flags: `--prompt-cache-bytes B --prompt-cache-size 1000000` at each budget B (only bytes
+bind), nothing at "defaults" (mlx-lm: 10 entries, no byte bound; kvtrie: a quarter of the
+machine's memory).
+
+Oracle: exact prefix reuse with unlimited memory (`oracle_cached` over prompt + completion
+ids of every earlier request). Needed minimum: KV bytes per token (attention layers, from the
+config) x unique tokens of those stored sequences, plus for qwen3_next one recurrent snapshot
+(gated delta-net states + conv states) per sequence end and branch point; taken from the first
+run of each model (kvtrie with a disk tier, which also runs the restart test: SIGTERM and
+restart on the same `--disk-dir`, one more turn per user; then `kill -9` after 5 s idle,
+restart, one more turn per user). Budgets: 0.6x, 1.2x, 3x the minimum and the defaults.
+
+Reported per (model, budget, server): hit rate (sum of usage cached_tokens over sum of
+prompt_tokens) against the oracle's, the server process's peak resident memory (VmHWM),
+latency p50/p95 of whole non-streaming requests (16 tokens; `logprobs` for the ids), wall
+time; the concurrent phase's TTFT p50/p95. Writes benchmarks/results/server.json and server.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import random
+import re
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from common import RESULTS, machine, verdict
+from serving import (
+    CORPUS,
+    ServerProcess,
+    cached_tokens,
+    chat,
+    chat_tokens,
+    completion_ids,
+    free_port,
+    load_tokenizer,
+    make_model_dir,
+    mlx_lm_server_cmd,
+    oracle_cached,
+    prompt_tokens,
+    reply_text,
+)
+
+MODELS = ("llama", "qwen3_next")
+SERVERS = ("mlx-lm", "kvtrie")
+BIG_SIZE = "1000000"  # --prompt-cache-size at a byte budget: only the bytes bind
+GOALS = {"llama": 0.98, "qwen3_next": 0.97}  # kvtrie hit rate / oracle's at 1.2x the minimum
+RESTORE_GOAL = 0.95  # kill -9 restart: returning conversations' prefixes restored
+SENTENCES = [s.strip() for s in re.split(r"(?<=[.!?])\s+", CORPUS.replace("\n", " ")) if len(s.strip()) > 3]
+
+
+# ----------------------------------------------------------------------------------------
+# Workload
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Workload:
+    system: str
+    messages: list[list[str]]  # per user, its user messages (turns + 2: concurrent / restarts)
+
+
+def build_workload(model_dir: Path, users: int, turns: int, system_tokens: int, seed: int) -> Workload:
+    rng = random.Random(seed)
+    tok = load_tokenizer(model_dir)
+    parts: list[str] = []
+    while len(tok.encode(" ".join(parts))) < system_tokens:
+        parts.append(rng.choice(SENTENCES))
+    messages = [
+        [f"User {u}, turn {t}: " + " ".join(rng.choice(SENTENCES) for _ in range(rng.randint(1, 3))) for t in range(turns + 2)]
+        for u in range(users)
+    ]
+    return Workload(" ".join(parts), messages)
+
+
+@dataclass
+class Client:
+    """Every user's conversation, and what a perfect prefix cache would have stored."""
+
+    url: str
+    model_dir: Path
+    work: Workload
+    max_tokens: int
+    stored: list[list[int]] = field(default_factory=list)  # prompt + completion ids of every request
+    history: list[list[dict]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.history = [[{"role": "system", "content": self.work.system}] for _ in self.work.messages]
+
+    def ask(self, user: int, turn: int) -> dict:
+        """One sequential request (non-streaming, ids via logprobs); the reply joins the history."""
+        msgs = self.history[user] + [{"role": "user", "content": self.work.messages[user][turn]}]
+        prompt = chat_tokens(self.model_dir, msgs)
+        oracle = oracle_cached(self.stored, prompt)
+        t = time.perf_counter()
+        resp = chat(self.url, msgs, self.max_tokens, logprobs=True)
+        latency = time.perf_counter() - t
+        ids = completion_ids(resp)
+        if prompt_tokens(resp) != len(prompt):
+            raise RuntimeError(f"server counted {prompt_tokens(resp)} prompt tokens, the client {len(prompt)}")
+        self.stored.append(prompt + ids)
+        self.history[user] = msgs + [{"role": "assistant", "content": reply_text(resp)}]
+        return {"user": user, "turn": turn, "prompt": len(prompt), "cached": cached_tokens(resp), "oracle": oracle,
+                "latency_s": latency, "completion": len(ids), "done_at": time.monotonic()}
+
+    def ask_streaming(self, user: int, turn: int) -> dict:
+        """A streaming request (time to the first `data:` line); the history is left as it was."""
+        msgs = self.history[user] + [{"role": "user", "content": self.work.messages[user][turn]}]
+        prompt = chat_tokens(self.model_dir, msgs)
+        oracle = oracle_cached(self.stored, prompt)
+        body = {"model": "default_model", "messages": msgs, "max_tokens": self.max_tokens, "temperature": 0.0,
+                "stream": True, "stream_options": {"include_usage": True}}
+        req = urllib.request.Request(self.url + "/v1/chat/completions", data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        t = time.perf_counter()
+        ttft, usage = None, {}
+        with urllib.request.urlopen(req, timeout=300) as r:
+            for raw in r:
+                line = raw.decode().strip()
+                if not line.startswith("data:"):
+                    continue
+                if ttft is None:
+                    ttft = time.perf_counter() - t
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                usage = json.loads(data).get("usage") or usage
+        latency = time.perf_counter() - t
+        return {"user": user, "turn": turn, "prompt": len(prompt), "cached": cached_tokens({"usage": usage}),
+                "oracle": oracle, "ttft_s": ttft, "latency_s": latency}
+
+
+def sums(records: list[dict]) -> dict:
+    p = sum(r["prompt"] for r in records)
+    c = sum(r["cached"] for r in records)
+    o = sum(r["oracle"] for r in records)
+    return {"requests": len(records), "prompt_tokens": p, "cached_tokens": c, "oracle_cached": o,
+            "hit_rate": c / p if p else 0.0, "oracle_hit_rate": o / p if p else 0.0, "vs_oracle": c / o if o else float("nan")}
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+# ----------------------------------------------------------------------------------------
+# Memory the workload needs
+# ----------------------------------------------------------------------------------------
+
+
+def kv_shape(config: dict) -> tuple[int, int]:
+    """(KV bytes per token over the attention layers, bytes of one recurrent snapshot), float32."""
+    f32 = 4
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    per_layer = 2 * config["num_key_value_heads"] * head_dim * f32
+    layers = config["num_hidden_layers"]
+    if config["model_type"] != "qwen3_next":
+        return layers * per_layer, 0
+    attention = sum(1 for i in range(layers) if (i + 1) % config["full_attention_interval"] == 0)
+    linear = layers - attention
+    k_dim = config["linear_num_key_heads"] * config["linear_key_head_dim"]
+    v_dim = config["linear_num_value_heads"] * config["linear_value_head_dim"]
+    conv = (config["linear_conv_kernel_dim"] - 1) * (2 * k_dim + v_dim) * f32
+    delta = config["linear_num_value_heads"] * config["linear_value_head_dim"] * config["linear_key_head_dim"] * f32
+    return attention * per_layer, linear * (conv + delta)
+
+
+def minimum(stored: list[list[int]], per_token: int, snapshot: int) -> dict:
+    """Unique tokens of the stored sequences (a token trie), their KV, and a snapshot per end / branch point."""
+    root: dict = {}
+    nodes = 0
+    for seq in stored:
+        node = root
+        for t in seq:
+            child = node.get(t)
+            if child is None:
+                child = node[t] = {}
+                nodes += 1
+            node = child
+    leaves = branches = 0
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if not node:
+            leaves += 1
+        elif len(node) >= 2 and node is not root:
+            branches += 1
+        stack.extend(node.values())
+    points = leaves + branches if snapshot else 0
+    return {"unique_tokens": nodes, "leaves": leaves, "branch_points": branches,
+            "bytes": nodes * per_token + points * snapshot}
+
+
+# ----------------------------------------------------------------------------------------
+# Servers
+# ----------------------------------------------------------------------------------------
+
+
+def server_cmd(server: str, model_dir: Path, port: int, flags: list[str]) -> list[str]:
+    if server == "mlx-lm":
+        return mlx_lm_server_cmd(model_dir, port, *flags)
+    return [sys.executable, "-m", "kvtrie.serve", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port), *flags]
+
+
+def budget_flags(budget: int | None) -> list[str]:
+    return [] if budget is None else ["--prompt-cache-bytes", str(budget), "--prompt-cache-size", BIG_SIZE]
+
+
+def peak_rss(pid: int) -> int:
+    """VmHWM of the process, in bytes (0 where /proc does not say)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def server_blas(pid: int) -> str:
+    """Whether the server process mapped an OpenBLAS (as common.blas_info, for another process)."""
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return "unknown"
+    libs = {line.split()[-1] for line in maps.splitlines() if "libopenblas" in line and "numpy" not in line}
+    return f"OpenBLAS ({min(libs)}, preloaded)" if libs else "the mlx wheel's bundled BLAS"
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def held_bytes(stats: dict) -> int:
+    return sum(m.get("device_bytes", 0) + m.get("host_bytes", 0) for m in stats.get("models", {}).values())
+
+
+# ----------------------------------------------------------------------------------------
+# Runs
+# ----------------------------------------------------------------------------------------
+
+
+def workload(client: Client, turns: int, bar) -> list[dict]:
+    records = []
+    for t in range(turns):
+        for u in range(len(client.work.messages)):
+            records.append(client.ask(u, t))
+            bar.update()
+    return records
+
+
+def concurrent_phase(client: Client, turn: int) -> dict:
+    users = range(len(client.work.messages))
+    t = time.perf_counter()
+    with cf.ThreadPoolExecutor(len(users)) as pool:
+        records = list(pool.map(lambda u: client.ask_streaming(u, turn), users))
+    wall = time.perf_counter() - t
+    ttfts = [r["ttft_s"] for r in records if r["ttft_s"] is not None]
+    return {**sums(records), "wall_s": wall, "ttft_p50_ms": 1e3 * pct(ttfts, 50), "ttft_p95_ms": 1e3 * pct(ttfts, 95),
+            "latency_p50_ms": 1e3 * pct([r["latency_s"] for r in records], 50)}
+
+
+def summary(records: list[dict], wall: float) -> dict:
+    lat = [r["latency_s"] for r in records]
+    return {**sums(records), "latency_p50_ms": 1e3 * pct(lat, 50), "latency_p95_ms": 1e3 * pct(lat, 95), "wall_s": wall}
+
+
+def run_cell(server: str, model_dir: Path, work: Workload, args, budget: int | None, logs: Path, bar,
+             concurrent: bool) -> dict:
+    """One server at one budget: the sequential workload, then (optionally) the concurrent phase."""
+    port = free_port()
+    label = f"{model_dir.name}-{server}-{budget or 'defaults'}"
+    proc = ServerProcess(server_cmd(server, model_dir, port, budget_flags(budget)), port, log_path=logs / f"{label}.log")
+    cell: dict = {"flags": budget_flags(budget), "budget_bytes": budget}
+    try:
+        with proc:
+            cell["startup_s"] = proc.startup_s
+            client = Client(proc.url, model_dir, work, args.max_tokens)
+            t = time.perf_counter()
+            records = workload(client, args.turns, bar)
+            cell.update(summary(records, time.perf_counter() - t))
+            cell["records"] = records
+            cell["stored"] = client.stored
+            if server == "kvtrie":
+                stats = get_json(proc.url + "/kvtrie/stats")
+                cell["held_bytes"] = held_bytes(stats)
+                cell["server_hit_rate"] = stats.get("hit_rate")
+            if concurrent:
+                cell["concurrent"] = concurrent_phase(client, args.turns)
+                bar.update(len(work.messages))
+            cell["peak_rss"] = peak_rss(proc.pid)
+            cell["server_blas"] = server_blas(proc.pid)
+    except Exception as e:  # noqa: BLE001 (a server error is a result: record it, go on)
+        cell["error"] = f"{type(e).__name__}: {e}"[:2000]
+        cell["log_tail"] = proc.log_tail(20)
+    return cell
+
+
+def restart_round(cmd: list[str], port: int, log: Path, client: Client, turn: int, how: str) -> tuple[ServerProcess, dict]:
+    """Start the server again (same port, same disk dir) and send every user's next turn."""
+    proc = ServerProcess(cmd, port, log_path=log)
+    t0 = time.monotonic()
+    proc.start()
+    out: dict = {"how": how, "startup_s": proc.startup_s}
+    try:
+        records = [client.ask(u, turn) for u in range(len(client.work.messages))]
+        hits = [i for i, r in enumerate(records) if r["cached"] > 0]
+        out["first_hit_s"] = records[hits[0]]["done_at"] - t0 if hits else None
+        out["first_hit_request"] = hits[0] if hits else None
+        out["first_request"] = {"cached": records[0]["cached"], "oracle": records[0]["oracle"], "prompt": records[0]["prompt"]}
+        out.update(sums(records))
+        out["restored"] = out["vs_oracle"]
+        out["per_user_restored"] = [r["cached"] / r["oracle"] if r["oracle"] else float("nan") for r in records]
+        stats = get_json(proc.url + "/kvtrie/stats")
+        out["disk_stats"] = {k: v for m in stats.get("models", {}).values() for k, v in m.items() if "disk" in k}
+        out["records"] = records
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, out
+
+
+def n_files(directory: Path) -> int:
+    return sum(1 for f in directory.rglob("*") if f.is_file())
+
+
+def run_restart(model_dir: Path, work: Workload, args, disk_dir: Path, logs: Path, bar) -> dict:
+    """kvtrie with a disk tier: the workload, SIGTERM + restart + a turn each, kill -9 + restart + a turn each."""
+    port = free_port()
+    cmd = server_cmd("kvtrie", model_dir, port, ["--disk-dir", str(disk_dir)])
+    log = logs / f"{model_dir.name}-kvtrie-disk"
+    procs = [ServerProcess(cmd, port, log_path=f"{log}.log")]
+    cell: dict = {"flags": ["--disk-dir", "DIR"], "budget_bytes": None}
+    try:
+        proc = procs[0].start()
+        cell["startup_s"] = proc.startup_s
+        client = Client(proc.url, model_dir, work, args.max_tokens)
+        t = time.perf_counter()
+        records = workload(client, args.turns, bar)
+        cell.update(summary(records, time.perf_counter() - t))
+        cell["records"] = records
+        cell["stored"] = [list(s) for s in client.stored]
+        cell["held_bytes"] = held_bytes(get_json(proc.url + "/kvtrie/stats"))
+        cell["peak_rss"] = peak_rss(proc.pid)
+        cell["server_blas"] = server_blas(proc.pid)
+        t = time.monotonic()
+        cell["sigterm_exit"] = proc.stop()
+        cell["sigterm_stop_s"] = time.monotonic() - t
+        cell["disk_files_after_sigterm"] = n_files(disk_dir)
+        rounds = []
+        proc, r = restart_round(cmd, port, Path(f"{log}-after-sigterm.log"), client, args.turns, "SIGTERM")
+        procs.append(proc)
+        rounds.append(r)
+        bar.update(len(work.messages))
+        time.sleep(5.0)  # idle: the disk tier's write-back has time to land
+        cell["disk_files_before_kill"] = n_files(disk_dir)
+        cell["kill_exit"] = proc.kill()
+        proc, r = restart_round(cmd, port, Path(f"{log}-after-kill.log"), client, args.turns + 1, "kill -9")
+        procs.append(proc)
+        rounds.append(r)
+        bar.update(len(work.messages))
+        cell["restarts"] = rounds
+    except Exception as e:  # noqa: BLE001 (recorded, as in run_cell)
+        cell["error"] = f"{type(e).__name__}: {e}"[:2000]
+        cell["log_tail"] = procs[-1].log_tail(20)
+    finally:
+        for proc in procs:
+            proc.stop()
+    return cell
+
+
+def run(args: argparse.Namespace) -> dict:
+    results: dict = {"machine": machine(), "args": vars(args), "models": {}}
+    scales = [1.2] if args.quick else [0.6, 1.2, 3.0]
+    defaults = not args.quick
+    users = args.users
+    per_cell = users * args.turns + (users if args.concurrent else 0)
+    cells = len(scales) * 2 + (2 if defaults else 0)
+    total = len(MODELS) * (users * (args.turns + 2) + cells * per_cell)
+    bar = tqdm(total=total, desc="server", file=sys.stderr, leave=False)
+    with tempfile.TemporaryDirectory(prefix="kvtrie-server-bench-") as tmp:
+        tmp = Path(tmp)
+        logs = Path(args.logs) if args.logs else tmp / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        for arch in MODELS:
+            model_dir = make_model_dir(tmp / arch, arch, seed=args.seed)
+            config = json.loads((model_dir / "config.json").read_text())
+            per_token, snapshot = kv_shape(config)
+            work = build_workload(model_dir, args.users, args.turns, args.system_tokens, args.seed)
+            res = results["models"][arch] = {
+                "kv_bytes_per_token": per_token, "snapshot_bytes": snapshot,
+                "system_prompt_tokens": len(load_tokenizer(model_dir).encode(work.system)), "cells": {}}
+            bar.set_postfix_str(f"{arch}: kvtrie + disk tier, restarts")
+            disk = res["restart"] = run_restart(model_dir, work, args, tmp / f"{arch}-disk", logs, bar)
+            stored, source = disk.pop("stored", None), "kvtrie --disk-dir run"
+            first: dict = {}  # the defaults row, run first: it sizes the budgets when the disk run failed
+            if defaults or stored is None:
+                for server in ("kvtrie", "mlx-lm"):
+                    bar.set_postfix_str(f"{arch}: defaults, {server}")
+                    first[server] = run_cell(server, model_dir, work, args, None, logs, bar, args.concurrent)
+                    if stored is None and "stored" in first[server]:
+                        stored, source = first[server]["stored"], f"{server} defaults run"
+                    if not defaults and stored is not None:
+                        break
+            if stored is None:
+                raise RuntimeError(f"{arch}: every first run failed, no minimum to size budgets from: "
+                                   f"{disk.get('error')}\n{disk.get('log_tail')}")
+            need = res["needed_minimum"] = {**minimum(stored, per_token, snapshot), "from": source}
+            for s in scales:
+                label, budget = f"{s:g}x min", int(s * need["bytes"])
+                row = res["cells"][label] = {}
+                for server in SERVERS:
+                    bar.set_postfix_str(f"{arch}: {label}, {server}")
+                    row[server] = run_cell(server, model_dir, work, args, budget, logs, bar, args.concurrent)
+            if first:
+                res["cells"]["defaults"] = {s: first[s] for s in SERVERS if s in first}
+            for row in res["cells"].values():
+                for cell in row.values():
+                    if "stored" in cell:  # differs from the minimum's run only if the replies did
+                        cell["own_minimum_bytes"] = minimum(cell.pop("stored"), per_token, snapshot)["bytes"]
+    bar.close()
+    results["targets"] = targets(results)
+    return results
+
+
+# ----------------------------------------------------------------------------------------
+# Targets, tables, chart
+# ----------------------------------------------------------------------------------------
+
+
+def _t(name: str, value: float, goal: str, ok: bool) -> dict:
+    return {"target": name, "measured": value, "goal": goal, "verdict": verdict(ok)}
+
+
+def targets(results: dict) -> list[dict]:
+    out = []
+    for arch, res in results["models"].items():
+        cell = res["cells"].get("1.2x min")
+        if cell:
+            kv, ml = cell["kvtrie"], cell["mlx-lm"]
+            v = kv.get("vs_oracle", float("nan"))
+            out.append(_t(f"{arch}, 1.2x the needed minimum ({cell['kvtrie']['budget_bytes']} B): kvtrie hit rate / oracle's "
+                          f"(mlx-lm's at the same bytes: {ml.get('vs_oracle', float('nan')):.3f})",
+                          v, f">= {GOALS[arch]}", v >= GOALS[arch]))
+        cell = res["cells"].get("defaults")
+        if cell and all(k in cell for k in SERVERS):
+            kv, ml = cell["kvtrie"], cell["mlx-lm"]
+            ok = "hit_rate" in kv and "hit_rate" in ml
+            hk, hm = kv.get("hit_rate", float("nan")), ml.get("hit_rate", float("nan"))
+            out.append(_t(f"{arch}, server defaults: kvtrie hit rate / mlx-lm's ({hk:.3f} vs {hm:.3f})",
+                          hk / hm if hm else float("inf"), ">= 1", ok and hk >= hm))
+            rk, rm = kv.get("peak_rss", 0), ml.get("peak_rss", 0)
+            out.append(_t(f"{arch}, server defaults: kvtrie peak RSS / mlx-lm's ({rk / 2**20:.1f} vs {rm / 2**20:.1f} MiB)",
+                          rk / rm if rm else float("nan"), "<= 1", bool(rk and rm and rk <= rm)))
+        rounds = {r["how"]: r for r in res["restart"].get("restarts", [])}
+        r = rounds.get("kill -9")
+        v = r["restored"] if r else float("nan")
+        out.append(_t(f"{arch}, kill -9 + restart: returning conversations' cached tokens / oracle's", v,
+                      f">= {RESTORE_GOAL}", bool(r) and v >= RESTORE_GOAL))
+    return out
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, spec)
+
+
+def print_tables(results: dict) -> None:
+    m, a = results["machine"], results["args"]
+    print(f"server on {m['device']}, mlx {m['mlx']}, BLAS: {m['blas']}; {m['cpus']} CPUs")
+    print(f"{a['users']} users x {a['turns']} turns, max_tokens {a['max_tokens']}, sequential; "
+          f"latency = whole non-streaming request; TTFT (first data: line) in the concurrent phase only")
+    for arch, res in results["models"].items():
+        need = res["needed_minimum"]
+        blas = sorted({c.get("server_blas") for row in res["cells"].values() for c in row.values() if c.get("server_blas")})
+        print(f"\n{arch}: KV {res['kv_bytes_per_token']} B/token, snapshot {res['snapshot_bytes']} B, system prompt "
+              f"{res['system_prompt_tokens']} tokens; needed minimum {need['bytes'] / 2**20:.2f} MiB ({need['unique_tokens']} "
+              f"unique tokens, {need['leaves']} ends, {need['branch_points']} branch points); servers' BLAS: {', '.join(blas) or '-'}")
+        print(f"{'budget':<10} {'server':<16} {'MiB':>6} {'hit%':>5} {'oracle%':>7} {'xoracle':>7} {'held MiB':>8} "
+              f"{'RSS MiB':>7} {'lat p50':>7} {'p95 ms':>7} {'wall s':>6} {'conc ttft p50':>13} {'p95 ms':>7} {'conc xor':>8}")
+        rows = [("defaults", "kvtrie+disk", res["restart"])] + [
+            (label, s, c) for label, row in res["cells"].items() for s, c in row.items()]
+        for label, server, c in rows:
+            b = c.get("budget_bytes")
+            if "error" in c and "hit_rate" not in c:
+                print(f"{label:<10} {server:<16} ERROR {c['error'][:150]}")
+                continue
+            cc = c.get("concurrent", {})
+            print(f"{label:<10} {server:<16} {_fmt(b and b / 2**20, '6.2f'):>6} {100 * c['hit_rate']:>5.1f} "
+                  f"{100 * c['oracle_hit_rate']:>7.1f} {c['vs_oracle']:>7.3f} {_fmt(c.get('held_bytes', 0) / 2**20 if 'held_bytes' in c else None, '8.2f'):>8} "
+                  f"{c.get('peak_rss', 0) / 2**20:>7.1f} {c['latency_p50_ms']:>7.1f} {c['latency_p95_ms']:>7.1f} {c['wall_s']:>6.1f} "
+                  f"{_fmt(cc.get('ttft_p50_ms'), '13.1f'):>13} {_fmt(cc.get('ttft_p95_ms'), '7.1f'):>7} {_fmt(cc.get('vs_oracle'), '8.3f'):>8}")
+            if "error" in c:
+                print(f"{'':<10} {'':<16} ERROR {c['error'][:150]}")
+        rs = res["restart"]
+        if "restarts" in rs:
+            print(f"  restart on the same --disk-dir (SIGTERM exit {rs['sigterm_exit']}, stop {rs['sigterm_stop_s']:.1f} s, "
+                  f"{rs['disk_files_after_sigterm']} files; before kill -9: {rs['disk_files_before_kill']} files)")
+            print(f"  {'after':<8} {'to /health s':>12} {'first hit s':>11} {'(request #)':>11} {'1st cached/oracle':>17} {'restored':>8}")
+            for r in rs["restarts"]:
+                f = r["first_request"]
+                print(f"  {r['how']:<8} {r['startup_s']:>12.2f} {_fmt(r['first_hit_s'], '11.2f'):>11} "
+                      f"{_fmt(r['first_hit_request'], 'd'):>11} {f['cached']:>8}/{f['oracle']:<8} {r['restored']:>8.3f}")
+        elif "error" in rs:
+            print(f"  restart: ERROR {rs['error'][:300]}")
+    print("\ntargets:")
+    for t in results["targets"]:
+        print(f"  {t['verdict']:<11} {t['target']}: {t['measured']:.3f} (goal {t['goal']})")
+
+
+def chart(results: dict, out: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    models = results["models"]
+    fig, axes = plt.subplots(1, len(models) + 1, figsize=(6 * (len(models) + 1), 4.5))
+    for ax, (arch, res) in zip(axes, models.items()):
+        labels = list(res["cells"])
+        x = np.arange(len(labels))
+        for i, server in enumerate(SERVERS):
+            vals = [res["cells"][lab].get(server, {}).get("vs_oracle", 0.0) for lab in labels]
+            ax.bar(x + i * 0.4, vals, 0.4, label=server)
+        ax.axhline(GOALS[arch], color="red", lw=0.8, ls="--")
+        ax.set_xticks(x + 0.2, labels)
+        ax.set_ylim(0, 1.1)
+        ax.set_title(f"{arch}: hit rate / oracle's, by --prompt-cache-bytes")
+        ax.legend(fontsize=8)
+    ax = axes[-1]
+    names = [(arch, lab, s) for arch, res in models.items() for lab in res["cells"] for s in res["cells"][lab]]
+    rss = [models[a]["cells"][lab][s].get("peak_rss", 0) / 2**20 for a, lab, s in names]
+    ax.barh(np.arange(len(names)), rss, color=["C0" if s == "mlx-lm" else "C1" for *_, s in names])
+    ax.set_yticks(np.arange(len(names)), [f"{a} {lab} {s}" for a, lab, s in names], fontsize=7)
+    ax.set_xlabel("server peak RSS (VmHWM), MiB")
+    fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "server.png"
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="4 users x 3 turns, the 1.2x budget only (a smoke run)")
+    p.add_argument("--users", type=int, default=None, help="conversations (default 12; 4 with --quick)")
+    p.add_argument("--turns", type=int, default=None, help="turns each (default 4; 3 with --quick)")
+    p.add_argument("--system-tokens", type=int, default=300, help="length of the shared system prompt")
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--no-concurrent", dest="concurrent", action="store_false", help="skip the concurrent phase")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--results", default=str(RESULTS), help="where server.json and server.png go")
+    p.add_argument("--logs", default=None, help="keep the servers' logs here (default: a temporary directory)")
+    args = p.parse_args(argv)
+    args.users = args.users or (4 if args.quick else 12)
+    args.turns = args.turns or (3 if args.quick else 4)
+    t = time.perf_counter()
+    results = run(args)
+    results["wall_s"] = time.perf_counter() - t
+    out = Path(args.results)
+    png = chart(results, out)
+    print_tables(results)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "server.json"
+    path.write_text(json.dumps(results, indent=2, default=str))
+    print(f"\nsaved {path}" + (f" and {png}" if png else "") + f" ({results['wall_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
