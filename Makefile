@@ -7,27 +7,35 @@ STAMP := $(VENV)/.installed-stamp
 OPENBLAS := /usr/lib/x86_64-linux-gnu/libopenblas.so.0
 BENCH_STAMP := $(VENV)/.bench-stamp
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean redis
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,tokenizers,mlx-lm,serve]'
+	$(PY) -m pip install -q -e '.[test,tokenizers,mlx-lm,serve,shared]'
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(PY) examples/multi_conversation.py
 
-test: $(STAMP)
+test: $(STAMP) redis
 	$(PY) -m pytest -q
 
+# The shared-tier tests start their own redis-server (Debian's package) on loopback ports.
+redis:
+	@command -v redis-server >/dev/null || test -x /usr/bin/redis-server || { \
+		command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+		{ apt-get install -y -qq redis-server >/dev/null 2>&1 || \
+		  { apt-get update -qq && apt-get install -y -qq redis-server; } >/dev/null 2>&1; }; } || \
+		echo "redis-server is missing and could not be installed (apt-get install redis-server): the shared-tier tests skip"
+
 $(BENCH_STAMP): $(STAMP)
-	$(PY) -m pip install -q -e '.[test,tokenizers,mlx-lm,serve,bench]'
+	$(PY) -m pip install -q -e '.[test,tokenizers,mlx-lm,serve,shared,bench]'
 	touch $(BENCH_STAMP)
 
 # Benchmarks preload the system OpenBLAS when there is one (about 16x faster prefill
 # than the reference BLAS in the mlx wheel); each script prints which BLAS it ran on.
-bench: $(BENCH_STAMP)
+bench: $(BENCH_STAMP) redis
 	@test -e $(OPENBLAS) || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 		{ apt-get install -y -qq libopenblas0-pthread || { apt-get update -qq && apt-get install -y -qq libopenblas0-pthread; }; } >/dev/null 2>&1; } || \
 		echo "no system OpenBLAS: MLX runs on the reference BLAS of its wheel"
@@ -36,6 +44,7 @@ bench: $(BENCH_STAMP)
 	LD_PRELOAD=$$(test -e $(OPENBLAS) && echo $(OPENBLAS)) $(PY) benchmarks/scale.py
 	LD_PRELOAD=$$(test -e $(OPENBLAS) && echo $(OPENBLAS)) $(PY) benchmarks/disk.py
 	LD_PRELOAD=$$(test -e $(OPENBLAS) && echo $(OPENBLAS)) $(PY) benchmarks/hybrid.py
+	LD_PRELOAD=$$(test -e $(OPENBLAS) && echo $(OPENBLAS)) $(PY) benchmarks/server.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis

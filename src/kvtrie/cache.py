@@ -30,9 +30,11 @@ from .errors import CacheMismatchError, SessionError
 from .layers import KV, STATE, WINDOW, leaves, rule_for
 from .paging import DEVICE, DISK, HOST, Pager, check_budget
 from .policy import POLICIES, REASON_NAMES, END, PlanRequest, WorthPolicy
+from .arrays import HostArray, to_device
 from .session import Session
-from .snapshot import KVPayload, Piece, capture_tokens, evaluate, prefix_pieces, stitch
-from .storage import TieredStorage
+from .shared import SharedTier
+from .snapshot import KVPayload, Piece, capture_tokens, evaluate, prefix_pieces, split_kv, stitch
+from .storage import NodeData, TieredStorage
 from .trie import Match, Node, as_token_array
 from .window import Recorder, record, recorder_of, restorable, restorable_max
 
@@ -92,6 +94,9 @@ class PrefixCache:
         disk_bytes: Optional[int] = None,
         fingerprint: Optional[str] = None,
         persist_seconds: Optional[float] = 2.0,
+        shared_url: Optional[str] = None,
+        shared_block_tokens: int = 256,
+        shared_timeout: float = 0.25,
     ):
         if not callable(make_cache):
             raise TypeError(f"make_cache must be callable (a model's make_cache), got {type(make_cache).__name__}")
@@ -108,6 +113,11 @@ class PrefixCache:
             isinstance(persist_seconds, bool) or not isinstance(persist_seconds, (int, float)) or not persist_seconds > 0
         ):
             raise ValueError(f"persist_seconds must be a positive number of seconds or None, got {persist_seconds!r}")
+        if shared_url is not None and not isinstance(fingerprint, str):
+            raise TypeError(
+                "a shared tier needs fingerprint=str, the model's identity (e.g. kvtrie.models.model_fingerprint(model)): "
+                "processes share blocks only with the same fingerprint"
+            )
         if disk_dir is not None and not isinstance(fingerprint, str):
             raise TypeError(
                 "a disk tier needs fingerprint=str, the model's identity (e.g. kvtrie.models.model_fingerprint(model)), "
@@ -143,6 +153,12 @@ class PrefixCache:
         self._hot: deque[tuple[str, np.ndarray, list]] = deque(maxlen=hot_sessions or None)
         self._hot_slots = hot_sessions
         self._closed = False
+        self._shared: Optional[SharedTier] = None
+        if shared_url is not None:
+            self._shared = SharedTier(
+                shared_url, fingerprint=fingerprint, layout=[f"{t}:{k}" for t, k in zip(self._layer_types, self._kinds)],
+                kinds=self._kinds, block_tokens=shared_block_tokens, timeout=float(shared_timeout),
+            )
         self._stop_persisting = threading.Event()
         self._persister: Optional[threading.Thread] = None
         if self._storage.disk is not None:
@@ -223,6 +239,10 @@ class PrefixCache:
             trie = storage.trie(ns)
             match = trie.match(arr) if trie is not None else Match((), 0)
             match, from_disk = storage.resident(trie, arr, match, len(arr))
+            if self._shared is not None and self._fill_from_shared(ns, arr, match):
+                trie = storage.trie(ns)
+                match, more = storage.resident(trie, arr, trie.match(arr), len(arr))
+                from_disk |= more
             cached, full = self._usable(match, len(arr), bool(reuse_logits))
             hot = self._take_hot(ns, arr, cached)
             if hot is not None:
@@ -265,6 +285,41 @@ class PrefixCache:
             ns, len(arr), match.length, cached, len(used), plan,
         )
         return Session(self, ns, arr, cached, caches, leaf, plan, logits)
+
+    def _fill_from_shared(self, ns: str, arr: np.ndarray, match: Match) -> bool:
+        """Bring from the shared tier what it holds beyond the local restore into the local
+        trie (host tier): per-token payloads past the local match and, for a hybrid model, the
+        state where they end. True if anything came."""
+        n = len(arr)
+        cached, _ = self._usable(match, n, False)
+        have = match.length
+        storage = self._storage
+        hit = self._shared.fetch(ns, arr, have, cached, n - 1, self._policy.hybrid)
+        if hit is None:
+            return False
+        trie = storage.trie(ns, create=True)
+        states = None
+        if hit.states is not None:
+            states = tuple(s.map(lambda a: to_device(HostArray(np.array(a.data), a.dtype))) for s in hit.states)
+        if hit.end > have:
+            parent = storage.boundary(trie, arr, have) if have else trie.root
+            layers = []
+            for p, kind in zip(hit.layers, self._kinds):
+                if kind == STATE:
+                    layers.append(None)
+                    continue
+                lo, hi = have - hit.start, hit.end - hit.start
+                if lo:
+                    p = split_kv(p, lo)[1]
+                layers.append(p if hi - lo == p.length else split_kv(p, hi - lo)[0])
+            node = storage.add(trie, parent, arr[have : hit.end], NodeData(tuple(layers), self._kinds, HOST))
+        else:
+            node = storage.boundary(trie, arr, hit.end)
+        if states is not None:
+            storage.attach(node, states, None, END)
+        self._shared.tokens += max(hit.end - have, 0)
+        logger.debug("shared tier: [%d, %d) of %d tokens (states: %s)", max(have, hit.start), hit.end, n, states is not None)
+        return True
 
     def _usable(self, match: Match, n: int, reuse_logits: bool) -> tuple[int, Optional[Node]]:
         """How many tokens can be restored, and the node whose logits come along (whole-prompt restores)."""
@@ -435,6 +490,10 @@ class PrefixCache:
                 storage.rekey_below(standing)
                 proven.add(standing.id)
             storage.touch(path)
+            if self._shared is not None:
+                self._shared.signature = storage.signature_text
+                ends = [x.end for x in path if self._policy.hybrid and x.payload.layers is not None and x.payload.has_state]
+                self._shared.publish(session.namespace, arr, path, ends)
             self._policy.settle(path, created, lambda: storage.snapshot_bytes, storage.drop_snapshot, proven)
             session._committed = True
             if caches is session.caches:  # only the session's own caches may be kept hot
@@ -580,6 +639,8 @@ class PrefixCache:
             if self._storage.disk is not None:
                 self._storage.flush_to_disk()
                 self._storage.disk.stop()
+            if self._shared is not None:
+                self._shared.close()
             self._closed = True
 
     def __enter__(self) -> "PrefixCache":
@@ -648,6 +709,7 @@ class PrefixCache:
             tries = storage.tries.values()
             return {
                 **self._counters.as_dict(),
+                **(self._shared.stats() if self._shared is not None else {}),
                 "nodes": sum(t.num_nodes for t in tries),
                 "tokens_stored": sum(t.num_tokens for t in tries),
                 "sequences": storage.num_sequences,

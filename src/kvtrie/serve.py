@@ -11,7 +11,6 @@ SIGTERM and Ctrl-C stop the server and flush the cache to its disk tier.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ from typing import Any, Callable, Optional, Sequence
 import attrs
 
 from .integrations.mlx_lm import TriePromptCache, cache_offset
+from .models.fingerprint import model_fingerprint
 
 logger = logging.getLogger("kvtrie.serve")
 
@@ -54,6 +54,8 @@ class ServeOptions:
     disk_bytes: Optional[int] = None
     max_sequences: Optional[int] = None  # --prompt-cache-size, only when given
     persist_seconds: float = 2.0  # a stored sequence is on disk this long after (plus the write)
+    shared_url: Optional[str] = None  # a Redis shared by servers (redis://, rediss://, a cluster node)
+    shared_block_tokens: int = 256
 
     def __attrs_post_init__(self) -> None:
         if self.cache_bytes < 0 or not 0 <= self.host_bytes <= self.cache_bytes:
@@ -68,23 +70,6 @@ class ServeOptions:
     @property
     def device_bytes(self) -> int:
         return self.cache_bytes - self.host_bytes
-
-
-def model_fingerprint(model: Any) -> str:
-    """A name for the model's weights: parameter names, shapes, dtypes and a sample of each
-    parameter's bytes (the first 64 KiB), hashed; another model or other weights give another."""
-    import mlx.core as mx
-    import numpy as np
-    from mlx.utils import tree_flatten
-
-    h = hashlib.sha256()
-    for name, p in sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0]):
-        h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
-        flat = p.reshape(-1)[: max(1, 65536 // max(p.dtype.size, 1))]
-        if flat.dtype == mx.bfloat16:
-            flat = flat.view(mx.uint16)
-        h.update(np.asarray(flat).tobytes())
-    return h.hexdigest()[:32]
 
 
 class ServerPromptCache(TriePromptCache):
@@ -129,8 +114,12 @@ class ServerPromptCache(TriePromptCache):
             from .cache import PrefixCache
 
             kwargs = dict(self._kwargs)
+            if self.options.disk_dir is not None or self.options.shared_url is not None:
+                kwargs["fingerprint"] = model_fingerprint(self._model_for(model))
+            if self.options.shared_url is not None:
+                kwargs.update(shared_url=self.options.shared_url, shared_block_tokens=self.options.shared_block_tokens)
             if self.options.disk_dir is not None:
-                fingerprint = model_fingerprint(self._model_for(model))
+                fingerprint = kwargs["fingerprint"]
                 kwargs.update(
                     disk_dir=os.path.join(self.options.disk_dir, fingerprint[:16]),
                     disk_bytes=self.options.disk_bytes,
@@ -386,6 +375,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--disk-dir", default=None,
                        help="directory of the persistent tier (a subdirectory per model, named by its weights)")
     group.add_argument("--disk-bytes", type=_size, default=None, help="byte budget of the disk tier (default: unbounded)")
+    group.add_argument("--shared-url", default=None,
+                       help="a Redis that servers of the same model share prefixes through: redis://HOST:PORT/DB, "
+                            "rediss://, a password in the URL, or any node of a Redis Cluster")
+    group.add_argument("--shared-block-tokens", type=int, default=256,
+                       help="tokens per shared block (every server sharing a Redis must use the same)")
     group.add_argument("--persist-seconds", type=float, default=2.0,
                        help="with --disk-dir: what was stored this many seconds ago is on disk, so a server killed "
                             "at any moment (kill -9 included) restarts warm with it (default 2)")
@@ -418,6 +412,8 @@ def options_from(args: argparse.Namespace) -> ServeOptions:
         disk_bytes=args.disk_bytes,
         max_sequences=args.prompt_cache_size,
         persist_seconds=args.persist_seconds,
+        shared_url=args.shared_url,
+        shared_block_tokens=args.shared_block_tokens,
     )
 
 

@@ -1,0 +1,488 @@
+"""A tier shared by processes and machines: content-addressed blocks in Redis.
+
+Payloads are published as fixed-size token blocks (`block_tokens` positions of every
+per-token layer) keyed by a hash chain over the tokens: block k's key hashes block k-1's key
+and its own tokens, and the chain starts from the model's fingerprint, its cache layout and
+the namespace, so other models and tenants never see each other's blocks. A process finds the
+longest shared prefix of a prompt with two pipelined round trips (which blocks exist, then
+their values) and no shared trie. A recurrent snapshot is keyed by the prefix it ends and
+carries the KV of the positions after the last whole block (its tail); each block key's
+snapshot offsets are listed in a set, so a reader knows where to look.
+
+Every value is `b"KVT1"`, a CRC-32 of the rest, and a safetensors file whose metadata holds
+the format version, the fingerprint, the layout, the cache signature and what the value
+covers (the tensors' dtypes and shapes are in its own header). A value that fails any check
+is a miss from there on, never state.
+
+Publishing runs on a background thread behind a bounded queue (a full queue drops the job,
+counted); what was published is remembered, so each block is sent once. Reads are
+synchronous with a short timeout. Any Redis failure (down, slow, flushed, restarted, damaged
+values) makes requests go on from the local tiers: it is counted in `errors` and the tier
+backs off (0.5 s doubling to 30 s) before trying again. Eviction is Redis's own
+(`maxmemory` with `allkeys-lru`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import struct
+import threading
+import time
+import zlib
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import attrs
+import mlx.core as mx
+import numpy as np
+
+from .arrays import HostArray, numpy_view
+from .disk import FORMAT, decode, encode
+from .layers import STATE
+from .recurrent import RecurrentPayload
+from .snapshot import TOKEN_AXIS, KVPayload
+
+logger = logging.getLogger("kvtrie")
+
+MAGIC = b"KVT1"
+
+
+class SharedError(Exception):
+    """The shared tier could not answer, or answered something unusable: a miss, never state."""
+
+
+def connect(url: str, timeout: float) -> Any:
+    """A redis-py client for `url` (redis://, rediss://, a password in the URL): a cluster client
+    when the node at `url` runs in cluster mode (any node of a Redis Cluster will do; a cluster
+    has only db 0). Calls fail at once instead of retrying (redis-py >= 6 retries timeouts and
+    connection errors ten times by default): the tier's own backoff decides when to try again."""
+    from urllib.parse import urlsplit
+
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.cluster import RedisCluster
+    from redis.retry import Retry
+
+    options = dict(socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0))
+    parts = urlsplit(url)
+    probe = redis.Redis.from_url(parts._replace(path="").geturl(), **options)
+    try:
+        enabled = int(probe.info("cluster").get("cluster_enabled", 0))
+    finally:
+        probe.close()
+    if not enabled:
+        return redis.Redis.from_url(url, **options)
+    if parts.path.strip("/") not in ("", "0"):
+        raise ValueError(f"a Redis Cluster has only db 0: {url}")
+    return RedisCluster.from_url(parts._replace(path="").geturl(), **options)
+
+
+@attrs.frozen
+class SharedHit:
+    """What the shared tier holds beyond the local match: per-token payloads of `[start, end)`
+    (host arrays, one entry per layer, None for whole-state layers), and the whole states at
+    `end` when the model needs them (else None)."""
+
+    start: int
+    end: int
+    layers: tuple[Any, ...]
+    states: Optional[tuple[Any, ...]]
+
+
+@attrs.define
+class _Job:
+    namespace: str
+    keys: list[tuple[str, Optional[str], int]]  # (value key, index key or None, offset for the index)
+    builds: list[Any]  # per key: (kind, start, length, per-layer piece lists, states)
+
+
+class SharedTier:
+    """Publish and fetch blocks of one model's payloads (one per PrefixCache)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        fingerprint: str,
+        layout: Sequence[str],
+        kinds: Sequence[str],
+        block_tokens: int = 256,
+        timeout: float = 0.25,
+        queue_size: int = 64,
+        client: Any = None,
+    ):
+        if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"shared_url must be a redis://, rediss:// or unix:// URL, got {url!r}")
+        if isinstance(block_tokens, bool) or not isinstance(block_tokens, int) or block_tokens <= 0:
+            raise ValueError(f"shared_block_tokens must be a positive int, got {block_tokens!r}")
+        self.url = url
+        self.fingerprint = fingerprint
+        self.layout = list(layout)
+        self.kinds = tuple(kinds)
+        self.block = block_tokens
+        self.timeout = timeout
+        self.signature: Optional[str] = None  # the caches' signature, once the cache knows it
+        self.errors = 0
+        self.published = 0
+        self.dropped = 0
+        self.restores = 0
+        self.tokens = 0
+        self._client = client
+        self._client_lock = threading.Lock()
+        self._down_until = 0.0
+        self._backoff = 0.5
+        self._sent: OrderedDict[str, None] = OrderedDict()  # keys published by this process (bounded)
+        self._jobs: queue.Queue[Optional[_Job]] = queue.Queue(maxsize=queue_size)
+        self._thread = threading.Thread(target=self._publish_loop, name="kvtrie-shared-publisher", daemon=True)
+        self._thread.start()
+
+    # --- keys --------------------------------------------------------------------------------
+
+    def _root(self, namespace: str) -> bytes:
+        h = hashlib.blake2b(digest_size=16)
+        h.update(f"kvtrie|{FORMAT}|{self.fingerprint}|{self.layout}|{namespace}|{self.block}".encode())
+        return h.digest()
+
+    def chain(self, namespace: str, tokens: np.ndarray, blocks: int) -> list[bytes]:
+        """h_0 (the salt) .. h_blocks: h_k covers the first k whole blocks of `tokens`."""
+        out = [self._root(namespace)]
+        for k in range(blocks):
+            h = hashlib.blake2b(out[-1], digest_size=16)
+            h.update(np.ascontiguousarray(tokens[k * self.block : (k + 1) * self.block], dtype=np.int32).tobytes())
+            out.append(h.digest())
+        return out
+
+    @staticmethod
+    def block_key(h: bytes) -> str:
+        return f"kvtrie:b:{h.hex()}"
+
+    @staticmethod
+    def index_key(h: bytes) -> str:
+        return f"kvtrie:i:{h.hex()}"
+
+    @staticmethod
+    def state_key(h: bytes, tail: np.ndarray) -> str:
+        s = hashlib.blake2b(h + b"|s|", digest_size=16)
+        s.update(np.ascontiguousarray(tail, dtype=np.int32).tobytes())
+        return f"kvtrie:s:{s.hexdigest()}"
+
+    # --- the connection ------------------------------------------------------------------------
+
+    def _redis(self) -> Optional[Any]:
+        """The client, or None while backing off after a failure."""
+        if time.monotonic() < self._down_until:
+            return None
+        with self._client_lock:
+            if self._client is None:
+                try:
+                    self._client = connect(self.url, self.timeout)
+                except Exception as exc:
+                    self._failed(exc)
+                    return None
+            return self._client
+
+    def _failed(self, exc: BaseException) -> None:
+        self.errors += 1
+        self._down_until = time.monotonic() + self._backoff
+        logger.warning("shared tier %s: %s (%s); local tiers only for %.1f s", self.url, type(exc).__name__, exc, self._backoff)
+        self._backoff = min(self._backoff * 2, 30.0)
+
+    def _ok(self) -> None:
+        self._backoff = 0.5
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def fetch(self, namespace: str, tokens: np.ndarray, have: int, floor: int, limit: int, hybrid: bool) -> Optional[SharedHit]:
+        """What the shared tier adds beyond the local state: a restore that reaches past `floor`
+        (what the local tiers restore) and at most `limit` positions, given that the local trie
+        holds per-token payloads for `[0, have)`. None on a miss or any failure."""
+        if limit <= floor:
+            return None
+        client = self._redis()
+        if client is None:
+            return None
+        b = self.block
+        whole = limit // b  # whole blocks that end at or before `limit`
+        first = have // b  # the first block the local trie does not hold whole
+        if whole <= first and not hybrid:
+            return None
+        chain = self.chain(namespace, tokens, whole)
+        lowest = floor // b  # snapshots past `floor` are listed under these block keys
+        try:
+            pipe = client.pipeline(transaction=False)
+            for k in range(first, whole):
+                pipe.exists(self.block_key(chain[k + 1]))
+            if hybrid:
+                for k in range(lowest, whole + 1):
+                    pipe.smembers(self.index_key(chain[k]))
+            answers = pipe.execute()
+            present = answers[: max(whole - first, 0)]
+            run = next((i for i, x in enumerate(present) if not x), len(present))
+            top = first + run  # whole blocks [first, top) are there
+            target, state_key = top * b, None
+            if hybrid:
+                target = -1
+                listed = answers[max(whole - first, 0) :]
+                for k in range(whole, lowest - 1, -1):  # the deepest snapshot that can be used
+                    for o in sorted((int(x) for x in listed[k - lowest]), reverse=True):
+                        p = k * b + o
+                        if floor < p <= limit and 0 < o <= b and (p <= have or k <= top):
+                            target, state_key = p, self.state_key(chain[k], tokens[k * b : p])
+                            break
+                    if state_key is not None:
+                        break
+                if state_key is None:
+                    return None
+            if target <= floor:
+                return None
+            need = list(range(first, target // b)) if target > have else []
+            pipe = client.pipeline(transaction=False)
+            for k in need:
+                pipe.get(self.block_key(chain[k + 1]))
+            if state_key is not None:
+                pipe.get(state_key)
+            values = pipe.execute()
+            self._ok()
+        except Exception as exc:
+            self._failed(exc)
+            return None
+        try:
+            return self._assemble(first, have, target, need, values, state_key is not None)
+        except SharedError as exc:
+            self.errors += 1
+            logger.warning("shared tier %s: %s: a miss from there", self.url, exc)
+            return None
+
+    def _assemble(self, first: int, have: int, target: int, need: list[int], values: list, with_state: bool) -> SharedHit:
+        b = self.block
+        parts: list[list[Any]] = [[] for _ in self.kinds]
+        for k, value in zip(need, values):
+            if value is None:
+                raise SharedError(f"block {k} went missing")
+            layers, _, _ = self._decode(value, "block", k * b, b)
+            for i, p in enumerate(layers):
+                if self.kinds[i] != STATE:
+                    parts[i].append(p)
+        states = None
+        if with_state:
+            value = values[len(need)]
+            if value is None:
+                raise SharedError("a snapshot went missing")
+            tail_start = (target // b) * b
+            layers, _, _ = self._decode(value, "state", tail_start, target - tail_start)
+            states = tuple(p for p, kind in zip(layers, self.kinds) if kind == STATE)
+            if any(s is None for s in states):
+                raise SharedError("a snapshot without its states")
+            if target > have and target > tail_start:
+                for i, p in enumerate(layers):
+                    if self.kinds[i] != STATE:
+                        parts[i].append(p)
+        if target <= have:  # the local trie holds the positions: only the state is new
+            self.restores += 1
+            return SharedHit(target, target, (None,) * len(self.kinds), states)
+        out: list[Any] = []
+        for i, kind in enumerate(self.kinds):
+            if kind == STATE:
+                out.append(None)
+                continue
+            ps = parts[i]
+            if not ps or any(p is None for p in ps):
+                raise SharedError(f"layer {i} has positions nobody published")
+            out.append(KVPayload(tuple(
+                HostArray(np.concatenate([p.arrays[j].data for p in ps], axis=TOKEN_AXIS), ps[0].arrays[j].dtype)
+                for j in range(len(ps[0].arrays))
+            )))
+        self.restores += 1
+        return SharedHit(first * b, target, tuple(out), states)
+
+    def _decode(self, value: bytes, kind: str, start: int, length: int) -> tuple[tuple, Any, dict]:
+        if not isinstance(value, (bytes, bytearray)) or len(value) < 8 or value[:4] != MAGIC:
+            raise SharedError(f"a {kind} value is not a kvtrie value")
+        (crc,) = struct.unpack(">I", value[4:8])
+        body = bytes(value[8:])
+        if zlib.crc32(body) != crc:
+            raise SharedError(f"a {kind} value fails its checksum")
+        try:
+            layers, logits, record = decode(body)
+        except Exception as exc:
+            raise SharedError(f"a {kind} value does not decode ({exc})") from exc
+        expect = {"fingerprint": self.fingerprint, "layout": self.layout, "kind": kind, "start": start, "length": length}
+        for name, want in expect.items():
+            if record.get(name) != want:
+                raise SharedError(f"a {kind} value's {name} is {record.get(name)!r}, not {want!r}")
+        if self.signature is not None and record.get("signature") != self.signature:
+            raise SharedError(f"a {kind} value was made with other caches")
+        if len(layers) != len(self.kinds):
+            raise SharedError(f"a {kind} value has {len(layers)} layers, not {len(self.kinds)}")
+        for p, k in zip(layers, self.kinds):
+            if k != STATE and p is not None and any(a.shape[TOKEN_AXIS] != length for a in p.arrays):
+                raise SharedError(f"a {kind} value's arrays do not hold {length} positions")
+        return layers, logits, record
+
+    # --- publishing ------------------------------------------------------------------------------
+
+    def publish(self, namespace: str, tokens: np.ndarray, path: Sequence[Any], snapshot_ends: Sequence[int]) -> None:
+        """Queue the blocks of `tokens` (a stored sequence; `path` its trie nodes, payloads in
+        memory) that this process has not published, and its snapshots at `snapshot_ends`.
+        Never blocks: a full queue drops the job."""
+        if self._redis() is None and time.monotonic() < self._down_until:
+            return
+        b = self.block
+        n = len(tokens)
+        chain = self.chain(namespace, tokens, n // b)
+        keys: list[tuple[str, Optional[str], int]] = []
+        builds: list[Any] = []
+        for k in range(n // b):
+            key = self.block_key(chain[k + 1])
+            if key in self._sent:
+                continue
+            pieces = _pieces(path, self.kinds, k * b, (k + 1) * b)
+            if pieces is None:
+                continue
+            keys.append((key, None, 0))
+            builds.append(("block", k * b, b, pieces, None))
+        for p in snapshot_ends:
+            k = p // b
+            if k > n // b or p > n:
+                continue
+            node = next((x for x in path if x.end == p), None)
+            if node is None or node.payload.layers is None or not node.payload.has_state:
+                continue
+            key = self.state_key(chain[k] if k < len(chain) else chain[-1], tokens[k * b : p])
+            if key in self._sent:
+                continue
+            pieces = _pieces(path, self.kinds, k * b, p) if p > k * b else [None] * len(self.kinds)
+            if pieces is None:
+                continue
+            states = tuple(_for_thread_state(s) for s, kind in zip(node.payload.layers, self.kinds) if kind == STATE)
+            keys.append((key, self.index_key(chain[k]), p - k * b))
+            builds.append(("state", k * b, p - k * b, pieces, states))
+        if not keys:
+            return
+        try:
+            self._jobs.put_nowait(_Job(namespace, keys, builds))
+        except queue.Full:
+            self.dropped += 1
+            return
+        for key, _, _ in keys:
+            self._remember(key)
+
+    def _remember(self, key: str) -> None:
+        self._sent[key] = None
+        while len(self._sent) > 200_000:
+            self._sent.popitem(last=False)
+
+    def _value(self, kind: str, start: int, length: int, pieces: list, states: Optional[tuple]) -> bytes:
+        layers = []
+        state_iter = iter(states or ())
+        for i, kind_i in enumerate(self.kinds):
+            if kind_i == STATE:
+                layers.append(_host_state(next(state_iter)) if states is not None else None)
+            elif pieces[i] is None:
+                layers.append(None)
+            else:
+                nodes = pieces[i]  # per node: [(array, lo, hi) per payload array]
+                arrays = []
+                for j in range(len(nodes[0])):
+                    cut = [_np(a)[(slice(None),) * TOKEN_AXIS + (slice(lo, hi),)] for a, lo, hi in (e[j] for e in nodes)]
+                    arrays.append(HostArray(np.ascontiguousarray(np.concatenate(cut, axis=TOKEN_AXIS)), nodes[0][j][0].dtype))
+                layers.append(KVPayload(tuple(arrays)))
+        record = {"fingerprint": self.fingerprint, "layout": self.layout, "signature": self.signature,
+                  "kind": kind, "start": start, "length": length}
+        body = encode(layers, None, record)
+        return MAGIC + struct.pack(">I", zlib.crc32(body)) + body
+
+    def _publish_loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                client = self._redis()
+                if client is None:
+                    self.dropped += 1
+                    continue
+                pipe = client.pipeline(transaction=False)
+                for (key, index, offset), build in zip(job.keys, job.builds):
+                    pipe.set(key, self._value(*build))
+                    if index is not None:
+                        pipe.sadd(index, offset)
+                pipe.execute()
+                self.published += len(job.keys)
+                self._ok()
+            except Exception as exc:
+                for key, _, _ in job.keys:  # not there: may be sent again
+                    self._sent.pop(key, None)
+                self._failed(exc)
+            finally:
+                self._jobs.task_done()
+
+    def flush(self) -> None:
+        """Wait until every queued job has been sent (or failed)."""
+        self._jobs.join()
+
+    def close(self) -> None:
+        self.flush()
+        self._jobs.put(None)
+        self._thread.join(timeout=10)
+        with self._client_lock:
+            if self._client is not None:
+                try:
+                    self._client.close()
+                except Exception:
+                    pass
+
+    def stats(self) -> dict[str, int]:
+        return {"shared_restores": self.restores, "shared_tokens": self.tokens, "shared_published": self.published,
+                "shared_dropped": self.dropped, "shared_errors": self.errors}
+
+
+def _np(a: Any) -> np.ndarray:
+    return a.data if isinstance(a, HostArray) else numpy_view(a)
+
+
+def _for_thread(a: Any, lo: int, hi: int) -> tuple[Any, int, int]:
+    """Positions `[lo, hi)` of `a` as the publisher thread may read them later: a device array
+    as it is (immutable), a host array's slice copied (pooled buffers are reused)."""
+    if isinstance(a, HostArray):
+        index = (slice(None),) * TOKEN_AXIS + (slice(lo, hi),)
+        return HostArray(np.array(a.data[index]), a.dtype), 0, hi - lo
+    return a, lo, hi
+
+
+def _for_thread_state(p: RecurrentPayload) -> RecurrentPayload:
+    return p.map(lambda a: HostArray(np.array(a.data), a.dtype) if isinstance(a, HostArray) else a)
+
+
+def _host_state(p: RecurrentPayload) -> RecurrentPayload:
+    return p.map(lambda a: a if isinstance(a, HostArray) else HostArray(np.asarray(numpy_view(a)), a.dtype))
+
+
+def _pieces(path: Sequence[Any], kinds: Sequence[str], lo: int, hi: int) -> Optional[list]:
+    """Per layer, the pieces that make up positions `[lo, hi)` along `path`: for a per-token
+    layer a list over the nodes it crosses of `[(array, first, last) per payload array]`
+    (None for a whole-state layer). None if a position is missing in some layer (a window
+    hole, a node on disk)."""
+    out: list[Any] = []
+    for i, kind in enumerate(kinds):
+        if kind == STATE:
+            out.append(None)
+            continue
+        layer = []
+        covered = 0
+        for node in path:
+            if node.end <= lo or node.start >= hi:
+                continue
+            layers = node.payload.layers
+            if layers is None or layers[i] is None:
+                return None
+            a, b = max(lo, node.start) - node.start, min(hi, node.end) - node.start
+            layer.append([_for_thread(x, a, b) for x in layers[i].arrays])
+            covered += b - a
+        if covered != hi - lo:
+            return None
+        out.append(layer)
+    return out
