@@ -311,3 +311,16 @@ def test_two_kvtrie_servers_share_prefixes_through_redis(redis_url, tmp_path):
         with urllib.request.urlopen(b.url + "/kvtrie/stats", timeout=30) as resp:
             (stats,) = json.loads(resp.read())["models"].values()
         assert stats["shared_restores"] >= 1 and stats["shared_errors"] == 0
+
+
+def test_a_password_in_the_url():
+    with RedisServer(password="s3cret/:@") as r:
+        model = FakeModel(heads=1, dim=4)
+        a, b = shared_cache(model, r.url), shared_cache(model, r.url)
+        serve(a, model, list(range(100)))
+        published(a)
+        assert serve(b, model, list(range(100)) + [1]) == 96
+        wrong = shared_cache(model, r.url.replace("s3cret", "wrong"))
+        assert serve(wrong, model, list(range(100)) + [2]) == 0 and wrong.stats()["shared_errors"] >= 1
+        for pc in (a, b, wrong):
+            pc.close()

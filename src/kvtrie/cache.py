@@ -33,7 +33,7 @@ from .policy import POLICIES, REASON_NAMES, END, PlanRequest, WorthPolicy
 from .arrays import HostArray, to_device
 from .session import Session
 from .shared import SharedTier
-from .snapshot import KVPayload, Piece, capture_tokens, evaluate, prefix_pieces, split_kv, stitch
+from .snapshot import KVPayload, Piece, capture_tokens, evaluate, prefix_pieces, stitch
 from .storage import NodeData, TieredStorage
 from .trie import Match, Node, as_token_array
 from .window import Recorder, record, recorder_of, restorable, restorable_max
@@ -71,6 +71,13 @@ class PrefixCache:
     records, after `close()` or after any end of the process (kill -9 included): what was
     stored more than `persist_seconds` (plus the write) before survives. A damaged or missing
     record is a miss from that node down, never restored state.
+
+    `shared_url` (`redis://HOST:PORT/DB`, `rediss://`, a password in the URL, or any node of
+    a Redis Cluster; needs `fingerprint`) adds a tier shared by processes and machines
+    (`kvtrie.shared`): what is stored is published in the background as blocks of
+    `shared_block_tokens` tokens (and snapshots), and a request whose local restore is shorter
+    than what the shared tier holds brings the rest from there into the local tiers. Any
+    Redis failure is a miss (`stats()["shared_errors"]`), never an error or a wrong state.
 
     The live caches of the last `hot_sessions` committed sessions are kept after they
     close: a request that continues one of those sequences takes them over as they are,
@@ -303,16 +310,7 @@ class PrefixCache:
             states = tuple(s.map(lambda a: to_device(HostArray(np.array(a.data), a.dtype))) for s in hit.states)
         if hit.end > have:
             parent = storage.boundary(trie, arr, have) if have else trie.root
-            layers = []
-            for p, kind in zip(hit.layers, self._kinds):
-                if kind == STATE:
-                    layers.append(None)
-                    continue
-                lo, hi = have - hit.start, hit.end - hit.start
-                if lo:
-                    p = split_kv(p, lo)[1]
-                layers.append(p if hi - lo == p.length else split_kv(p, hi - lo)[0])
-            node = storage.add(trie, parent, arr[have : hit.end], NodeData(tuple(layers), self._kinds, HOST))
+            node = storage.add(trie, parent, arr[have : hit.end], NodeData(tuple(hit.layers), self._kinds, HOST))
         else:
             node = storage.boundary(trie, arr, hit.end)
         if states is not None:

@@ -133,7 +133,7 @@ def decode(data: bytes) -> tuple[tuple[Any, ...], Any, dict]:
     a restore only reads them.
     """
     n = int.from_bytes(data[:8], "little")
-    header, meta = _meta(data[8 : 8 + n])
+    header, meta = _meta(bytes(data[8 : 8 + n]))
     body = memoryview(data)[8 + n :]
     tensors = {}
     for name, info in header.items():

@@ -283,6 +283,7 @@ class SharedTier:
         if target <= have:  # the local trie holds the positions: only the state is new
             self.restores += 1
             return SharedHit(target, target, (None,) * len(self.kinds), states)
+        skip = have - first * b  # positions of the first block the local trie already holds
         out: list[Any] = []
         for i, kind in enumerate(self.kinds):
             if kind == STATE:
@@ -291,18 +292,20 @@ class SharedTier:
             ps = parts[i]
             if not ps or any(p is None for p in ps):
                 raise SharedError(f"layer {i} has positions nobody published")
-            out.append(KVPayload(tuple(
-                HostArray(np.concatenate([p.arrays[j].data for p in ps], axis=TOKEN_AXIS), ps[0].arrays[j].dtype)
-                for j in range(len(ps[0].arrays))
-            )))
+            arrays = []
+            for j in range(len(ps[0].arrays)):
+                views = [p.arrays[j].data for p in ps]
+                views[0] = views[0][(slice(None),) * TOKEN_AXIS + (slice(skip, None),)]
+                arrays.append(HostArray(np.concatenate(views, axis=TOKEN_AXIS), ps[0].arrays[j].dtype))
+            out.append(KVPayload(tuple(arrays)))  # one copy: the values' bytes into compact arrays
         self.restores += 1
-        return SharedHit(first * b, target, tuple(out), states)
+        return SharedHit(have, target, tuple(out), states)
 
     def _decode(self, value: bytes, kind: str, start: int, length: int) -> tuple[tuple, Any, dict]:
         if not isinstance(value, (bytes, bytearray)) or len(value) < 8 or value[:4] != MAGIC:
             raise SharedError(f"a {kind} value is not a kvtrie value")
         (crc,) = struct.unpack(">I", value[4:8])
-        body = bytes(value[8:])
+        body = memoryview(value)[8:]
         if zlib.crc32(body) != crc:
             raise SharedError(f"a {kind} value fails its checksum")
         try:
