@@ -324,3 +324,35 @@ def test_a_password_in_the_url():
         assert serve(wrong, model, list(range(100)) + [2]) == 0 and wrong.stats()["shared_errors"] >= 1
         for pc in (a, b, wrong):
             pc.close()
+
+
+def test_snapshots_of_other_prompts_under_one_block_are_found_by_their_own_key(redis_url):
+    """Many conversations end inside the same block: a reader picks its own prompt's state,
+    never another's (and a state that is not there is a miss, not a fault)."""
+    model = FakeModel(kinds="KRK", heads=1, dim=4)
+    a = shared_cache(model, redis_url)
+    base = list(range(20))
+    for tail in ([1] * 10, [2] * 12, [3] * 5):
+        serve(a, model, base + tail)
+    published(a)
+    b = shared_cache(model, redis_url)
+    assert serve(b, model, base + [1] * 10 + [5]) == 30
+    assert serve(b, model, base + [4] * 10 + [5]) <= 20  # nobody stored this one's state
+    assert b.stats()["shared_errors"] == 0
+    a.close()
+    b.close()
+
+
+def test_a_flushed_redis_is_refilled_by_the_next_commits(redis_server, redis_url):
+    model = FakeModel(heads=1, dim=4)
+    a = shared_cache(model, redis_url)
+    a._shared.resend_after = 0.0  # (default 60 s: what a process sent is checked again after that)
+    serve(a, model, list(range(100)))
+    published(a)
+    redis_server.flushall()
+    serve(a, model, list(range(100)) + [7])  # a continuation: its blocks are checked and sent again
+    published(a)
+    b = shared_cache(model, redis_url)
+    assert serve(b, model, list(range(100)) + [8]) == 96
+    a.close()
+    b.close()

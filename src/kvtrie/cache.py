@@ -308,15 +308,16 @@ class PrefixCache:
         states = None
         if hit.states is not None:
             states = tuple(s.map(lambda a: to_device(HostArray(np.array(a.data), a.dtype))) for s in hit.states)
-        if hit.end > have:
-            parent = storage.boundary(trie, arr, have) if have else trie.root
-            node = storage.add(trie, parent, arr[have : hit.end], NodeData(tuple(hit.layers), self._kinds, HOST))
+        if hit.runs:  # one node per block: the restore copies straight from the values' bytes
+            node = storage.boundary(trie, arr, have) if have else trie.root
+            for lo, hi, layers in hit.runs:
+                node = storage.add(trie, node, arr[lo:hi], NodeData(tuple(layers), self._kinds, HOST))
         else:
             node = storage.boundary(trie, arr, hit.end)
         if states is not None:
             storage.attach(node, states, None, END)
         self._shared.tokens += max(hit.end - have, 0)
-        logger.debug("shared tier: [%d, %d) of %d tokens (states: %s)", max(have, hit.start), hit.end, n, states is not None)
+        logger.debug("shared tier: [%d, %d) of %d tokens (states: %s)", have, hit.end, n, states is not None)
         return True
 
     def _usable(self, match: Match, n: int, reuse_logits: bool) -> tuple[int, Optional[Node]]:

@@ -82,20 +82,20 @@ def connect(url: str, timeout: float) -> Any:
 
 @attrs.frozen
 class SharedHit:
-    """What the shared tier holds beyond the local match: per-token payloads of `[start, end)`
-    (host arrays, one entry per layer, None for whole-state layers), and the whole states at
+    """What the shared tier holds beyond the local match, up to `end`: runs of per-token
+    payloads `(lo, hi, layers)` laid end to end from the local match (host arrays over the
+    values' bytes, one entry per layer, None for whole-state layers), and the whole states at
     `end` when the model needs them (else None)."""
 
-    start: int
     end: int
-    layers: tuple[Any, ...]
+    runs: tuple[tuple[int, int, tuple[Any, ...]], ...]
     states: Optional[tuple[Any, ...]]
 
 
 @attrs.define
 class _Job:
     namespace: str
-    keys: list[tuple[str, Optional[str], int]]  # (value key, index key or None, offset for the index)
+    keys: list[tuple[str, Optional[str], str]]  # (value key, index key or None, its entry "offset:key")
     builds: list[Any]  # per key: (kind, start, length, per-layer piece lists, states)
 
 
@@ -134,7 +134,8 @@ class SharedTier:
         self._client_lock = threading.Lock()
         self._down_until = 0.0
         self._backoff = 0.5
-        self._sent: OrderedDict[str, None] = OrderedDict()  # keys published by this process (bounded)
+        self._sent: OrderedDict[str, float] = OrderedDict()  # keys this process published, and when (bounded)
+        self.resend_after = 60.0  # then a key is checked again (a flushed or restarted Redis is refilled)
         self._jobs: queue.Queue[Optional[_Job]] = queue.Queue(maxsize=queue_size)
         self._thread = threading.Thread(target=self._publish_loop, name="kvtrie-shared-publisher", daemon=True)
         self._thread.start()
@@ -188,7 +189,7 @@ class SharedTier:
         self.errors += 1
         self._down_until = time.monotonic() + self._backoff
         logger.warning("shared tier %s: %s (%s); local tiers only for %.1f s", self.url, type(exc).__name__, exc, self._backoff)
-        self._backoff = min(self._backoff * 2, 30.0)
+        self._backoff = min(self._backoff * 2, 5.0)
 
     def _ok(self) -> None:
         self._backoff = 0.5
@@ -226,11 +227,15 @@ class SharedTier:
             if hybrid:
                 target = -1
                 listed = answers[max(whole - first, 0) :]
-                for k in range(whole, lowest - 1, -1):  # the deepest snapshot that can be used
-                    for o in sorted((int(x) for x in listed[k - lowest]), reverse=True):
+                for k in range(whole, lowest - 1, -1):  # the deepest snapshot of this prompt that can be used
+                    entries = {_text(x) for x in listed[k - lowest]}
+                    for o in sorted({int(e.split(":", 1)[0]) for e in entries if ":" in e}, reverse=True):
                         p = k * b + o
-                        if floor < p <= limit and 0 < o <= b and (p <= have or k <= top):
-                            target, state_key = p, self.state_key(chain[k], tokens[k * b : p])
+                        if not (floor < p <= limit and 0 < o <= b and (p <= have or k <= top)):
+                            continue
+                        key = self.state_key(chain[k], tokens[k * b : p])
+                        if f"{o}:{key}" in entries:  # (others under this block are other prompts' states)
+                            target, state_key = p, key
                             break
                     if state_key is not None:
                         break
@@ -249,6 +254,8 @@ class SharedTier:
         except Exception as exc:
             self._failed(exc)
             return None
+        if any(v is None for v in values):  # evicted meanwhile: a miss, not a fault
+            return None
         try:
             return self._assemble(first, have, target, need, values, state_key is not None)
         except SharedError as exc:
@@ -257,49 +264,33 @@ class SharedTier:
             return None
 
     def _assemble(self, first: int, have: int, target: int, need: list[int], values: list, with_state: bool) -> SharedHit:
+        """Check and decode the values; one run per block over the values' own bytes (the
+        restore makes the only copy), the partial first block and the tail copied compact."""
         b = self.block
-        parts: list[list[Any]] = [[] for _ in self.kinds]
+        runs: list[tuple[int, int, tuple[Any, ...]]] = []
         for k, value in zip(need, values):
-            if value is None:
-                raise SharedError(f"block {k} went missing")
             layers, _, _ = self._decode(value, "block", k * b, b)
-            for i, p in enumerate(layers):
-                if self.kinds[i] != STATE:
-                    parts[i].append(p)
+            lo = max(k * b, have)
+            if lo > k * b:
+                layers = _cut(layers, self.kinds, lo - k * b)
+            runs.append((lo, (k + 1) * b, layers))
         states = None
         if with_state:
-            value = values[len(need)]
-            if value is None:
-                raise SharedError("a snapshot went missing")
             tail_start = (target // b) * b
-            layers, _, _ = self._decode(value, "state", tail_start, target - tail_start)
+            layers, _, _ = self._decode(values[len(need)], "state", tail_start, target - tail_start)
             states = tuple(p for p, kind in zip(layers, self.kinds) if kind == STATE)
             if any(s is None for s in states):
                 raise SharedError("a snapshot without its states")
-            if target > have and target > tail_start:
-                for i, p in enumerate(layers):
-                    if self.kinds[i] != STATE:
-                        parts[i].append(p)
-        if target <= have:  # the local trie holds the positions: only the state is new
-            self.restores += 1
-            return SharedHit(target, target, (None,) * len(self.kinds), states)
-        skip = have - first * b  # positions of the first block the local trie already holds
-        out: list[Any] = []
-        for i, kind in enumerate(self.kinds):
-            if kind == STATE:
-                out.append(None)
-                continue
-            ps = parts[i]
-            if not ps or any(p is None for p in ps):
-                raise SharedError(f"layer {i} has positions nobody published")
-            arrays = []
-            for j in range(len(ps[0].arrays)):
-                views = [p.arrays[j].data for p in ps]
-                views[0] = views[0][(slice(None),) * TOKEN_AXIS + (slice(skip, None),)]
-                arrays.append(HostArray(np.concatenate(views, axis=TOKEN_AXIS), ps[0].arrays[j].dtype))
-            out.append(KVPayload(tuple(arrays)))  # one copy: the values' bytes into compact arrays
+            lo = max(tail_start, have)
+            if target > lo:
+                tail = tuple(None if kind == STATE else p for p, kind in zip(layers, self.kinds))
+                runs.append((lo, target, _cut(tail, self.kinds, lo - tail_start)))
+        for lo, hi, layers in runs:
+            for i, (p, kind) in enumerate(zip(layers, self.kinds)):
+                if kind != STATE and p is None:
+                    raise SharedError(f"layer {i} has positions nobody published")
         self.restores += 1
-        return SharedHit(have, target, tuple(out), states)
+        return SharedHit(target, tuple(runs), states)
 
     def _decode(self, value: bytes, kind: str, start: int, length: int) -> tuple[tuple, Any, dict]:
         if not isinstance(value, (bytes, bytearray)) or len(value) < 8 or value[:4] != MAGIC:
@@ -336,16 +327,18 @@ class SharedTier:
         b = self.block
         n = len(tokens)
         chain = self.chain(namespace, tokens, n // b)
-        keys: list[tuple[str, Optional[str], int]] = []
+        keys: list[tuple[str, Optional[str], str]] = []
         builds: list[Any] = []
+        now = time.monotonic()
+        fresh = lambda key: now - self._sent.get(key, -1e18) < self.resend_after  # noqa: E731
         for k in range(n // b):
             key = self.block_key(chain[k + 1])
-            if key in self._sent:
+            if fresh(key):
                 continue
             pieces = _pieces(path, self.kinds, k * b, (k + 1) * b)
             if pieces is None:
                 continue
-            keys.append((key, None, 0))
+            keys.append((key, None, ""))
             builds.append(("block", k * b, b, pieces, None))
         for p in snapshot_ends:
             k = p // b
@@ -355,13 +348,13 @@ class SharedTier:
             if node is None or node.payload.layers is None or not node.payload.has_state:
                 continue
             key = self.state_key(chain[k] if k < len(chain) else chain[-1], tokens[k * b : p])
-            if key in self._sent:
+            if fresh(key):
                 continue
             pieces = _pieces(path, self.kinds, k * b, p) if p > k * b else [None] * len(self.kinds)
             if pieces is None:
                 continue
             states = tuple(_for_thread_state(s) for s, kind in zip(node.payload.layers, self.kinds) if kind == STATE)
-            keys.append((key, self.index_key(chain[k]), p - k * b))
+            keys.append((key, self.index_key(chain[k]), f"{p - k * b}:{key}"))
             builds.append(("state", k * b, p - k * b, pieces, states))
         if not keys:
             return
@@ -371,10 +364,8 @@ class SharedTier:
             self.dropped += 1
             return
         for key, _, _ in keys:
-            self._remember(key)
-
-    def _remember(self, key: str) -> None:
-        self._sent[key] = None
+            self._sent[key] = now
+            self._sent.move_to_end(key)
         while len(self._sent) > 200_000:
             self._sent.popitem(last=False)
 
@@ -409,12 +400,19 @@ class SharedTier:
                     self.dropped += 1
                     continue
                 pipe = client.pipeline(transaction=False)
-                for (key, index, offset), build in zip(job.keys, job.builds):
-                    pipe.set(key, self._value(*build))
+                for key, _, _ in job.keys:
+                    pipe.exists(key)
+                there = pipe.execute()
+                pipe = client.pipeline(transaction=False)
+                sent = 0
+                for (key, index, entry), build, exists in zip(job.keys, job.builds, there):
+                    if not exists:  # (another process, or this one before a restart, sent it)
+                        pipe.set(key, self._value(*build))
+                        sent += 1
                     if index is not None:
-                        pipe.sadd(index, offset)
+                        pipe.sadd(index, entry)
                 pipe.execute()
-                self.published += len(job.keys)
+                self.published += sent
                 self._ok()
             except Exception as exc:
                 for key, _, _ in job.keys:  # not there: may be sent again
@@ -441,6 +439,21 @@ class SharedTier:
     def stats(self) -> dict[str, int]:
         return {"shared_restores": self.restores, "shared_tokens": self.tokens, "shared_published": self.published,
                 "shared_dropped": self.dropped, "shared_errors": self.errors}
+
+
+def _text(x: Any) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def _cut(layers: tuple[Any, ...], kinds: Sequence[str], skip: int) -> tuple[Any, ...]:
+    """Per-token payloads without their first `skip` positions, as compact copies (a view
+    would keep the whole value alive)."""
+    index = (slice(None),) * TOKEN_AXIS + (slice(skip, None),)
+    return tuple(
+        p if kind == STATE or p is None
+        else KVPayload(tuple(HostArray(np.array(a.data[index]), a.dtype) for a in p.arrays))
+        for p, kind in zip(layers, kinds)
+    )
 
 
 def _np(a: Any) -> np.ndarray:
