@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> dict:
     restore_host = total / best_of(restore_all, args.repeat)
 
     # the same bytes copied by plain numpy into preallocated (warm) buffers
-    arrays = [numpy_view(a) for _, n, _ in pc.walk() for p in n.payload.layers for a in p.arrays()]
+    arrays = [numpy_view(a) for _, n, _ in pc.walk() for p in n.payload.layers if p is not None for a in p.arrays]
     targets = [np.empty_like(a) for a in arrays]
 
     def numpy_copy() -> None:

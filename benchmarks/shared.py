@@ -251,6 +251,7 @@ def part_restore(args, bar) -> dict:
     out: dict = {"layers": layers, "kv_heads": heads, "head_dim": dim, "tokens": n, "blocks": blocks,
                  "block_tokens": BLOCK_RESTORE, "kv_bytes": n * layers * 2 * heads * dim * 2, "reps": args.reps}
     fp = "bench-shared-llama-3.1-8b-shape"
+    mx.set_cache_limit(max(mx.get_cache_memory(), 1 << 30))  # as `kvtrie serve` does: restores reuse freed buffers
     with RedisServer(maxmemory="512mb") as redis_server:
         url = redis_server.url
         bar.set_postfix_str(f"restore: storing {n} tokens x {layers} layers")

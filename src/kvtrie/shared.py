@@ -66,7 +66,9 @@ def connect(url: str, timeout: float) -> Any:
     from redis.cluster import RedisCluster
     from redis.retry import Retry
 
-    options = dict(socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0))
+    # large reads: blocks are megabytes (the default 64 KiB reads cost a system call each)
+    options = dict(socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0),
+                   socket_read_size=1 << 20)
     parts = urlsplit(url)
     probe = redis.Redis.from_url(parts._replace(path="").geturl(), **options)
     try:

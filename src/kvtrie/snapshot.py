@@ -162,6 +162,26 @@ def stitch(targets: Sequence[tuple[Sequence[Piece], int, Any]], pool: HostPool) 
             results[t][i] = mx.concatenate(chunks, axis=TOKEN_AXIS) if len(chunks) > 1 else mx.contiguous(chunks[0])
     total = sum(p.payload.arrays[i].nbytes for _, i, pieces, _, _ in jobs for p in pieces if p.payload is not None)
     parallel = total >= _PARALLEL_BYTES
+    if cpu:
+        # one copy: each payload is written once, straight into the new live array's memory
+        # (a fresh, evaluated, zero-filled MLX buffer nobody else holds, written through numpy)
+        fresh = []
+        for t, i, pieces, a, cap in jobs:
+            shape = list(a.shape)
+            shape[TOKEN_AXIS] = cap
+            fresh.append(mx.zeros(tuple(shape), a.dtype))
+        mx.eval(fresh)
+        copies = [(pieces, i, numpy_view(dst)) for (t, i, pieces, a, cap), dst in zip(jobs, fresh)]
+        if parallel:
+            for job in [_COPIERS.submit(_copy_into, *c) for c in copies]:
+                job.result()
+        else:
+            for c in copies:
+                _copy_into(*c)
+        del copies  # no numpy view outlives the copy: the live arrays own their buffers alone
+        for (t, i, _, _, _), dst in zip(jobs, fresh):
+            results[t][i] = dst
+        return results  # type: ignore[return-value]
     futures = [
         (t, i, a.dtype, _COPIERS.submit(_assemble, pieces, i, a, cap, pool) if parallel else _assemble(pieces, i, a, cap, pool))
         for t, i, pieces, a, cap in jobs
@@ -171,6 +191,16 @@ def stitch(targets: Sequence[tuple[Sequence[Piece], int, Any]], pool: HostPool) 
         results[t][i] = from_numpy(buf, dtype)
         pool.give(buf)
     return results  # type: ignore[return-value]
+
+
+def _copy_into(pieces: Sequence[Piece], index: int, dst: np.ndarray) -> None:
+    """Array `index` of each piece laid end to end into `dst` (already zero: holes stay zero)."""
+    at = 0
+    for piece in pieces:
+        n = piece.length
+        if piece.payload is not None:
+            np.copyto(dst[:, :, at : at + n], numpy_view(piece.payload.arrays[index])[:, :, piece.lo : piece.hi])
+        at += n
 
 
 def evaluate(payloads: Iterable[Any]) -> None:
