@@ -73,9 +73,10 @@ def ttft_after_restart(model_name: str, directory: Path, tokens: int) -> dict:
         generate(model, pc, prompt, max_tokens=1)
     cold = min(generate(model, None, prompt, max_tokens=1).ttft_s for _ in range(3))
     warm = []
-    for _ in range(3):
+    for i in range(3):
         with PrefixCache(model.make_cache, disk_dir=str(directory), fingerprint=fp) as pc:
-            res = generate(model, pc, prompt + [1], max_tokens=1)
+            # a new last token each time (the same one would restore the whole prompt with its logits)
+            res = generate(model, pc, prompt + [1 + i], max_tokens=1)
             assert res.cached_tokens == len(prompt) and pc.stats()["cached_tokens_disk"] == len(prompt)
             warm.append(res.ttft_s)
     return {"model": model_name, "prompt_tokens": tokens, "cold_ttft_ms": 1e3 * cold, "warm_from_disk_ttft_ms": 1e3 * min(warm)}

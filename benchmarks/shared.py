@@ -473,7 +473,7 @@ def print_tables(results: dict) -> None:
                 print(f"  {name:<46} {1e3 * r['median_s'][k]:>9.1f} {r['gb_s'][k]:>6.2f} "
                       f"{r['gb_s'][k] / r['gb_s']['get']:>6.2f}")
             f_ms, b_ms = 1e3 * r["median_fetch_s"], 1e3 * r["median_s"]["restore"]
-            print(f"  of begin: SharedTier.fetch (EXISTS + GET pipelines, crc32, decode, concatenate) {f_ms:.1f} ms, "
+            print(f"  of begin: SharedTier.fetch (GET pipeline, checksums, decode) {f_ms:.1f} ms, "
                   f"the rest (trie insert, restore into live caches, eval) {b_ms - f_ms:.1f} ms")
             p = r["prefill"]
             print(f"  one block ({p['tokens']} tokens) x {p['real_layers']} layers ({p['block_real_bytes'] / 2**20:.0f} MiB KV): "

@@ -32,6 +32,7 @@ import threading
 import time
 import zlib
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -214,6 +215,26 @@ class SharedTier:
             return None
         chain = self.chain(namespace, tokens, whole)
         lowest = floor // b  # snapshots past `floor` are listed under these block keys
+        if not hybrid:  # one round trip: the blocks themselves, up to the first missing one
+            try:
+                pipe = client.pipeline(transaction=False)
+                for k in range(first, whole):
+                    pipe.get(self.block_key(chain[k + 1]))
+                values = pipe.execute()
+                self._ok()
+            except Exception as exc:
+                self._failed(exc)
+                return None
+            run = next((i for i, v in enumerate(values) if v is None), len(values))
+            target = (first + run) * b
+            if target <= floor or target <= have:
+                return None
+            try:
+                return self._assemble(first, have, target, list(range(first, first + run)), values[:run], False)
+            except SharedError as exc:
+                self.errors += 1
+                logger.warning("shared tier %s: %s: a miss from there", self.url, exc)
+                return None
         try:
             pipe = client.pipeline(transaction=False)
             for k in range(first, whole):
@@ -265,13 +286,20 @@ class SharedTier:
             logger.warning("shared tier %s: %s: a miss from there", self.url, exc)
             return None
 
-    def _assemble(self, first: int, have: int, target: int, need: list[int], values: list, with_state: bool) -> SharedHit:
+    def _assemble(self, first: int, have: int, target: int, need: list[int], values: list, with_state: bool) -> Optional[SharedHit]:
         """Check and decode the values; one run per block over the values' own bytes (the
         restore makes the only copy), the partial first block and the tail copied compact."""
         b = self.block
         runs: list[tuple[int, int, tuple[Any, ...]]] = []
+        good = _check_all(values)  # the checksums, on two threads (zlib releases the GIL)
+        if good < len(values):
+            self.errors += 1
+            logger.warning("shared tier %s: a value fails its checksum: a miss from there", self.url)
+            if with_state or good == 0 or (good * b + first * b) <= have:
+                return None
+            need, values, target = need[:good], values[:good], (first + good) * b
         for k, value in zip(need, values):
-            layers, _, _ = self._decode(value, "block", k * b, b)
+            layers, _, _ = self._decode(value, "block", k * b, b, checked=True)
             lo = max(k * b, have)
             if lo > k * b:
                 layers = _cut(layers, self.kinds, lo - k * b)
@@ -279,7 +307,7 @@ class SharedTier:
         states = None
         if with_state:
             tail_start = (target // b) * b
-            layers, _, _ = self._decode(values[len(need)], "state", tail_start, target - tail_start)
+            layers, _, _ = self._decode(values[len(need)], "state", tail_start, target - tail_start, checked=True)
             states = tuple(p for p, kind in zip(layers, self.kinds) if kind == STATE)
             if any(s is None for s in states):
                 raise SharedError("a snapshot without its states")
@@ -294,13 +322,10 @@ class SharedTier:
         self.restores += 1
         return SharedHit(target, tuple(runs), states)
 
-    def _decode(self, value: bytes, kind: str, start: int, length: int) -> tuple[tuple, Any, dict]:
-        if not isinstance(value, (bytes, bytearray)) or len(value) < 8 or value[:4] != MAGIC:
-            raise SharedError(f"a {kind} value is not a kvtrie value")
-        (crc,) = struct.unpack(">I", value[4:8])
+    def _decode(self, value: bytes, kind: str, start: int, length: int, checked: bool = False) -> tuple[tuple, Any, dict]:
+        if not _intact(value, checked):
+            raise SharedError(f"a {kind} value is not a kvtrie value or fails its checksum")
         body = memoryview(value)[8:]
-        if zlib.crc32(body) != crc:
-            raise SharedError(f"a {kind} value fails its checksum")
         try:
             layers, logits, record = decode(body)
         except Exception as exc:
@@ -441,6 +466,29 @@ class SharedTier:
     def stats(self) -> dict[str, int]:
         return {"shared_restores": self.restores, "shared_tokens": self.tokens, "shared_published": self.published,
                 "shared_dropped": self.dropped, "shared_errors": self.errors}
+
+
+_CHECKERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvtrie-shared-check")
+
+
+def _crc_ok(value: Any) -> bool:
+    if not isinstance(value, (bytes, bytearray)) or len(value) < 8 or value[:4] != MAGIC:
+        return False
+    (crc,) = struct.unpack(">I", value[4:8])
+    return zlib.crc32(memoryview(value)[8:]) == crc
+
+
+def _check_all(values: Sequence[Any]) -> int:
+    """How many leading values pass their checksums (large ones checked in parallel)."""
+    big = sum(len(v) for v in values if isinstance(v, (bytes, bytearray))) >= 8 << 20
+    results = list(_CHECKERS.map(_crc_ok, values)) if big and len(values) > 1 else [_crc_ok(v) for v in values]
+    return next((i for i, ok in enumerate(results) if not ok), len(results))
+
+
+def _intact(value: Any, checked: bool) -> bool:
+    if checked:
+        return isinstance(value, (bytes, bytearray)) and len(value) >= 8 and value[:4] == MAGIC
+    return _crc_ok(value)
 
 
 def _text(x: Any) -> str:
