@@ -15,10 +15,11 @@ covers (the tensors' dtypes and shapes are in its own header). A value that fail
 is a miss from there on, never state.
 
 Publishing runs on a background thread behind a bounded queue (a full queue drops the job,
-counted); what was published is remembered, so each block is sent once. Reads are
+counted); it sends only keys Redis lacks, and what it sent is checked again after a minute,
+so each block crosses the wire once and a flushed or restarted Redis is refilled. Reads are
 synchronous with a short timeout. Any Redis failure (down, slow, flushed, restarted, damaged
 values) makes requests go on from the local tiers: it is counted in `errors` and the tier
-backs off (0.5 s doubling to 30 s) before trying again. Eviction is Redis's own
+backs off (0.5 s doubling to 5 s) before trying again. Eviction is Redis's own
 (`maxmemory` with `allkeys-lru`).
 """
 
