@@ -380,3 +380,36 @@ def test_caches_passed_to_commit_are_never_kept_hot():
         assert s.cached == 10 and pc0.stats()["hot_restores"] == 0
     with pytest.raises(ValueError):
         PrefixCache(model.make_cache, hot_sessions=-1)
+
+
+@pytest.mark.parametrize("tier", ["device", "host"])
+def test_restored_caches_own_their_buffers(tier):
+    """A restore writes the payloads into fresh buffers (on the CPU, through numpy views that
+    are gone once `begin` returns): live arrays share no memory with any stored payload, and
+    writing into one session's live caches changes neither the trie nor another session's."""
+    import mlx.core as mx
+
+    from kvtrie.arrays import numpy_view
+
+    model = FakeModel(layers=2, heads=2, dim=8)
+    pc = PrefixCache(model.make_cache, device_bytes=0 if tier == "host" else None)
+    base = list(range(40))
+    serve(pc, model, base + [1, 2])
+    serve(pc, model, base + [3, 4, 5])  # two nodes on the path: a restore stitches pieces
+    payloads = [numpy_view(a) for _, n, _ in pc.walk() for p in n.payload.layers if p is not None for a in p.arrays]
+    assert payloads and all(n.payload.tier == tier for _, n, _ in pc.walk())
+    first, second = pc.begin(base + [3, 9]), pc.begin(base + [3, 9])
+    for cache in first.caches + second.caches:
+        for live in (cache.keys, cache.values):
+            mx.eval(live)
+            view = numpy_view(live)
+            assert not any(np.shares_memory(view, p) for p in payloads)
+    assert not np.shares_memory(numpy_view(first.caches[0].keys), numpy_view(second.caches[0].keys))
+    model([7] * 5, first.caches)  # writes into the first session's live buffers in place
+    mx.eval([c.keys for c in first.caches])
+    assert_cold(model, second.caches, base + [3, 9], second.cached)
+    first.close()
+    second.close()
+    with pc.begin(base + [3, 9]) as third:
+        assert_cold(model, third.caches, base + [3, 9], third.cached)
+    check_invariants(pc, (), model)
