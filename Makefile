@@ -41,6 +41,7 @@ bench: $(BENCH_STAMP) redis
 		echo "no system OpenBLAS: MLX runs on the reference BLAS of its wheel"
 	LD_PRELOAD=$$(test -e $(OPENBLAS) && echo $(OPENBLAS)) $(PY) benchmarks/workloads_bench.py
 	LD_PRELOAD=$$(test -e $(OPENBLAS) && echo $(OPENBLAS)) $(PY) benchmarks/paging.py
+	LD_PRELOAD=$$(test -e $(OPENBLAS) && echo $(OPENBLAS)) $(PY) benchmarks/restore.py
 	LD_PRELOAD=$$(test -e $(OPENBLAS) && echo $(OPENBLAS)) $(PY) benchmarks/scale.py
 	LD_PRELOAD=$$(test -e $(OPENBLAS) && echo $(OPENBLAS)) $(PY) benchmarks/disk.py
 	LD_PRELOAD=$$(test -e $(OPENBLAS) && echo $(OPENBLAS)) $(PY) benchmarks/hybrid.py
