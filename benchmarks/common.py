@@ -53,8 +53,9 @@ def verdict(ok: bool) -> str:
     return "meets" if ok else "falls short"
 
 
-def save(name: str, data: dict) -> pathlib.Path:
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def save(name: str, data: dict, directory: pathlib.Path = RESULTS) -> pathlib.Path:
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
     path.write_text(json.dumps(data, indent=2, default=str))
     return path

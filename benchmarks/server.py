@@ -47,7 +47,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from common import RESULTS, machine, verdict
+from common import RESULTS, machine, save, verdict
 from serving import (
     CORPUS,
     ServerProcess,
@@ -584,9 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.results)
     png = chart(results, out)
     print_tables(results)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "server.json"
-    path.write_text(json.dumps(results, indent=2, default=str))
+    path = save("server", results, out)
     print(f"\nsaved {path}" + (f" and {png}" if png else "") + f" ({results['wall_s']:.0f} s)")
     return 0
 

@@ -41,7 +41,6 @@ Writes benchmarks/results/shared.json and shared.png.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -55,7 +54,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from server import Client, build_workload, get_json, sums  # noqa: E402  (puts tests/ on sys.path too)
 
-from common import RESULTS, machine, verdict  # noqa: E402
+from common import RESULTS, machine, save, verdict  # noqa: E402
 from redis_servers import RedisServer  # noqa: E402
 from serving import ServerProcess, free_port, load_tokenizer, make_model_dir  # noqa: E402
 
@@ -606,9 +605,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.results)
     png = chart(results, out)
     print_tables(results)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "shared.json"
-    path.write_text(json.dumps(results, indent=2, default=str))
+    path = save("shared", results, out)
     print(f"\nsaved {path}" + (f" and {png}" if png else "") + f" ({results['wall_s']:.0f} s)")
     return 0
 

@@ -30,7 +30,7 @@ from .errors import CacheMismatchError, SessionError
 from .layers import KV, STATE, WINDOW, leaves, rule_for
 from .paging import DEVICE, DISK, HOST, Pager, check_budget
 from .policy import POLICIES, REASON_NAMES, END, PlanRequest, WorthPolicy
-from .arrays import HostArray, to_device
+from .arrays import to_device
 from .session import Session
 from .shared import SharedTier
 from .snapshot import KVPayload, Piece, capture_tokens, evaluate, prefix_pieces, stitch
@@ -307,7 +307,7 @@ class PrefixCache:
         trie = storage.trie(ns, create=True)
         states = None
         if hit.states is not None:
-            states = tuple(s.map(lambda a: to_device(HostArray(np.array(a.data), a.dtype))) for s in hit.states)
+            states = tuple(s.map(to_device) for s in hit.states)  # (a copy: the value's bytes are not kept)
         if hit.runs:  # one node per block: the restore copies straight from the values' bytes
             node = storage.boundary(trie, arr, have) if have else trie.root
             for lo, hi, layers in hit.runs:

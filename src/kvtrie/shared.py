@@ -38,7 +38,6 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 import attrs
-import mlx.core as mx
 import numpy as np
 
 from .arrays import HostArray, numpy_view

@@ -503,8 +503,7 @@ class TieredStorage:
     def persisted(self, node: Node) -> bool:
         """Every position of the node's edge is in some record, and so is its snapshot (if any)."""
         data = node.payload
-        covered = sum(seg.length for seg in data.segments) == node.end - node.start
-        return covered and (data.state_file is not None or not data.has_snapshot)
+        return self._covered(node) and (data.state_file is not None or not data.has_snapshot)
 
     def _key(self, ns: str, node: Node, state_only: bool) -> str:
         """A record's key: the model, the namespace and every token up to the node's end."""
@@ -818,7 +817,8 @@ class TieredStorage:
             logger.warning("disk tier %s: %d records of another model or cache layout deleted", self.disk.dir, len(foreign))
             for name in foreign:
                 self.disk.delete(name)
-        records = {DiskStore.stem(n): (n, r) for n, r in found if n not in set(foreign)}
+        foreign = set(foreign)
+        records = {DiskStore.stem(n): (n, r) for n, r in found if n not in foreign}
         ends: dict[str, Node] = {}  # record -> the node ending where the record ends
         latest = 0
         loaded = 0
