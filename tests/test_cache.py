@@ -169,7 +169,8 @@ def _held_after_cleanup(baseline: int) -> int:
 def test_payloads_are_compact_in_memory():
     """Invariant 3: with live caches gone, MLX holds the payload bytes, not the live buffers."""
     model = FakeModel(layers=2, heads=4, dim=64)  # 1 KiB per position per array
-    pc = PrefixCache(model.make_cache, hot_sessions=0)  # no live caches kept after close
+    # no live caches kept after close, neither as hot sessions nor as buffers to recycle
+    pc = PrefixCache(model.make_cache, hot_sessions=0, recycle_bytes=0)
     rng = np.random.default_rng(1)
     seqs = [rng.integers(0, 4, int(n)).tolist() for n in rng.integers(5, 300, 12)]
     baseline = _held_after_cleanup(0)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import math
 import threading
 from collections import defaultdict
-from collections.abc import Sequence
-from typing import Union
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional, Union
 
 import attrs
 import mlx.core as mx
@@ -84,11 +85,14 @@ def _size_class(nbytes: int) -> int:
 class HostPool:
     """Free host buffers by size class, reused by later page-outs and restores.
 
-    At most `max_free_bytes` are kept free; beyond that, returned buffers are dropped.
+    At most `max_free_bytes` are kept free (or, given `room`, what `room()` says at the time:
+    the tier's owner lets the free buffers fill what its budget leaves); beyond that,
+    returned buffers are dropped.
     """
 
-    def __init__(self, max_free_bytes: int = 256 << 20):
+    def __init__(self, max_free_bytes: int = 256 << 20, room: Optional[Callable[[], int]] = None):
         self.max_free_bytes = max_free_bytes
+        self._room = room
         self._free: dict[int, list[np.ndarray]] = defaultdict(list)
         self._free_bytes = 0
         self._lock = threading.Lock()
@@ -118,8 +122,9 @@ class HostPool:
         size = base.nbytes
         if base.dtype != np.uint8 or base.ndim != 1 or _size_class(size) != size:
             return  # not one of ours
+        limit = self._room() if self._room is not None else self.max_free_bytes
         with self._lock:
-            if self._free_bytes + size <= self.max_free_bytes:
+            if self._free_bytes + size <= limit:
                 self._free[size].append(base)
                 self._free_bytes += size
 
@@ -132,6 +137,20 @@ def to_host(a: AnyArray, pool: HostPool) -> HostArray:
     buf = pool.take(src.shape, src.dtype)
     np.copyto(buf, src)
     return HostArray(buf, a.dtype)
+
+
+COPIERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvtrie-copy")
+PARALLEL_BYTES = 8 << 20  # below this, threads cost more than they save
+
+
+def copy_all(pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
+    """`np.copyto(dst, src)` for each pair; on two threads when there is enough to copy."""
+    if sum(src.nbytes for _, src in pairs) < PARALLEL_BYTES or len(pairs) < 2:
+        for dst, src in pairs:
+            np.copyto(dst, src)
+        return
+    for job in [COPIERS.submit(np.copyto, dst, src) for dst, src in pairs]:
+        job.result()
 
 
 def to_device(a: AnyArray) -> mx.array:

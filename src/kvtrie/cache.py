@@ -33,6 +33,7 @@ from .policy import POLICIES, REASON_NAMES, END, PlanRequest, WorthPolicy
 from .arrays import to_device
 from .session import Session
 from .shared import SharedTier
+from .recycle import Recycler
 from .snapshot import KVPayload, Piece, capture_tokens, evaluate, prefix_pieces, stitch
 from .storage import NodeData, TieredStorage
 from .trie import Match, Node, as_token_array
@@ -82,6 +83,12 @@ class PrefixCache:
     The live caches of the last `hot_sessions` committed sessions are kept after they
     close: a request that continues one of those sequences takes them over as they are,
     with no copy. They are live caches, outside the budgets, like those of open sessions.
+
+    On the CPU a restore writes the stored bytes once, straight into new live arrays. Those
+    are recycled from the live caches of closed sessions once nothing else refers to them
+    (`kvtrie.recycle`: MLX itself proves no one else holds the buffer), up to
+    `recycle_bytes` kept; otherwise they are zero-filled first, which costs half a copy
+    more. Kept buffers are memory outside the budgets (0 turns recycling off).
     """
 
     def __init__(
@@ -104,6 +111,7 @@ class PrefixCache:
         shared_url: Optional[str] = None,
         shared_block_tokens: int = 256,
         shared_timeout: float = 0.25,
+        recycle_bytes: int = 1 << 30,
     ):
         if not callable(make_cache):
             raise TypeError(f"make_cache must be callable (a model's make_cache), got {type(make_cache).__name__}")
@@ -116,6 +124,8 @@ class PrefixCache:
             raise ValueError(f"speculative_ratio must be a non-negative number, got {speculative_ratio!r}")
         if isinstance(hot_sessions, bool) or not isinstance(hot_sessions, int) or hot_sessions < 0:
             raise ValueError(f"hot_sessions must be a non-negative int, got {hot_sessions!r}")
+        if check_budget("recycle_bytes", recycle_bytes) is None:
+            raise TypeError("recycle_bytes must be an int number of bytes (0: no recycling), got None")
         if persist_seconds is not None and (
             isinstance(persist_seconds, bool) or not isinstance(persist_seconds, (int, float)) or not persist_seconds > 0
         ):
@@ -159,6 +169,7 @@ class PrefixCache:
         self._promote = bool(promote_on_restore)
         self._hot: deque[tuple[str, np.ndarray, list]] = deque(maxlen=hot_sessions or None)
         self._hot_slots = hot_sessions
+        self._recycler = Recycler(recycle_bytes)
         self._closed = False
         self._shared: Optional[SharedTier] = None
         if shared_url is not None:
@@ -365,7 +376,7 @@ class PrefixCache:
                     targets.append((pieces, sum(p.length for p in pieces), (cache, rule, kind)))
                 else:  # the window is empty here (a chunk boundary): only the position is set
                     rule.load_window(cache, None, cached)
-        for (_, _, (cache, rule, kind)), arrays in zip(targets, stitch(targets, self._storage.pool)):
+        for (_, _, (cache, rule, kind)), arrays in zip(targets, stitch(targets, self._storage.pool, self._recycler)):
             if kind == KV:
                 rule.load(cache, arrays, cached)
             else:
@@ -579,13 +590,22 @@ class PrefixCache:
             if self._hot_slots and session._committed_tokens is not None and session.caches is not None:
                 # evaluated here: MLX cannot evaluate another thread's pending work later
                 mx.eval(_live_arrays(leaves(session.caches)))
+                if len(self._hot) == self._hot.maxlen:
+                    self._retire(self._hot.popleft()[2])
                 self._hot.append((session.namespace, session._committed_tokens, session.caches))
+            elif session.caches is not None:
+                self._retire(session.caches)
             self._storage.pin(session._leaf, -1)
             session._leaf = None
             session._closed = True
             session.caches = None
             session._captures = {}
             self._storage.enforce()
+
+    def _retire(self, caches: list) -> None:
+        """Offer the arrays of live caches that kvtrie hands out no more to the next restores."""
+        if self._recycler.max_bytes:
+            self._recycler.keep(a for c, r in zip(leaves(caches), self._rules) if r.kind != STATE for a in (r.live(c) or ()))
 
     def _check_open(self) -> None:
         if self._closed:
@@ -640,6 +660,7 @@ class PrefixCache:
                 self._storage.disk.stop()
             if self._shared is not None:
                 self._shared.close()
+            self._recycler.clear()
             self._closed = True
 
     def __enter__(self) -> "PrefixCache":

@@ -11,14 +11,16 @@ evaluated before the live cache they came from can go away.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
 import attrs
 import mlx.core as mx
 import numpy as np
 
-from .arrays import AnyArray, HostArray, HostPool, concat_axis, from_numpy, numpy_view, on_cpu, slice_axis, to_device
+from .arrays import (
+    COPIERS, PARALLEL_BYTES, AnyArray, HostArray, HostPool, concat_axis, from_numpy, numpy_view, on_cpu, slice_axis, to_device,
+)
+from .recycle import Recycler
 
 TOKEN_AXIS = 2
 
@@ -120,11 +122,7 @@ def _assemble(pieces: Sequence[Piece], index: int, template: AnyArray, capacity:
     return buf
 
 
-_COPIERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvtrie-stitch")
-_PARALLEL_BYTES = 8 << 20  # below this, threads cost more than they save
-
-
-def stitch(targets: Sequence[tuple[Sequence[Piece], int, Any]], pool: HostPool) -> list[list[mx.array]]:
+def stitch(targets: Sequence[tuple[Sequence[Piece], int, Any]], pool: HostPool, recycler: Recycler) -> list[list[mx.array]]:
     """New live arrays for each target: its pieces laid end to end, then zeros up to `capacity`.
 
     `targets` holds `(pieces, capacity, _)` per layer; the result lists, per target, one
@@ -133,7 +131,8 @@ def stitch(targets: Sequence[tuple[Sequence[Piece], int, Any]], pool: HostPool) 
     every piece is on the host tier, the pieces are assembled in pooled numpy buffers and
     handed to MLX in one flat copy (MLX's 4-D concatenate copies element by element on the
     CPU); a GPU concatenates device payloads on the device instead. Large assemblies run on
-    two threads (numpy copies release the GIL).
+    two threads (numpy copies release the GIL). On the CPU the new arrays come from
+    `recycler` (see `_write_fresh`).
     """
     cpu = on_cpu()
     results: list[list[Optional[mx.array]]] = []
@@ -161,29 +160,12 @@ def stitch(targets: Sequence[tuple[Sequence[Piece], int, Any]], pool: HostPool) 
                 chunks.append(mx.zeros(tuple(shape), a.dtype))
             results[t][i] = mx.concatenate(chunks, axis=TOKEN_AXIS) if len(chunks) > 1 else mx.contiguous(chunks[0])
     total = sum(p.payload.arrays[i].nbytes for _, i, pieces, _, _ in jobs for p in pieces if p.payload is not None)
-    parallel = total >= _PARALLEL_BYTES
+    parallel = total >= PARALLEL_BYTES
     if cpu:
-        # one copy: each payload is written once, straight into the new live array's memory
-        # (a fresh, evaluated, zero-filled MLX buffer nobody else holds, written through numpy)
-        fresh = []
-        for t, i, pieces, a, cap in jobs:
-            shape = list(a.shape)
-            shape[TOKEN_AXIS] = cap
-            fresh.append(mx.zeros(tuple(shape), a.dtype))
-        mx.eval(fresh)
-        copies = [(pieces, i, numpy_view(dst)) for (t, i, pieces, a, cap), dst in zip(jobs, fresh)]
-        if parallel:
-            for job in [_COPIERS.submit(_copy_into, *c) for c in copies]:
-                job.result()
-        else:
-            for c in copies:
-                _copy_into(*c)
-        del copies  # no numpy view outlives the copy: the live arrays own their buffers alone
-        for (t, i, _, _, _), dst in zip(jobs, fresh):
-            results[t][i] = dst
+        _write_fresh(jobs, results, recycler, parallel)
         return results  # type: ignore[return-value]
     futures = [
-        (t, i, a.dtype, _COPIERS.submit(_assemble, pieces, i, a, cap, pool) if parallel else _assemble(pieces, i, a, cap, pool))
+        (t, i, a.dtype, COPIERS.submit(_assemble, pieces, i, a, cap, pool) if parallel else _assemble(pieces, i, a, cap, pool))
         for t, i, pieces, a, cap in jobs
     ]
     for t, i, dtype, job in futures:
@@ -193,14 +175,51 @@ def stitch(targets: Sequence[tuple[Sequence[Piece], int, Any]], pool: HostPool) 
     return results  # type: ignore[return-value]
 
 
-def _copy_into(pieces: Sequence[Piece], index: int, dst: np.ndarray) -> None:
-    """Array `index` of each piece laid end to end into `dst` (already zero: holes stay zero)."""
+def _write_fresh(jobs: list, results: list, recycler: Recycler, parallel: bool) -> None:
+    """One copy: each payload is written once, straight into the new live array's memory.
+
+    The arrays come from `recycler` (a dead live cache's buffer, else zero-filled), are
+    evaluated, and nobody else holds them; they are written through numpy views that are
+    dropped before the arrays are handed out. Past 8 MiB the allocations (MLX's thread)
+    run ahead of the copies (two threads), array by array.
+    """
+    fresh = []
+    for t, i, pieces, a, cap in jobs:
+        shape = list(a.shape)
+        shape[TOKEN_AXIS] = cap
+        fresh.append(recycler.take(shape, a.dtype))
+    writables = [f.writable for f in fresh]
+    if not parallel:
+        mx.eval(writables)
+        for (_, i, pieces, _, _), f in zip(jobs, fresh):
+            _copy_into(pieces, i, np.asarray(f.writable), f.recycled)
+    else:
+        mx.async_eval(writables)
+        copies = []
+        for (_, i, pieces, _, _), f in zip(jobs, fresh):
+            mx.eval(f.writable)  # this one is ready; the next ones are still being made
+            copies.append(COPIERS.submit(_copy_into, pieces, i, np.asarray(f.writable), f.recycled))
+        for job in copies:
+            job.result()
+        del copies  # no numpy view outlives the copy: the live arrays own their buffers alone
+    del writables
+    for (t, i, _, _, _), f in zip(jobs, fresh):
+        results[t][i] = f.live
+
+
+def _copy_into(pieces: Sequence[Piece], index: int, dst: np.ndarray, dirty: bool = False) -> None:
+    """Array `index` of each piece laid end to end into `dst`; holes and the rest are zero
+    (written only when `dirty`: a zero-filled `dst` has them already)."""
     at = 0
     for piece in pieces:
         n = piece.length
         if piece.payload is not None:
             np.copyto(dst[:, :, at : at + n], numpy_view(piece.payload.arrays[index])[:, :, piece.lo : piece.hi])
+        elif dirty:
+            dst[:, :, at : at + n] = 0
         at += n
+    if dirty:
+        dst[:, :, at:] = 0
 
 
 def evaluate(payloads: Iterable[Any]) -> None:

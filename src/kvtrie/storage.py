@@ -20,7 +20,7 @@ from typing import Any, Optional, Union
 import attrs
 import numpy as np
 
-from .arrays import AnyArray, HostArray, HostPool, numpy_view, to_device, to_host
+from .arrays import AnyArray, HostArray, HostPool, copy_all, numpy_view, to_device, to_host
 from .counters import Counters
 from .disk import DiskRef, DiskStore, PayloadCorrupt, WriteJob
 from .layers import STATE
@@ -93,6 +93,22 @@ class NodeData:
         logits = None if self.logits is None else fn(self.logits)
         return attrs.evolve(self, layers=layers, logits=logits, tier=tier, disk=None)
 
+    def with_host_arrays(self, pool: HostPool) -> "NodeData":
+        """A copy on the host tier: every array copied into a pooled buffer, all copies at once."""
+        pairs: list[tuple[np.ndarray, np.ndarray]] = []
+
+        def plan(a: AnyArray) -> HostArray:
+            if isinstance(a, HostArray):
+                return a
+            src = numpy_view(a)
+            buf = pool.take(src.shape, src.dtype)
+            pairs.append((buf, src))
+            return HostArray(buf, a.dtype)
+
+        moved = self.with_arrays(plan, HOST)
+        copy_all(pairs)
+        return moved
+
 
 class TieredStorage:
     """The tries and where their payloads live (see the module docstring)."""
@@ -113,7 +129,8 @@ class TieredStorage:
         self.pager = pager
         self.policy = policy
         self.counters = counters
-        self.pool = HostPool()
+        self.pool = HostPool(room=self._pool_room)
+        self.host_peak = 0
         self.disk = disk
         self.clock = itertools.count(1)
         self.kv_bytes = 0
@@ -332,7 +349,7 @@ class TieredStorage:
             return
         self._account(data, -1)
         if tier == HOST:
-            node.payload = data.with_arrays(lambda a: to_host(a, self.pool), HOST)
+            node.payload = data.with_host_arrays(self.pool)
             self.counters.page_outs += 1
         else:
             moved = data.with_arrays(to_device, DEVICE)
@@ -455,9 +472,18 @@ class TieredStorage:
         """Add (+1) or remove (-1) a payload's bytes in its tier's and its kind's counters."""
         nbytes, snap = data.nbytes, data.snapshot_nbytes
         self.pager.bytes[data.tier] += sign * nbytes
+        if data.tier == HOST:
+            self.host_peak = max(self.host_peak, self.pager.bytes[HOST])
         self.snapshot_bytes += sign * snap
         self.kv_bytes += sign * (nbytes - snap)
         self.snapshots += sign * (self.hybrid and data.has_state)
+
+    def _pool_room(self) -> int:
+        """Free host buffers kept for reuse fill at most what the host tier may hold and does
+        not: its budget, or with none its peak so far (256 MiB at least), less what it holds."""
+        budget = self.pager.host_budget
+        limit = budget if budget is not None else max(self.host_peak, 256 << 20)
+        return limit - self.pager.bytes[HOST]
 
     def pin(self, leaf: Optional[Node], delta: int) -> None:
         node = leaf
@@ -730,7 +756,7 @@ class TieredStorage:
                 name = self._files.get(stem)
                 if name is None:
                     raise PayloadCorrupt(f"record {stem} is gone")
-                read[stem] = self.disk.read(name)
+                read[stem] = self.disk.read(name, self.pool)
             return read[stem]
 
         parts: list[list[Any]] = [[] for _ in self.kinds]

@@ -1,0 +1,121 @@
+"""Buffers for new live caches: recycled from caches nobody uses any more, else zero-filled.
+
+A restore on the CPU writes payloads straight into the memory of the new live arrays
+(through numpy), so each new array must be evaluated and held by nobody else. MLX has
+no uninitialised allocation: `mx.zeros` writes every byte, a pass that costs half a copy.
+The live arrays of closed sessions are usually garbage by the next restore, so a
+`Recycler` keeps them (up to `max_bytes`) and reclaims one of the same byte size with a
+one-byte `mx.slice_update`: MLX performs that update in the input's own buffer only
+when no other array, view or numpy export holds it (donation), and copies the buffer
+otherwise, so the result is always a buffer nobody else holds. MLX proves the ownership;
+kvtrie never guesses it. Stale bytes past the restored positions are zeroed by the caller.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from typing import Optional
+
+import attrs
+import mlx.core as mx
+import numpy as np
+
+# numpy has no bfloat16: such arrays are written through a uint16 array of the same bytes
+_WRITABLE = {mx.bfloat16: mx.uint16}
+_AT_ZERO = mx.array([0], mx.int32)
+
+
+@attrs.define(slots=True, eq=False)
+class Fresh:
+    """A new live array and the writable array of the same buffer (equal unless bfloat16)."""
+
+    writable: mx.array
+    live: mx.array
+    recycled: bool
+
+
+def writable_dtype(dtype: mx.Dtype) -> mx.Dtype:
+    return _WRITABLE.get(dtype, dtype)
+
+
+class Recycler:
+    """Arrays of closed sessions' live caches, by byte size, oldest dropped first past `max_bytes`.
+
+    Only arrays no Python object other than the recycler refers to are reclaimed (a cache
+    the user still holds keeps its arrays); the rest stay until they are free or pushed out.
+    An array's byte size never changes (MLX's in-place `a[...] = b` keeps the shape).
+    """
+
+    def __init__(self, max_bytes: int = 1 << 30):
+        self.max_bytes = max_bytes
+        self._order: OrderedDict[int, mx.array] = OrderedDict()  # id -> array, oldest first
+        self._by_size: dict[tuple[int, mx.Dtype], dict[int, mx.array]] = {}
+        self._bytes = 0
+        self.hits = 0
+        self.misses = 0
+        probe = mx.zeros((1,), mx.uint8)
+        key, size = id(probe), (probe.nbytes, probe.dtype)
+        self._add(probe)
+        del probe
+        self._baseline = self._references(size, key)  # the recycler's own references
+        self._remove(key, size)
+
+    @property
+    def kept_bytes(self) -> int:
+        return self._bytes
+
+    def keep(self, arrays: Iterable[mx.array]) -> None:
+        """Offer arrays that a closed session's live caches held (the caches may still be in use)."""
+        if self.max_bytes <= 0:
+            return
+        for a in arrays:
+            if isinstance(a, mx.array) and a.nbytes and id(a) not in self._order:
+                self._add(a)
+        while self._bytes > self.max_bytes and self._order:
+            key, old = next(iter(self._order.items()))
+            self._remove(key, (old.nbytes, old.dtype))
+
+    def clear(self) -> None:
+        self._order.clear()
+        self._by_size.clear()
+        self._bytes = 0
+
+    def _add(self, a: mx.array) -> None:
+        self._order[id(a)] = a
+        self._by_size.setdefault((a.nbytes, a.dtype), {})[id(a)] = a
+        self._bytes += a.nbytes
+
+    def _remove(self, key: int, size: tuple[int, mx.Dtype]) -> mx.array:
+        a = self._order.pop(key)
+        same = self._by_size[size]
+        del same[key]
+        if not same:
+            del self._by_size[size]
+        self._bytes -= size[0]
+        return a
+
+    def _references(self, size: tuple[int, mx.Dtype], key: int) -> int:
+        return sys.getrefcount(self._by_size[size][key])
+
+    def _reclaim(self, size: tuple[int, mx.Dtype]) -> Optional[mx.array]:
+        """A kept array of this byte size and dtype that only the recycler refers to, taken out."""
+        for key in list(self._by_size.get(size, ())):
+            if self._references(size, key) <= self._baseline:
+                return self._remove(key, size)
+        return None
+
+    def take(self, shape: Sequence[int], dtype: mx.Dtype) -> Fresh:
+        """A lazy array of `shape`/`dtype` for a restore to write into (evaluate before writing)."""
+        wdtype = writable_dtype(dtype)
+        old = self._reclaim((int(np.prod(shape)) * dtype.size, dtype)) if self._by_size else None
+        if old is None:
+            self.misses += 1
+            writable = mx.zeros(tuple(shape), wdtype)
+            return Fresh(writable, writable.view(dtype) if wdtype != dtype else writable, False)
+        self.hits += 1
+        flat = old.reshape(-1)
+        del old  # the lazy graph holds the only reference: MLX may update the buffer in place
+        live = mx.slice_update(flat, mx.zeros((1,), dtype), _AT_ZERO, [0]).reshape(tuple(shape))
+        return Fresh(live.view(wdtype) if wdtype != dtype else live, live, True)

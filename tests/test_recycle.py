@@ -1,0 +1,179 @@
+"""Restores write into recycled buffers only when MLX proves nobody else holds them."""
+
+from __future__ import annotations
+
+import gc
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvtrie import PrefixCache
+from kvtrie.arrays import numpy_view
+from kvtrie.recycle import Recycler
+
+from fakes import FakeModel, assert_cold, check_invariants
+
+
+def address(a: mx.array) -> int:
+    mx.eval(a)
+    return numpy_view(a).ctypes.data
+
+
+def addresses(caches) -> set[int]:
+    return {address(a) for c in caches for a in (c.keys, c.values)}
+
+
+def stored(pc: PrefixCache, model: FakeModel, tokens: list[int]) -> None:
+    with pc.begin(tokens) as s:
+        model(tokens[s.cached :], s.caches)
+        s.commit(tokens)
+
+
+@pytest.fixture
+def warm():
+    model = FakeModel(layers=2, heads=2, dim=8)
+    pc = PrefixCache(model.make_cache, hot_sessions=0)
+    base = list(range(300))
+    stored(pc, model, base + [1])
+    stored(pc, model, base + [2, 3])  # a path of two nodes
+    yield model, pc, base
+    pc.close()
+
+
+def test_a_dropped_sessions_buffers_are_reused(warm):
+    model, pc, base = warm
+    s = pc.begin(base + [2, 3, 4])
+    before = addresses(s.caches)
+    s.close()
+    del s
+    gc.collect()
+    hits = pc._recycler.hits
+    with pc.begin(base + [2, 3, 5]) as t:
+        assert addresses(t.caches) <= before  # the same memory, no new allocation
+        assert pc._recycler.hits == hits + 4
+        assert_cold(model, t.caches, base + [2, 3, 5], t.cached)
+        for c in t.caches:  # past the restored positions: zeros, nothing of the last session
+            for a in (c.keys, c.values):
+                assert a.shape[2] > t.cached and not np.asarray(a[:, :, t.cached :]).any()
+        model([9, 9], t.caches)
+    check_invariants(pc, (), model)
+
+
+def test_caches_the_user_still_holds_are_not_taken(warm):
+    model, pc, base = warm
+    s = pc.begin(base + [2, 3, 4])
+    kept = s.caches
+    model([4], kept)
+    s.commit(base + [2, 3, 4])
+    s.close()
+    held = addresses(kept)
+    snapshot = [np.array(numpy_view(c.keys)) for c in kept]
+    with pc.begin(base + [2, 3, 4, 6]) as t:
+        assert not addresses(t.caches) & held
+        model([6, 7, 8], t.caches)  # written in place: the held caches do not change
+        mx.eval([c.keys for c in t.caches])
+    for c, before in zip(kept, snapshot):
+        assert np.array_equal(numpy_view(c.keys), before)
+    model([5], kept)  # and the held caches go on working
+    assert_cold(model, kept, base + [2, 3, 4, 5], len(base) + 4)
+
+
+def test_a_buffer_shared_below_python_is_copied_not_reused(warm):
+    """A slice of the old keys outlives the cache: the recycler sees no Python reference but
+    MLX does, so the reclaim copies the buffer and the slice keeps its values."""
+    model, pc, base = warm
+    s = pc.begin(base + [2, 3, 4])
+    piece = s.caches[0].keys[:, :, :8]
+    mx.eval(piece)
+    expected = np.array(numpy_view(piece))
+    old = address(s.caches[0].keys)
+    s.close()
+    del s
+    gc.collect()
+    with pc.begin(base + [2, 3, 4]) as t:
+        assert old not in addresses(t.caches)
+        model([5, 6], t.caches)
+        assert_cold(model, t.caches, base + [2, 3, 5, 6], len(base) + 4)
+    assert np.array_equal(numpy_view(piece), expected)
+
+
+@pytest.mark.parametrize("recycled", [False, True])
+def test_restored_arrays_are_updated_in_place(warm, recycled):
+    """The live arrays a restore hands out are MLX's to donate: the next token is written into
+    them, not into a copy of the whole cache."""
+    model, pc, base = warm
+    pc._recycler.clear()
+    if recycled:
+        s = pc.begin(base + [2, 3, 4])
+        s.close()
+        del s
+        gc.collect()
+    hits = pc._recycler.hits
+    with pc.begin(base + [2, 3, 4]) as t:
+        assert (pc._recycler.hits > hits) == recycled
+        before = [address(c.keys) for c in t.caches]
+        model([4], t.caches)
+        assert [address(c.keys) for c in t.caches] == before
+
+
+def test_recycler_keeps_at_most_its_bytes_oldest_out_first():
+    r = Recycler(max_bytes=3 * 4096)
+    arrays = [mx.zeros((1024,), mx.float32) for _ in range(5)]
+    mx.eval(arrays)
+    r.keep(arrays[:2])
+    r.keep(arrays[2:])
+    assert r.kept_bytes == 3 * 4096
+    del arrays
+    gc.collect()
+    takes = [r.take((1024,), mx.float32) for _ in range(4)]
+    assert [t.recycled for t in takes] == [True, True, True, False]
+    assert r.kept_bytes == 0
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([(2, 8), (4, 16), (2, 16)]), st.sampled_from([mx.float32, mx.bfloat16, mx.float16]),
+                          st.booleans()), min_size=1, max_size=12))
+def test_recycler_hands_out_buffers_nobody_holds(ops):
+    """Whatever mix of shapes, dtypes and held arrays: a taken array is all the caller's (writing
+    it changes no array anyone holds), and its shape and dtype are the ones asked for."""
+    r = Recycler(max_bytes=1 << 20)
+    held = []
+    for (shape, dtype, hold) in ops:
+        a = mx.random.normal((1, *shape)).astype(dtype)
+        mx.eval(a)
+        if hold:
+            held.append((a, np.array(numpy_view(a))))
+        r.keep([a])
+        del a
+        f = r.take((1, *shape), dtype)
+        mx.eval(f.writable, f.live)
+        assert f.live.shape == (1, *shape) and f.live.dtype == dtype
+        view = np.asarray(f.writable)
+        view[...] = 7
+        del view
+        for a, values in held:
+            assert np.array_equal(numpy_view(a), values)
+
+
+def test_recycle_bytes_is_checked():
+    model = FakeModel()
+    with pytest.raises(ValueError):
+        PrefixCache(model.make_cache, recycle_bytes=-1)
+    with pytest.raises(TypeError):
+        PrefixCache(model.make_cache, recycle_bytes=None)
+    with pytest.raises(TypeError):
+        PrefixCache(model.make_cache, recycle_bytes="1G")
+
+
+def test_no_recycling_when_turned_off():
+    model = FakeModel(layers=2, heads=2, dim=8)
+    pc = PrefixCache(model.make_cache, hot_sessions=0, recycle_bytes=0)
+    tokens = list(range(50))
+    stored(pc, model, tokens)
+    for _ in range(3):
+        with pc.begin(tokens + [1]) as s:
+            assert_cold(model, s.caches, tokens + [1], s.cached)
+    assert pc._recycler.hits == 0 and pc._recycler.kept_bytes == 0
