@@ -30,7 +30,7 @@ from .errors import CacheMismatchError, SessionError
 from .layers import KV, STATE, WINDOW, leaves, rule_for
 from .paging import DEVICE, DISK, HOST, Pager, check_budget
 from .policy import POLICIES, REASON_NAMES, END, PlanRequest, WorthPolicy
-from .arrays import to_device
+from .arrays import HostArray, to_device
 from .session import Session
 from .shared import SharedTier
 from .recycle import Recycler
@@ -376,14 +376,19 @@ class PrefixCache:
                     targets.append((pieces, sum(p.length for p in pieces), (cache, rule, kind)))
                 else:  # the window is empty here (a chunk boundary): only the position is set
                     rule.load_window(cache, None, cached)
-        for (_, _, (cache, rule, kind)), arrays in zip(targets, stitch(targets, self._storage.pool, self._recycler)):
+        states = {i: used[-1].payload.layers[i] for i, kind in enumerate(self._kinds) if kind == STATE}
+        held: list[HostArray] = []  # host-tier state arrays: copied in the same batch as the KV
+        for p in states.values():
+            p.map(lambda a: held.append(a) if isinstance(a, HostArray) else None)
+        stitched, copies = stitch(targets, self._storage.pool, self._recycler, held) if targets or held else ([], [])
+        fresh = iter(copies)
+        for i, p in states.items():
+            self._rules[i].restore(live[i], p.map(lambda a: next(fresh) if isinstance(a, HostArray) else a), cached)
+        for (_, _, (cache, rule, kind)), arrays in zip(targets, stitched):
             if kind == KV:
                 rule.load(cache, arrays, cached)
             else:
                 rule.load_window(cache, arrays, cached)
-        for i, kind in enumerate(self._kinds):
-            if kind == STATE:
-                self._rules[i].restore(live[i], used[-1].payload.layers[i], cached)
         mx.eval(_live_arrays(live))
         for node in used:
             tier = DISK if node.id in from_disk else node.payload.tier
@@ -605,7 +610,8 @@ class PrefixCache:
     def _retire(self, caches: list) -> None:
         """Offer the arrays of live caches that kvtrie hands out no more to the next restores."""
         if self._recycler.max_bytes:
-            self._recycler.keep(a for c, r in zip(leaves(caches), self._rules) if r.kind != STATE for a in (r.live(c) or ()))
+            for c, r in zip(leaves(caches), self._rules):
+                self._recycler.keep(_live_arrays([c]) if r.kind == STATE else (r.live(c) or ()))
 
     def _check_open(self) -> None:
         if self._closed:

@@ -10,6 +10,7 @@ evaluated before the live cache they came from can go away.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from typing import Any, Optional
 
@@ -122,7 +123,12 @@ def _assemble(pieces: Sequence[Piece], index: int, template: AnyArray, capacity:
     return buf
 
 
-def stitch(targets: Sequence[tuple[Sequence[Piece], int, Any]], pool: HostPool, recycler: Recycler) -> list[list[mx.array]]:
+def stitch(
+    targets: Sequence[tuple[Sequence[Piece], int, Any]],
+    pool: HostPool,
+    recycler: Recycler,
+    whole: Sequence[HostArray] = (),
+) -> tuple[list[list[mx.array]], list[mx.array]]:
     """New live arrays for each target: its pieces laid end to end, then zeros up to `capacity`.
 
     `targets` holds `(pieces, capacity, _)` per layer; the result lists, per target, one
@@ -132,7 +138,8 @@ def stitch(targets: Sequence[tuple[Sequence[Piece], int, Any]], pool: HostPool, 
     handed to MLX in one flat copy (MLX's 4-D concatenate copies element by element on the
     CPU); a GPU concatenates device payloads on the device instead. Large assemblies run on
     two threads (numpy copies release the GIL). On the CPU the new arrays come from
-    `recycler` (see `_write_fresh`).
+    `recycler` (see `_write_fresh`). `whole` host arrays (a hybrid model's recurrent states)
+    are copied into new arrays in the same batch, returned second.
     """
     cpu = on_cpu()
     results: list[list[Optional[mx.array]]] = []
@@ -162,64 +169,96 @@ def stitch(targets: Sequence[tuple[Sequence[Piece], int, Any]], pool: HostPool, 
     total = sum(p.payload.arrays[i].nbytes for _, i, pieces, _, _ in jobs for p in pieces if p.payload is not None)
     parallel = total >= PARALLEL_BYTES
     if cpu:
-        _write_fresh(jobs, results, recycler, parallel)
-        return results  # type: ignore[return-value]
+        copies = _write_fresh(jobs, results, recycler, total + sum(a.nbytes for a in whole) >= PARALLEL_BYTES, whole)
+        return results, copies  # type: ignore[return-value]
     futures = [
         (t, i, a.dtype, COPIERS.submit(_assemble, pieces, i, a, cap, pool) if parallel else _assemble(pieces, i, a, cap, pool))
         for t, i, pieces, a, cap in jobs
     ]
+    copies = [to_device(a) for a in whole]
     for t, i, dtype, job in futures:
         buf = job.result() if parallel else job
         results[t][i] = from_numpy(buf, dtype)
         pool.give(buf)
-    return results  # type: ignore[return-value]
+    return results, copies  # type: ignore[return-value]
 
 
-def _write_fresh(jobs: list, results: list, recycler: Recycler, parallel: bool) -> None:
+def _write_fresh(jobs: list, results: list, recycler: Recycler, parallel: bool, whole: Sequence[HostArray]) -> list[mx.array]:
     """One copy: each payload is written once, straight into the new live array's memory.
 
     The arrays come from `recycler` (a dead live cache's buffer, else zero-filled), are
     evaluated, and nobody else holds them; they are written through numpy views that are
     dropped before the arrays are handed out. Past 8 MiB the allocations (MLX's thread)
-    run ahead of the copies (two threads), array by array.
+    run ahead of the copies, array by array, and each array's copy is split by heads
+    between two threads (equal halves: uneven arrays would leave one thread idle).
+    Returns the copies of `whole`.
     """
-    fresh = []
+    fresh, writers = [], []
     for t, i, pieces, a, cap in jobs:
         shape = list(a.shape)
         shape[TOKEN_AXIS] = cap
-        fresh.append(recycler.take(shape, a.dtype))
+        f = recycler.take(shape, a.dtype)
+        fresh.append(f)
+        writers.append(functools.partial(_copy_into, pieces, i, dirty=f.recycled))
+    for a in whole:
+        fresh.append(recycler.take(a.shape, a.dtype))
+        writers.append(functools.partial(_copy_whole, a.data))
     writables = [f.writable for f in fresh]
     if not parallel:
         mx.eval(writables)
-        for (_, i, pieces, _, _), f in zip(jobs, fresh):
-            _copy_into(pieces, i, np.asarray(f.writable), f.recycled)
+        for f, write in zip(fresh, writers):
+            dst = np.asarray(f.writable)
+            write(dst, 0, _rows(dst))
     else:
         mx.async_eval(writables)
         copies = []
-        for (_, i, pieces, _, _), f in zip(jobs, fresh):
+        for f, write in zip(fresh, writers):
             mx.eval(f.writable)  # this one is ready; the next ones are still being made
-            copies.append(COPIERS.submit(_copy_into, pieces, i, np.asarray(f.writable), f.recycled))
+            dst = np.asarray(f.writable)
+            rows = _rows(dst)
+            if rows >= 2 and dst.nbytes >= _SPLIT_BYTES:
+                copies += [COPIERS.submit(write, dst, 0, rows // 2), COPIERS.submit(write, dst, rows // 2, rows)]
+            else:
+                copies.append(COPIERS.submit(write, dst, 0, rows))
+            del dst
         for job in copies:
             job.result()
         del copies  # no numpy view outlives the copy: the live arrays own their buffers alone
     del writables
     for (t, i, _, _, _), f in zip(jobs, fresh):
         results[t][i] = f.live
+    return [f.live for f in fresh[len(jobs) :]]
 
 
-def _copy_into(pieces: Sequence[Piece], index: int, dst: np.ndarray, dirty: bool = False) -> None:
-    """Array `index` of each piece laid end to end into `dst`; holes and the rest are zero
-    (written only when `dirty`: a zero-filled `dst` has them already)."""
+_SPLIT_BYTES = 1 << 20  # arrays past this are copied by both threads
+
+
+def _rows(dst: np.ndarray) -> int:
+    """How many slices along axis 1 (the heads of a KV array) the copy can be split into."""
+    return dst.shape[1] if dst.ndim >= 2 else 1
+
+
+def _copy_into(pieces: Sequence[Piece], index: int, dst: np.ndarray, h0: int, h1: int, dirty: bool = False) -> None:
+    """Heads `[h0, h1)` of array `index` of each piece laid end to end into `dst`; holes and the
+    rest are zero (written only when `dirty`: a zero-filled `dst` has them already)."""
+    dst = dst[:, h0:h1]
     at = 0
     for piece in pieces:
         n = piece.length
         if piece.payload is not None:
-            np.copyto(dst[:, :, at : at + n], numpy_view(piece.payload.arrays[index])[:, :, piece.lo : piece.hi])
+            np.copyto(dst[:, :, at : at + n], numpy_view(piece.payload.arrays[index])[:, h0:h1, piece.lo : piece.hi])
         elif dirty:
             dst[:, :, at : at + n] = 0
         at += n
     if dirty:
         dst[:, :, at:] = 0
+
+
+def _copy_whole(src: np.ndarray, dst: np.ndarray, h0: int, h1: int) -> None:
+    if dst.ndim >= 2:
+        np.copyto(dst[:, h0:h1], src[:, h0:h1])
+    else:
+        np.copyto(dst, src)
 
 
 def evaluate(payloads: Iterable[Any]) -> None:
