@@ -63,6 +63,33 @@ def test_restart_in_the_same_process_restores_from_disk(tmp_path, kinds):
     pc2.close()
 
 
+def test_records_named_with_crc32_are_still_read(tmp_path):
+    """Records are checksummed with XXH3-64 (16 hex digits in the name); those written with
+    CRC-32 (8 digits) before restore the same, and a wrong checksum of either kind is a miss."""
+    import zlib
+
+    model = FakeModel(kinds="KRK", heads=1, dim=4)
+    seqs = sequences(4)
+    with PrefixCache(model.make_cache, disk_dir=str(tmp_path), fingerprint="f", snapshot_interval=8) as pc:
+        for tokens in seqs:
+            serve(pc, model, tokens)
+    files = sorted(tmp_path.glob("*.safetensors"))
+    assert files and all(len(f.stem.rsplit("-", 1)[1]) == 16 for f in files)
+    wrong = files[0]
+    for f in files:
+        stem = f.stem.rsplit("-", 1)[0]
+        crc = zlib.crc32(f.read_bytes()) ^ (f == wrong)  # one of them with a checksum that does not match
+        f.rename(f.with_name(f"{stem}-{crc:08x}.safetensors"))
+    pc = PrefixCache(model.make_cache, disk_dir=str(tmp_path), fingerprint="f", snapshot_interval=8)
+    assert pc.stats()["disk_errors"] == 0  # (headers are read without their checksum)
+    for tokens in seqs:  # serve() asserts every restore equals a cold run
+        serve(pc, model, tokens + [3])
+    stats = pc.stats()
+    assert stats["disk_restores"] > 0 and stats["disk_errors"] >= 1
+    check_invariants(pc, (), model)
+    pc.close()
+
+
 def test_another_fingerprint_starts_cold_and_never_restores(tmp_path, caplog):
     model = FakeModel()
     with PrefixCache(model.make_cache, disk_dir=str(tmp_path), fingerprint="model-a") as pc:

@@ -34,7 +34,7 @@ def stored(pc: PrefixCache, model: FakeModel, tokens: list[int]) -> None:
 
 @pytest.fixture
 def warm():
-    model = FakeModel(layers=2, heads=2, dim=8)
+    model = FakeModel(layers=2, heads=4, dim=64)  # 512 KiB live arrays: past stitch's small path
     pc = PrefixCache(model.make_cache, hot_sessions=0)
     base = list(range(300))
     stored(pc, model, base + [1])
@@ -168,8 +168,23 @@ def test_recycle_bytes_is_checked():
         PrefixCache(model.make_cache, recycle_bytes="1G")
 
 
-def test_no_recycling_when_turned_off():
+def test_small_restores_are_evaluated_and_updated_in_place():
+    """Below 256 KiB a restore lays the arrays out in numpy and hands MLX a copy (no graph run)."""
     model = FakeModel(layers=2, heads=2, dim=8)
+    pc = PrefixCache(model.make_cache, hot_sessions=0)
+    stored(pc, model, list(range(40)))
+    hits = pc._recycler.hits
+    with pc.begin(list(range(40)) + [1]) as s:
+        assert pc._recycler.hits == hits
+        before = [address(c.keys) for c in s.caches]
+        assert_cold(model, s.caches, list(range(40)), s.cached)
+        model([1], s.caches)
+        assert [address(c.keys) for c in s.caches] == before
+        assert_cold(model, s.caches, list(range(40)) + [1], 41)
+
+
+def test_no_recycling_when_turned_off():
+    model = FakeModel(layers=2, heads=4, dim=64)
     pc = PrefixCache(model.make_cache, hot_sessions=0, recycle_bytes=0)
     tokens = list(range(50))
     stored(pc, model, tokens)

@@ -20,6 +20,12 @@ import mlx.core as mx
 import numpy as np
 
 _VIEW_AS = {mx.bfloat16: mx.uint16}
+# MLX dtypes numpy holds as they are (bfloat16 is not one: it travels as uint16 and needs a view in MLX)
+NUMPY_DTYPES = {
+    mx.float32: np.float32, mx.float16: np.float16, mx.int8: np.int8, mx.int16: np.int16, mx.int32: np.int32,
+    mx.int64: np.int64, mx.uint8: np.uint8, mx.uint16: np.uint16, mx.uint32: np.uint32, mx.uint64: np.uint64,
+    mx.bool_: np.bool_,
+}
 
 
 @attrs.frozen(eq=False)
@@ -56,6 +62,16 @@ def numpy_view(a: AnyArray) -> np.ndarray:
     if isinstance(a, HostArray):
         return a.data
     return np.asarray(a.view(_VIEW_AS[a.dtype]) if a.dtype in _VIEW_AS else a)
+
+
+def numpy_views(arrays: Sequence[AnyArray]) -> list[np.ndarray]:
+    """`numpy_view` of each array, with everything MLX must still compute for them (unevaluated
+    arrays, the uint16 views of bfloat16 ones) evaluated in one graph run, not one per array."""
+    pending = [a.view(_VIEW_AS[a.dtype]) if isinstance(a, mx.array) and a.dtype in _VIEW_AS else a for a in arrays]
+    lazy = [a for a in pending if isinstance(a, mx.array)]
+    if lazy:
+        mx.eval(lazy)  # (already evaluated arrays cost next to nothing here)
+    return [a.data if isinstance(a, HostArray) else np.asarray(a) for a in pending]
 
 
 def from_numpy(data: np.ndarray, dtype: mx.Dtype) -> mx.array:
@@ -141,15 +157,25 @@ def to_host(a: AnyArray, pool: HostPool) -> HostArray:
 
 COPIERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvtrie-copy")
 PARALLEL_BYTES = 8 << 20  # below this, threads cost more than they save
+SPLIT_BYTES = 4 << 20  # arrays past this are copied by two threads, each taking half
 
 
 def copy_all(pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
-    """`np.copyto(dst, src)` for each pair; on two threads when there is enough to copy."""
-    if sum(src.nbytes for _, src in pairs) < PARALLEL_BYTES or len(pairs) < 2:
+    """`np.copyto(dst, src)` for each pair; with enough to copy, arrays past `SPLIT_BYTES` are
+    split along axis 1 (a KV array's heads): one half on a worker thread, one here."""
+    if sum(src.nbytes for _, src in pairs) < PARALLEL_BYTES:
         for dst, src in pairs:
             np.copyto(dst, src)
         return
-    for job in [COPIERS.submit(np.copyto, dst, src) for dst, src in pairs]:
+    jobs = []
+    for dst, src in pairs:
+        rows = dst.shape[1] if dst.ndim >= 2 else 1
+        if rows >= 2 and dst.nbytes >= SPLIT_BYTES:
+            jobs.append(COPIERS.submit(np.copyto, dst[:, rows // 2 :], src[:, rows // 2 :]))
+            np.copyto(dst[:, : rows // 2], src[:, : rows // 2])
+        else:
+            np.copyto(dst, src)
+    for job in jobs:
         job.result()
 
 

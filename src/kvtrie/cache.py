@@ -34,7 +34,7 @@ from .arrays import HostArray, to_device
 from .session import Session
 from .shared import SharedTier
 from .recycle import Recycler
-from .snapshot import KVPayload, Piece, capture_tokens, evaluate, prefix_pieces, stitch
+from .snapshot import KVPayload, Piece, capture_tokens, evaluate, stitch
 from .storage import NodeData, TieredStorage
 from .trie import Match, Node, as_token_array
 from .window import Recorder, record, recorder_of, restorable, restorable_max
@@ -146,6 +146,8 @@ class PrefixCache:
         probe_leaves = leaves(probe)
         self._rules = tuple(rule_for(c) for c in probe_leaves)
         self._kinds = tuple(r.kind for r in self._rules)
+        self._window_layers = tuple(i for i, k in enumerate(self._kinds) if k == WINDOW)
+        self._state_layers = tuple(i for i, k in enumerate(self._kinds) if k == STATE)
         self._geometry = {i: r.geometry(c) for i, (r, c) in enumerate(zip(self._rules, probe_leaves)) if r.kind == WINDOW}
         self._layer_types = tuple(type(c).__name__ for c in probe_leaves)
         self._make_cache = make_cache
@@ -248,7 +250,7 @@ class PrefixCache:
         """
         arr = as_token_array(tokens)
         ns = self._namespace if namespace is None else self._check_namespace(namespace)
-        hints = _check_offsets(capture_hints)
+        hints = _check_offsets(capture_hints) if capture_hints else ()
         caches = self._make_cache()
         storage = self._storage
         with self._lock:
@@ -273,23 +275,25 @@ class PrefixCache:
                 if full is not None:
                     logits = _device(full.payload.logits)
                     self._counters.logits_restores += 1
-            if hot is None:
-                for i, leaf in enumerate(leaves(caches)):
-                    if self._kinds[i] == WINDOW:
-                        record(leaf, cached)
+            if hot is None and self._window_layers:
+                live = leaves(caches)
+                for i in self._window_layers:
+                    record(live[i], cached)
             last = match.last
-            plan = self._policy.plan(
-                PlanRequest(
-                    tuple(match.path), match.length, cached, len(arr), hints, bool(reuse_logits),
-                    last is not None and last.is_leaf and match.length == last.end,
+            plan = ()
+            if self._policy.hybrid:  # (only whole-state layers are captured)
+                plan = self._policy.plan(
+                    PlanRequest(
+                        tuple(match.path), match.length, cached, len(arr), hints, bool(reuse_logits),
+                        last is not None and last.is_leaf and match.length == last.end,
+                    )
                 )
-            )
             if self._promote:
                 for node in used:
                     if node.payload.tier == HOST:
                         storage.move(node, DEVICE)
             leaf = used[-1] if used else None
-            storage.pin(leaf, +1)
+            storage.pin(leaf, +1, reindex=False)  # (`used` is the leaf's path: touch re-enters it in the orders)
             storage.touch(used)
             c = self._counters
             c.requests += 1
@@ -365,11 +369,12 @@ class PrefixCache:
         """Stitch the path's per-token payloads (from either tier) into the live caches and load
         the whole states at `cached`."""
         targets = []
+        spans = [(n, min(n.end, cached) - n.start) for n in used]  # (the same for every per-token layer)
         for i, (cache, rule, kind) in enumerate(zip(live, self._rules, self._kinds)):
             if kind == KV:
-                parts = [n.payload.layers[i] for n in used]
-                if parts[0] is not None:  # None: a layer the model never writes
-                    targets.append((prefix_pieces(parts, cached), rule.capacity(cache, cached), (cache, rule, kind)))
+                if used[0].payload.layers[i] is not None:  # None: a layer the model never writes
+                    pieces = [Piece(n.payload.layers[i], 0, k) for n, k in spans]
+                    targets.append((pieces, rule.capacity(cache, cached), (cache, rule, kind)))
             elif kind == WINDOW:
                 pieces = self._window_pieces(used, i, self._geometry[i].layout(cached))
                 if pieces:
@@ -389,7 +394,8 @@ class PrefixCache:
                 rule.load(cache, arrays, cached)
             else:
                 rule.load_window(cache, arrays, cached)
-        mx.eval(_live_arrays(live))
+        if self._state_layers:
+            mx.eval(_live_arrays([live[i] for i in self._state_layers]))
         for node in used:
             tier = DISK if node.id in from_disk else node.payload.tier
             self._counters.add_cached(tier, min(node.end, cached) - node.start)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import attrs
 
 
+_CACHED = {tier: f"cached_tokens_{tier}" for tier in ("device", "host", "disk")}
+
+
 @attrs.define(slots=True)
 class Counters:
     """What happened: requests and their hits, tier traffic, evictions, disk, snapshots."""
@@ -30,7 +33,7 @@ class Counters:
     snapshots_used: int = 0  # restores that resumed from a snapshot
 
     def add_cached(self, tier: str, tokens: int) -> None:
-        name = f"cached_tokens_{tier}"
+        name = _CACHED[tier]
         setattr(self, name, getattr(self, name) + tokens)
 
     def as_dict(self) -> dict[str, int]:

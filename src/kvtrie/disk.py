@@ -1,6 +1,6 @@
 """The disk tier: self-describing payload records that survive any end, integrity checks, a writer.
 
-Each record is one safetensors file named `<key>-<crc32>.safetensors`. The key is a hash of
+Each record is one safetensors file named `<key>-<checksum>.safetensors`. The key is a hash of
 the model's fingerprint, the namespace and every token up to the record's end (the same
 content always gets the same key, so it is written once); the name's checksum covers the
 file's bytes, so a truncated, flipped or half-written file is detected when read and never
@@ -31,6 +31,7 @@ from typing import Any, Optional
 import attrs
 import mlx.core as mx
 import numpy as np
+import xxhash
 
 from .arrays import HostArray, HostPool
 from .recurrent import RecurrentPayload
@@ -158,6 +159,27 @@ def _decode_tensors(meta: dict, tensors: dict[str, np.ndarray]) -> tuple[tuple[A
 _IOV_MAX = 1024  # buffers per preadv call (Linux's limit)
 
 
+class _Checksum:
+    """A record's checksum, from the number of hex digits in its name: 16 for XXH3-64 (written
+    since it is ~3x faster than CRC-32 here, 11 vs 3 GB/s), 8 for CRC-32 (records written before)."""
+
+    def __init__(self, digits: int):
+        if digits not in (8, 16):
+            raise ValueError(f"a checksum of {digits} hex digits")
+        self._xxh = xxhash.xxh3_64() if digits == 16 else None
+        self._crc = 0
+
+    def update(self, data: Any) -> None:
+        if self._xxh is not None:
+            self._xxh.update(data)
+        else:
+            self._crc = zlib.crc32(data, self._crc)
+
+    @property
+    def value(self) -> int:
+        return self._xxh.intdigest() if self._xxh is not None else self._crc
+
+
 def _give_back(arrays: list[np.ndarray], pool: Optional[HostPool]) -> None:
     if pool is not None:
         for a in arrays:
@@ -166,7 +188,7 @@ def _give_back(arrays: list[np.ndarray], pool: Optional[HostPool]) -> None:
 
 @attrs.frozen(eq=False)
 class WriteJob:
-    """A record to write; the writer names the file `<stem>-<crc32>` (the name carries its checksum)."""
+    """A record to write; the writer names the file `<stem>-<checksum>` (the name carries its checksum)."""
 
     node_id: int
     stem: str
@@ -208,7 +230,7 @@ class DiskStore:
     def write(self, stem: str, layers: tuple[Any, ...], logits: Any = None, record: Optional[dict] = None) -> str:
         """Write a record; returns its file name, which carries the checksum."""
         data = encode(layers, logits, record)
-        name = f"{stem}-{zlib.crc32(data):08x}.safetensors"
+        name = f"{stem}-{xxhash.xxh3_64_intdigest(data):016x}.safetensors"
         self._atomic_write(self.path(name), data)
         return name
 
@@ -238,7 +260,8 @@ class DiskStore:
         which are warm, where given), one `preadv` for all of them, and checksummed there.
         """
         try:
-            expected = int(file.rsplit("-", 1)[1].split(".")[0], 16)
+            digits = file.rsplit("-", 1)[1].split(".")[0]
+            expected, checksum = int(digits, 16), _Checksum(len(digits))
             fd = os.open(self.path(file), os.O_RDONLY)
         except (OSError, ValueError, IndexError) as exc:
             raise PayloadCorrupt(f"{file}: {exc}") from exc
@@ -250,7 +273,8 @@ class DiskStore:
             if len(head) < 8 or not 0 < n <= size - 8:
                 raise PayloadCorrupt(f"{file}: header length {n} in a file of {size} bytes")
             header_bytes = os.pread(fd, n, 8)
-            crc = zlib.crc32(header_bytes, zlib.crc32(head))
+            checksum.update(head)
+            checksum.update(header_bytes)
             header, meta = _meta(header_bytes)
             names, at = [], 0
             for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
@@ -271,8 +295,8 @@ class DiskStore:
             if got != at:
                 raise PayloadCorrupt(f"{file}: read {got} of {at} bytes")
             for v in views:
-                crc = zlib.crc32(v, crc)
-            if crc != expected:
+                checksum.update(v)
+            if checksum.value != expected:
                 raise PayloadCorrupt(f"{file}: checksum mismatch ({size} bytes)")
             return _decode_tensors(meta, {name: a for (name, _, _), a in zip(names, arrays)})
         except PayloadCorrupt:

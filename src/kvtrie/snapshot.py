@@ -19,7 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from .arrays import (
-    COPIERS, PARALLEL_BYTES, AnyArray, HostArray, HostPool, concat_axis, from_numpy, numpy_view, on_cpu, slice_axis, to_device,
+    COPIERS, NUMPY_DTYPES, PARALLEL_BYTES, SPLIT_BYTES, AnyArray, HostArray, HostPool, concat_axis, from_numpy, numpy_view, on_cpu, slice_axis, to_device,
 )
 from .recycle import Recycler
 
@@ -138,10 +138,15 @@ def stitch(
     handed to MLX in one flat copy (MLX's 4-D concatenate copies element by element on the
     CPU); a GPU concatenates device payloads on the device instead. Large assemblies run on
     two threads (numpy copies release the GIL). On the CPU the new arrays come from
-    `recycler` (see `_write_fresh`). `whole` host arrays (a hybrid model's recurrent states)
-    are copied into new arrays in the same batch, returned second.
+    `recycler` (see `_write_fresh`); small ones run no MLX graph at all (`_stitch_small`).
+    `whole` host arrays (a hybrid model's recurrent states) are copied into new arrays in the
+    same batch, returned second. Every array returned is evaluated.
     """
     cpu = on_cpu()
+    if cpu and _small(targets, whole):
+        copies = [mx.array(a.data) if a.dtype in NUMPY_DTYPES else to_device(a) for a in whole]
+        mx.eval([c for c, a in zip(copies, whole) if a.dtype not in NUMPY_DTYPES])  # (bfloat16: a view)
+        return _stitch_small(targets), copies
     results: list[list[Optional[mx.array]]] = []
     jobs = []
     for t, (pieces, capacity, _) in enumerate(targets):
@@ -180,7 +185,47 @@ def stitch(
         buf = job.result() if parallel else job
         results[t][i] = from_numpy(buf, dtype)
         pool.give(buf)
+    mx.eval(results, copies)
     return results, copies  # type: ignore[return-value]
+
+
+_DIRECT_BYTES = 256 << 10  # live arrays below this are laid out in numpy and copied once more
+
+
+def _small(targets: Sequence[tuple[Sequence[Piece], int, Any]], whole: Sequence[HostArray]) -> bool:
+    """The new live arrays would be small (below `_DIRECT_BYTES` in all) and numpy holds their dtypes."""
+    live = sum(a.nbytes for a in whole)
+    for pieces, capacity, _ in targets:
+        template = next(p.payload for p in pieces if p.payload is not None)
+        for a in template.arrays:
+            if a.dtype not in NUMPY_DTYPES:
+                return False
+            live += a.nbytes // max(template.length, 1) * capacity
+    return live < _DIRECT_BYTES
+
+
+def _stitch_small(targets: Sequence[tuple[Sequence[Piece], int, Any]]) -> list[list[mx.array]]:
+    """`stitch` for small restores on the CPU: each live array laid out in a numpy buffer and
+    copied into MLX by `mx.array`, which is evaluated as it is made. A second copy, but no graph
+    run: a graph run hands work to MLX's stream thread and back, more than small copies cost."""
+    results = []
+    for pieces, capacity, _ in targets:
+        template = next(p.payload for p in pieces if p.payload is not None)
+        arrays = []
+        for i, a in enumerate(template.arrays):
+            shape = list(a.shape)
+            shape[TOKEN_AXIS] = capacity
+            buf = np.zeros(shape, NUMPY_DTYPES[a.dtype])
+            at = 0
+            for p in pieces:
+                n = p.hi - p.lo
+                if p.payload is not None:
+                    src = numpy_view(p.payload.arrays[i])
+                    buf[:, :, at : at + n] = src if n == src.shape[TOKEN_AXIS] else src[:, :, p.lo : p.hi]
+                at += n
+            arrays.append(mx.array(buf))
+        results.append(arrays)
+    return results
 
 
 def _write_fresh(jobs: list, results: list, recycler: Recycler, parallel: bool, whole: Sequence[HostArray]) -> list[mx.array]:
@@ -216,21 +261,20 @@ def _write_fresh(jobs: list, results: list, recycler: Recycler, parallel: bool, 
             mx.eval(f.writable)  # this one is ready; the next ones are still being made
             dst = np.asarray(f.writable)
             rows = _rows(dst)
-            if rows >= 2 and dst.nbytes >= _SPLIT_BYTES:
-                copies += [COPIERS.submit(write, dst, 0, rows // 2), COPIERS.submit(write, dst, rows // 2, rows)]
+            if rows >= 2 and dst.nbytes >= SPLIT_BYTES:  # half on a worker, half here
+                copies.append(COPIERS.submit(write, dst, rows // 2, rows))
+                write(dst, 0, rows // 2)
             else:
-                copies.append(COPIERS.submit(write, dst, 0, rows))
+                write(dst, 0, rows)
             del dst
         for job in copies:
             job.result()
         del copies  # no numpy view outlives the copy: the live arrays own their buffers alone
     del writables
+    mx.eval([f.live for f in fresh])  # (a bfloat16 array's view of its zero-filled uint16 buffer)
     for (t, i, _, _, _), f in zip(jobs, fresh):
         results[t][i] = f.live
     return [f.live for f in fresh[len(jobs) :]]
-
-
-_SPLIT_BYTES = 1 << 20  # arrays past this are copied by both threads
 
 
 def _rows(dst: np.ndarray) -> int:

@@ -367,6 +367,9 @@ class TieredStorage:
         (still in upper tiers) makes them move first.
         """
         pager = self.pager
+        budgets, held = pager.budgets, pager.bytes
+        if all(budgets[t] is None or held[t] <= budgets[t] for t in budgets):
+            return  # every budget holds: nothing to do (the common case)
         chain = self.tiers()
         progress = True
         while progress:
@@ -485,11 +488,13 @@ class TieredStorage:
         limit = budget if budget is not None else max(self.host_peak, 256 << 20)
         return limit - self.pager.bytes[HOST]
 
-    def pin(self, leaf: Optional[Node], delta: int) -> None:
+    def pin(self, leaf: Optional[Node], delta: int, reindex: bool = True) -> None:
+        """Pin (+1) or unpin (-1) `leaf`'s path; `reindex=False` when the caller re-enters those nodes itself."""
         node = leaf
         while node is not None and node.parent is not None:
             node.pins += delta
-            self.reindex(node)
+            if reindex:
+                self.reindex(node)
             node = node.parent
 
     def touch(self, nodes: Sequence[Node]) -> None:

@@ -91,8 +91,19 @@ def _identity_merge(upper: Any, lower: Any) -> Any:
     return lower
 
 
+_TOKEN_MAX = int(np.iinfo(TOKEN_DTYPE).max)
+_PY_SCAN = 4096  # up to this many tokens, Python's min/max over a list beat numpy's reductions
+
+
 def as_token_array(tokens: Any) -> np.ndarray:
     """Validate `tokens` (a non-empty 1-D sequence of non-negative ints) and return an int32 array."""
+    if type(tokens) is list and tokens and set(map(type, tokens)) == {int}:
+        try:  # the common case: a list of plain ints
+            arr = np.array(tokens, dtype=TOKEN_DTYPE)  # (OverflowError past int32)
+        except OverflowError:
+            arr = None  # the checks below say why
+        if arr is not None and (min(tokens) if len(tokens) <= _PY_SCAN else int(arr.min())) >= 0:
+            return arr
     if isinstance(tokens, (str, bytes)):
         raise TypeError(f"tokens must be a sequence of integer token ids, got {type(tokens).__name__}")
     if isinstance(tokens, np.ndarray):
@@ -119,7 +130,7 @@ def as_token_array(tokens: Any) -> np.ndarray:
     lo, hi = int(arr.min()), int(arr.max())
     if lo < 0:
         raise ValueError(f"token ids must be non-negative, got {lo}")
-    if hi > np.iinfo(TOKEN_DTYPE).max:
+    if hi > _TOKEN_MAX:
         raise ValueError(f"token ids must fit in int32, got {hi}")
     return np.ascontiguousarray(arr, dtype=TOKEN_DTYPE)
 

@@ -207,7 +207,7 @@ class Model(nn.Module):
 
     def make_cache(self) -> list[KVCache]:
         """One empty live KV cache per layer."""
-        return [KVCache() for _ in self.layers]
+        return [KVCache() for _ in range(self.args.num_hidden_layers)]  # (not self.layers: nn.Module lookups are slow)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Drop checkpoint tensors the model does not own (rotary tables, a tied lm_head)."""
