@@ -8,6 +8,7 @@ buffers come from a `HostPool` and go back to it when a payload leaves the host 
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections import defaultdict
@@ -62,16 +63,6 @@ def numpy_view(a: AnyArray) -> np.ndarray:
     if isinstance(a, HostArray):
         return a.data
     return np.asarray(a.view(_VIEW_AS[a.dtype]) if a.dtype in _VIEW_AS else a)
-
-
-def numpy_views(arrays: Sequence[AnyArray]) -> list[np.ndarray]:
-    """`numpy_view` of each array, with everything MLX must still compute for them (unevaluated
-    arrays, the uint16 views of bfloat16 ones) evaluated in one graph run, not one per array."""
-    pending = [a.view(_VIEW_AS[a.dtype]) if isinstance(a, mx.array) and a.dtype in _VIEW_AS else a for a in arrays]
-    lazy = [a for a in pending if isinstance(a, mx.array)]
-    if lazy:
-        mx.eval(lazy)  # (already evaluated arrays cost next to nothing here)
-    return [a.data if isinstance(a, HostArray) else np.asarray(a) for a in pending]
 
 
 def from_numpy(data: np.ndarray, dtype: mx.Dtype) -> mx.array:
@@ -161,22 +152,53 @@ SPLIT_BYTES = 4 << 20  # arrays past this are copied by two threads, each taking
 
 
 def copy_all(pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
-    """`np.copyto(dst, src)` for each pair; with enough to copy, arrays past `SPLIT_BYTES` are
-    split along axis 1 (a KV array's heads): one half on a worker thread, one here."""
+    """`np.copyto(dst, src)` for each pair; with enough to copy, on two threads (`TwoHands`)."""
     if sum(src.nbytes for _, src in pairs) < PARALLEL_BYTES:
         for dst, src in pairs:
             np.copyto(dst, src)
         return
-    jobs = []
+    hands = TwoHands()
     for dst, src in pairs:
-        rows = dst.shape[1] if dst.ndim >= 2 else 1
-        if rows >= 2 and dst.nbytes >= SPLIT_BYTES:
-            jobs.append(COPIERS.submit(np.copyto, dst[:, rows // 2 :], src[:, rows // 2 :]))
-            np.copyto(dst[:, : rows // 2], src[:, : rows // 2])
+        hands.copy(functools.partial(copy_rows, src, dst), dst.shape[1] if dst.ndim >= 2 else 1, dst.nbytes)
+    hands.wait()
+
+
+def copy_rows(src: np.ndarray, dst: np.ndarray, h0: int, h1: int) -> None:
+    """Rows `[h0, h1)` along axis 1 of `src` into `dst` (all of it for a 1-D array)."""
+    if dst.ndim >= 2:
+        np.copyto(dst[:, h0:h1], src[:, h0:h1])
+    else:
+        np.copyto(dst, src)
+
+
+class TwoHands:
+    """Copies shared by the calling thread and a worker, balanced by bytes as they come: an
+    array past `SPLIT_BYTES` is split along axis 1 (a KV array's heads), half each; a smaller
+    one goes whole to whichever hand has copied less (numpy copies release the GIL)."""
+
+    def __init__(self) -> None:
+        self._jobs: list = []
+        self._here = 0
+        self._there = 0
+
+    def copy(self, fn: Callable[[int, int], None], rows: int, nbytes: int) -> None:
+        """Run `fn(h0, h1)` over rows `[0, rows)`, here, on the worker or split between them."""
+        if rows >= 2 and nbytes >= SPLIT_BYTES:
+            self._jobs.append(COPIERS.submit(fn, rows // 2, rows))
+            fn(0, rows // 2)
+            self._here += nbytes // 2
+            self._there += nbytes - nbytes // 2
+        elif self._there < self._here:
+            self._jobs.append(COPIERS.submit(fn, 0, rows))
+            self._there += nbytes
         else:
-            np.copyto(dst, src)
-    for job in jobs:
-        job.result()
+            fn(0, rows)
+            self._here += nbytes
+
+    def wait(self) -> None:
+        for job in self._jobs:
+            job.result()
+        self._jobs.clear()
 
 
 def to_device(a: AnyArray) -> mx.array:

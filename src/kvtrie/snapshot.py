@@ -19,7 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from .arrays import (
-    COPIERS, NUMPY_DTYPES, PARALLEL_BYTES, SPLIT_BYTES, AnyArray, HostArray, HostPool, concat_axis, from_numpy, numpy_view, on_cpu, slice_axis, to_device,
+    COPIERS, NUMPY_DTYPES, PARALLEL_BYTES, TwoHands, copy_rows, AnyArray, HostArray, HostPool, concat_axis, from_numpy, numpy_view, on_cpu, slice_axis, to_device,
 )
 from .recycle import Recycler
 
@@ -234,8 +234,8 @@ def _write_fresh(jobs: list, results: list, recycler: Recycler, parallel: bool, 
     The arrays come from `recycler` (a dead live cache's buffer, else zero-filled), are
     evaluated, and nobody else holds them; they are written through numpy views that are
     dropped before the arrays are handed out. Past 8 MiB the allocations (MLX's thread)
-    run ahead of the copies, array by array, and each array's copy is split by heads
-    between two threads (equal halves: uneven arrays would leave one thread idle).
+    run ahead of the copies, array by array, and the copies are shared by this thread and
+    a worker, balanced by bytes (`TwoHands`).
     Returns the copies of `whole`.
     """
     fresh, writers = [], []
@@ -247,7 +247,7 @@ def _write_fresh(jobs: list, results: list, recycler: Recycler, parallel: bool, 
         writers.append(functools.partial(_copy_into, pieces, i, dirty=f.recycled))
     for a in whole:
         fresh.append(recycler.take(a.shape, a.dtype))
-        writers.append(functools.partial(_copy_whole, a.data))
+        writers.append(functools.partial(copy_rows, a.data))
     writables = [f.writable for f in fresh]
     if not parallel:
         mx.eval(writables)
@@ -256,20 +256,13 @@ def _write_fresh(jobs: list, results: list, recycler: Recycler, parallel: bool, 
             write(dst, 0, _rows(dst))
     else:
         mx.async_eval(writables)
-        copies = []
+        hands = TwoHands()
         for f, write in zip(fresh, writers):
             mx.eval(f.writable)  # this one is ready; the next ones are still being made
             dst = np.asarray(f.writable)
-            rows = _rows(dst)
-            if rows >= 2 and dst.nbytes >= SPLIT_BYTES:  # half on a worker, half here
-                copies.append(COPIERS.submit(write, dst, rows // 2, rows))
-                write(dst, 0, rows // 2)
-            else:
-                write(dst, 0, rows)
+            hands.copy(functools.partial(write, dst), _rows(dst), dst.nbytes)
             del dst
-        for job in copies:
-            job.result()
-        del copies  # no numpy view outlives the copy: the live arrays own their buffers alone
+        hands.wait()  # no numpy view outlives the copies: the live arrays own their buffers alone
     del writables
     mx.eval([f.live for f in fresh])  # (a bfloat16 array's view of its zero-filled uint16 buffer)
     for (t, i, _, _, _), f in zip(jobs, fresh):
@@ -296,13 +289,6 @@ def _copy_into(pieces: Sequence[Piece], index: int, dst: np.ndarray, h0: int, h1
         at += n
     if dirty:
         dst[:, :, at:] = 0
-
-
-def _copy_whole(src: np.ndarray, dst: np.ndarray, h0: int, h1: int) -> None:
-    if dst.ndim >= 2:
-        np.copyto(dst[:, h0:h1], src[:, h0:h1])
-    else:
-        np.copyto(dst, src)
 
 
 def evaluate(payloads: Iterable[Any]) -> None:

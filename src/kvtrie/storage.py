@@ -482,11 +482,11 @@ class TieredStorage:
         self.snapshots += sign * (self.hybrid and data.has_state)
 
     def _pool_room(self) -> int:
-        """Free host buffers kept for reuse fill at most what the host tier may hold and does
-        not: its budget, or with none its peak so far (256 MiB at least), less what it holds."""
+        """Free host buffers kept for reuse: 256 MiB, or more where the host tier may hold more
+        than it does (its budget, or with none its peak so far, less what it holds)."""
         budget = self.pager.host_budget
-        limit = budget if budget is not None else max(self.host_peak, 256 << 20)
-        return limit - self.pager.bytes[HOST]
+        limit = budget if budget is not None else self.host_peak
+        return max(limit - self.pager.bytes[HOST], 256 << 20)
 
     def pin(self, leaf: Optional[Node], delta: int, reindex: bool = True) -> None:
         """Pin (+1) or unpin (-1) `leaf`'s path; `reindex=False` when the caller re-enters those nodes itself."""
