@@ -120,7 +120,7 @@ def test_restored_arrays_are_updated_in_place(warm, recycled):
 
 
 def test_recycler_keeps_at_most_its_bytes_oldest_out_first():
-    r = Recycler(max_bytes=3 * 4096)
+    r = Recycler(max_bytes=3 * 4096, min_bytes=0)
     arrays = [mx.zeros((1024,), mx.float32) for _ in range(5)]
     mx.eval(arrays)
     r.keep(arrays[:2])
@@ -139,7 +139,7 @@ def test_recycler_keeps_at_most_its_bytes_oldest_out_first():
 def test_recycler_hands_out_buffers_nobody_holds(ops):
     """Whatever mix of shapes, dtypes and held arrays: a taken array is all the caller's (writing
     it changes no array anyone holds), and its shape and dtype are the ones asked for."""
-    r = Recycler(max_bytes=1 << 20)
+    r = Recycler(max_bytes=1 << 20, min_bytes=0)
     held = []
     for (shape, dtype, hold) in ops:
         a = mx.random.normal((1, *shape)).astype(dtype)
@@ -156,6 +156,14 @@ def test_recycler_hands_out_buffers_nobody_holds(ops):
         del view
         for a, values in held:
             assert np.array_equal(numpy_view(a), values)
+
+
+def test_small_arrays_are_left_to_mlx():
+    r = Recycler(min_bytes=64 << 10)
+    small, large = mx.zeros((1024,), mx.float32), mx.zeros((16 << 10,), mx.float32)
+    mx.eval(small, large)
+    r.keep([small, large])
+    assert r.kept_bytes == large.nbytes
 
 
 def test_recycle_bytes_is_checked():

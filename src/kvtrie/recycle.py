@@ -45,11 +45,13 @@ class Recycler:
 
     Only arrays no Python object other than the recycler refers to are reclaimed (a cache
     the user still holds keeps its arrays); the rest stay until they are free or pushed out.
+    Arrays under `min_bytes` are not kept: held, they would only keep MLX from reusing them.
     An array's byte size never changes (MLX's in-place `a[...] = b` keeps the shape).
     """
 
-    def __init__(self, max_bytes: int = 1 << 30):
+    def __init__(self, max_bytes: int = 1 << 30, min_bytes: int = 64 << 10):
         self.max_bytes = max_bytes
+        self.min_bytes = min_bytes  # smaller arrays are not kept: zero-filling them costs next to nothing
         self._order: OrderedDict[int, mx.array] = OrderedDict()  # id -> array, oldest first
         self._by_size: dict[tuple[int, mx.Dtype], dict[int, mx.array]] = {}
         self._bytes = 0
@@ -71,7 +73,7 @@ class Recycler:
         if self.max_bytes <= 0:
             return
         for a in arrays:
-            if isinstance(a, mx.array) and a.nbytes and id(a) not in self._order:
+            if isinstance(a, mx.array) and a.nbytes >= self.min_bytes and id(a) not in self._order:
                 self._add(a)
         while self._bytes > self.max_bytes and self._order:
             key, old = next(iter(self._order.items()))
