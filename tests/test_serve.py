@@ -77,7 +77,7 @@ def test_help_shows_mlx_lm_flags_and_kvtrie_flags():
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         for flag in ("--model", "--port", "--max-tokens", "--prompt-cache-bytes", "--prompt-cache-size",
-                     "--disk-dir", "--disk-bytes", "--persist-seconds", "--host-bytes"):
+                     "--disk-dir", "--disk-bytes", "--persist-seconds", "--host-bytes", "--recycle-bytes"):
             assert flag in out.stdout
         assert "no longer throttles" in " ".join(out.stdout.split())
 
@@ -86,6 +86,19 @@ def test_bad_sizes_are_refused_with_a_clear_message():
     out = subprocess.run([sys.executable, "-m", "kvtrie.serve", "--prompt-cache-bytes", "lots"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "not a size in bytes" in out.stderr
+
+
+def test_recycle_bytes_reach_the_options_and_are_checked():
+    import argparse
+
+    from kvtrie.serve import ServeOptions, options_from
+
+    args = argparse.Namespace(prompt_cache_bytes=1 << 20, host_bytes=None, disk_dir=None, disk_bytes=None,
+                              prompt_cache_size=None, persist_seconds=2.0, shared_url=None, shared_block_tokens=256,
+                              recycle_bytes=512 << 20)
+    assert options_from(args).recycle_bytes == 512 << 20
+    with pytest.raises(ValueError, match="--recycle-bytes"):
+        ServeOptions(cache_bytes=1 << 20, host_bytes=0, recycle_bytes=-1)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3_next"])

@@ -56,6 +56,7 @@ class ServeOptions:
     persist_seconds: float = 2.0  # a stored sequence is on disk this long after (plus the write)
     shared_url: Optional[str] = None  # a Redis shared by servers (redis://, rediss://, a cluster node)
     shared_block_tokens: int = 256
+    recycle_bytes: int = 1 << 30  # freed live caches kept for the next restores to write into
 
     def __attrs_post_init__(self) -> None:
         if self.cache_bytes < 0 or not 0 <= self.host_bytes <= self.cache_bytes:
@@ -66,6 +67,8 @@ class ServeOptions:
             raise ValueError(f"--disk-bytes must be >= 0, got {self.disk_bytes}")
         if not self.persist_seconds > 0:
             raise ValueError(f"--persist-seconds must be > 0, got {self.persist_seconds}")
+        if self.recycle_bytes < 0:
+            raise ValueError(f"--recycle-bytes must be >= 0, got {self.recycle_bytes}")
 
     @property
     def device_bytes(self) -> int:
@@ -113,7 +116,7 @@ class ServerPromptCache(TriePromptCache):
         if pc is None:
             from .cache import PrefixCache
 
-            kwargs = dict(self._kwargs)
+            kwargs = dict(self._kwargs, recycle_bytes=self.options.recycle_bytes)
             if self.options.disk_dir is not None or self.options.shared_url is not None:
                 kwargs["fingerprint"] = model_fingerprint(self._model_for(model))
             if self.options.shared_url is not None:
@@ -383,6 +386,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--persist-seconds", type=float, default=2.0,
                        help="with --disk-dir: what was stored this many seconds ago is on disk, so a server killed "
                             "at any moment (kill -9 included) restarts warm with it (default 2)")
+    group.add_argument("--recycle-bytes", type=_size, default=1 << 30,
+                       help="freed live caches kept (outside the budgets) for the next restores to write into: "
+                            "a restore then skips MLX's zero fill (default 1G; 0 turns it off)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -414,6 +420,7 @@ def options_from(args: argparse.Namespace) -> ServeOptions:
         persist_seconds=args.persist_seconds,
         shared_url=args.shared_url,
         shared_block_tokens=args.shared_block_tokens,
+        recycle_bytes=args.recycle_bytes,
     )
 
 
