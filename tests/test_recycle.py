@@ -200,3 +200,32 @@ def test_no_recycling_when_turned_off():
         with pc.begin(tokens + [1]) as s:
             assert_cold(model, s.caches, tokens + [1], s.cached)
     assert pc._recycler.hits == 0 and pc._recycler.kept_bytes == 0
+
+
+def test_the_next_turn_reuses_the_last_turns_larger_buffers():
+    """A chat turn ends with caches grown past the restore's capacity; the next turn's restore
+    takes those buffers (a little more room than it asked for) instead of zero-filling new ones."""
+    model = FakeModel(layers=2, heads=4, dim=64)
+    pc = PrefixCache(model.make_cache, hot_sessions=0)
+    base = list(range(300))
+    stored(pc, model, base)
+    turn = base + [5] * 200
+    s = pc.begin(turn)
+    model(turn[s.cached :], s.caches)
+    s.commit(turn)
+    model([6] * 20, s.caches)  # the reply: the live caches grow by one step, past 512 positions
+    grown = {c.keys.shape[2] for c in s.caches}
+    before = addresses(s.caches)
+    s.close()
+    del s
+    gc.collect()
+    (room,) = grown
+    assert 512 < room <= 512 + 256
+    hits = pc._recycler.hits
+    with pc.begin(turn + [7]) as t:
+        assert t.cached == len(turn) and {c.keys.shape[2] for c in t.caches} == {room}  # asked for 512
+        assert pc._recycler.hits == hits + 4 and addresses(t.caches) <= before
+        assert_cold(model, t.caches, turn, t.cached)
+        model([7, 8], t.caches)
+        assert_cold(model, t.caches, turn + [7, 8], t.cached + 2)
+    check_invariants(pc, (), model)

@@ -385,7 +385,9 @@ class PrefixCache:
         held: list[HostArray] = []  # host-tier state arrays: copied in the same batch as the KV
         for p in states.values():
             p.map(lambda a: held.append(a) if isinstance(a, HostArray) else None)
-        stitched, copies = stitch(targets, self._storage.pool, self._recycler, held) if targets or held else ([], [])
+        # a growing KV cache may take up to a quarter more room, where a recycled buffer fits
+        slack = [max(cap // 4, 256) if kind == KV and rule.grows else 0 for _, cap, (_, rule, kind) in targets]
+        stitched, copies = stitch(targets, self._storage.pool, self._recycler, held, slack) if targets or held else ([], [])
         fresh = iter(copies)
         for i, p in states.items():
             self._rules[i].restore(live[i], p.map(lambda a: next(fresh) if isinstance(a, HostArray) else a), cached)

@@ -36,6 +36,10 @@ class Fresh:
     recycled: bool
 
 
+def _shape_key(shape: Sequence[int], dtype: mx.Dtype) -> tuple:
+    return (dtype, len(shape), tuple(shape[:2]), tuple(shape[3:]))
+
+
 def writable_dtype(dtype: mx.Dtype) -> mx.Dtype:
     return _WRITABLE.get(dtype, dtype)
 
@@ -54,6 +58,7 @@ class Recycler:
         self.min_bytes = min_bytes  # smaller arrays are not kept: zero-filling them costs next to nothing
         self._order: OrderedDict[int, mx.array] = OrderedDict()  # id -> array, oldest first
         self._by_size: dict[tuple[int, mx.Dtype], dict[int, mx.array]] = {}
+        self._by_shape: dict[tuple, dict[int, mx.array]] = {}  # (dtype, shape but axis 2) -> arrays
         self._bytes = 0
         self.hits = 0
         self.misses = 0
@@ -82,21 +87,40 @@ class Recycler:
     def clear(self) -> None:
         self._order.clear()
         self._by_size.clear()
+        self._by_shape.clear()
         self._bytes = 0
 
     def _add(self, a: mx.array) -> None:
         self._order[id(a)] = a
         self._by_size.setdefault((a.nbytes, a.dtype), {})[id(a)] = a
+        self._by_shape.setdefault(_shape_key(a.shape, a.dtype), {})[id(a)] = a
         self._bytes += a.nbytes
 
     def _remove(self, key: int, size: tuple[int, mx.Dtype]) -> mx.array:
         a = self._order.pop(key)
-        same = self._by_size[size]
-        del same[key]
-        if not same:
-            del self._by_size[size]
+        for index, k in ((self._by_size, size), (self._by_shape, _shape_key(a.shape, a.dtype))):
+            same = index[k]
+            del same[key]
+            if not same:
+                del index[k]
         self._bytes -= size[0]
         return a
+
+    def capacity(self, shape: Sequence[int], dtype: mx.Dtype, most: int, count: int) -> int:
+        """A length along axis 2 in `[shape[2], most]` at which kept free arrays of this shape
+        otherwise can serve as many of `count` takes as possible (the smallest such), or
+        `shape[2]` when none can: a KV restore may take a little more room than it asked for
+        and reuse a buffer of the last turn's size."""
+        need = shape[2]
+        found: dict[int, int] = {}
+        index = self._by_shape.get(_shape_key(shape, dtype), {})
+        for key in list(index):
+            n = index[key].shape[2]
+            if need <= n <= most and sys.getrefcount(index[key]) <= self._baseline:
+                found[n] = found.get(n, 0) + 1
+        if not found:
+            return need
+        return min(found, key=lambda n: (-min(found[n], count), n))
 
     def _references(self, size: tuple[int, mx.Dtype], key: int) -> int:
         return sys.getrefcount(self._by_size[size][key])

@@ -128,6 +128,7 @@ def stitch(
     pool: HostPool,
     recycler: Recycler,
     whole: Sequence[HostArray] = (),
+    slack: Sequence[int] = (),
 ) -> tuple[list[list[mx.array]], list[mx.array]]:
     """New live arrays for each target: its pieces laid end to end, then zeros up to `capacity`.
 
@@ -140,7 +141,9 @@ def stitch(
     two threads (numpy copies release the GIL). On the CPU the new arrays come from
     `recycler` (see `_write_fresh`); small ones run no MLX graph at all (`_stitch_small`).
     `whole` host arrays (a hybrid model's recurrent states) are copied into new arrays in the
-    same batch, returned second. Every array returned is evaluated.
+    same batch, returned second. `slack[t]` lets target `t` take that many more positions of
+    room where a recycled buffer of that size is free (0: exactly `capacity`). Every array
+    returned is evaluated.
     """
     cpu = on_cpu()
     if cpu and _small(targets, whole):
@@ -174,7 +177,7 @@ def stitch(
     total = sum(p.payload.arrays[i].nbytes for _, i, pieces, _, _ in jobs for p in pieces if p.payload is not None)
     parallel = total >= PARALLEL_BYTES
     if cpu:
-        copies = _write_fresh(jobs, results, recycler, total + sum(a.nbytes for a in whole) >= PARALLEL_BYTES, whole)
+        copies = _write_fresh(jobs, results, recycler, total + sum(a.nbytes for a in whole) >= PARALLEL_BYTES, whole, slack)
         return results, copies  # type: ignore[return-value]
     futures = [
         (t, i, a.dtype, COPIERS.submit(_assemble, pieces, i, a, cap, pool) if parallel else _assemble(pieces, i, a, cap, pool))
@@ -228,7 +231,30 @@ def _stitch_small(targets: Sequence[tuple[Sequence[Piece], int, Any]]) -> list[l
     return results
 
 
-def _write_fresh(jobs: list, results: list, recycler: Recycler, parallel: bool, whole: Sequence[HostArray]) -> list[mx.array]:
+def _capacities(jobs: list, recycler: Recycler, slack: Sequence[int]) -> list[int]:
+    """Each job's capacity: as asked, or up to `slack[target]` more where kept buffers of that
+    size can serve it. Only targets whose arrays share one shape and dtype (keys and values of
+    a plain KV cache) grow, and all of a target's arrays by the same amount."""
+    caps = [cap for _, _, _, _, cap in jobs]
+    groups: dict[tuple, list[int]] = {}
+    for k, (t, i, _, a, cap) in enumerate(jobs):
+        if slack and slack[t] > 0:
+            groups.setdefault((t,), []).append(k)
+    by_spec: dict[tuple, list[int]] = {}
+    for (t,), ks in groups.items():
+        specs = {(jobs[k][3].shape[:2], jobs[k][3].shape[3:], jobs[k][3].dtype, jobs[k][4]) for k in ks}
+        if len(specs) == 1:
+            by_spec.setdefault((*specs.pop(), slack[t]), []).extend(ks)
+    for (head, tail, dtype, cap, extra), ks in by_spec.items():
+        grown = recycler.capacity((*head, cap, *tail), dtype, cap + extra, len(ks))
+        for k in ks:
+            caps[k] = grown
+    return caps
+
+
+def _write_fresh(
+    jobs: list, results: list, recycler: Recycler, parallel: bool, whole: Sequence[HostArray], slack: Sequence[int] = ()
+) -> list[mx.array]:
     """One copy: each payload is written once, straight into the new live array's memory.
 
     The arrays come from `recycler` (a dead live cache's buffer, else zero-filled), are
@@ -239,7 +265,8 @@ def _write_fresh(jobs: list, results: list, recycler: Recycler, parallel: bool, 
     Returns the copies of `whole`.
     """
     fresh, writers = [], []
-    for t, i, pieces, a, cap in jobs:
+    caps = _capacities(jobs, recycler, slack)
+    for (t, i, pieces, a, _), cap in zip(jobs, caps):
         shape = list(a.shape)
         shape[TOKEN_AXIS] = cap
         f = recycler.take(shape, a.dtype)
