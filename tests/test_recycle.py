@@ -53,7 +53,7 @@ def test_a_dropped_sessions_buffers_are_reused(warm):
     hits = pc._recycler.hits
     with pc.begin(base + [2, 3, 5]) as t:
         assert addresses(t.caches) <= before  # the same memory, no new allocation
-        assert pc._recycler.hits == hits + 4
+        assert pc._recycler.hits == hits + 4 and pc.stats()["recycle_hits"] == hits + 4
         assert_cold(model, t.caches, base + [2, 3, 5], t.cached)
         for c in t.caches:  # past the restored positions: zeros, nothing of the last session
             for a in (c.keys, c.values):

@@ -753,6 +753,9 @@ class PrefixCache:
                 "disk_bytes": storage.pager.bytes[DISK],
                 "kv_bytes": storage.kv_bytes,
                 "snapshot_bytes": storage.snapshot_bytes,
+                "recycle_hits": self._recycler.hits,  # live arrays a restore reclaimed instead of zero-filling
+                "recycle_misses": self._recycler.misses,
+                "recycle_bytes": self._recycler.kept_bytes,
             }
 
     def dump(self) -> str:

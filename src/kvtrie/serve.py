@@ -260,7 +260,7 @@ def metrics_text(cache: ServerPromptCache) -> bytes:
 
 _GAUGES = {
     "nodes", "tokens_stored", "sequences", "snapshots", "device_bytes", "host_bytes", "disk_bytes",
-    "kv_bytes", "snapshot_bytes",
+    "kv_bytes", "snapshot_bytes", "recycle_bytes",
 }
 
 
