@@ -276,11 +276,18 @@ def _write_fresh(
         fresh.append(recycler.take(a.shape, a.dtype))
         writers.append(functools.partial(copy_rows, a.data))
     writables = [f.writable for f in fresh]
-    if not parallel:
+    if not parallel or all(f.recycled for f in fresh):  # (nothing to fill: one graph run makes them all)
         mx.eval(writables)
+        hands = TwoHands() if parallel else None
         for f, write in zip(fresh, writers):
             dst = np.asarray(f.writable)
-            write(dst, 0, _rows(dst))
+            if hands is None:
+                write(dst, 0, _rows(dst))
+            else:
+                hands.copy(functools.partial(write, dst), _rows(dst), dst.nbytes)
+            del dst
+        if hands is not None:
+            hands.wait()
     else:
         mx.async_eval(writables)
         hands = TwoHands()
