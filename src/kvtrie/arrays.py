@@ -153,11 +153,7 @@ SPLIT_BYTES = 4 << 20  # arrays past this are copied by two threads, each taking
 
 def copy_all(pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
     """`np.copyto(dst, src)` for each pair; with enough to copy, on two threads (`TwoHands`)."""
-    if sum(src.nbytes for _, src in pairs) < PARALLEL_BYTES:
-        for dst, src in pairs:
-            np.copyto(dst, src)
-        return
-    hands = TwoHands()
+    hands = TwoHands(sum(src.nbytes for _, src in pairs) >= PARALLEL_BYTES)
     for dst, src in pairs:
         hands.copy(functools.partial(copy_rows, src, dst), dst.shape[1] if dst.ndim >= 2 else 1, dst.nbytes)
     hands.wait()
@@ -174,16 +170,20 @@ def copy_rows(src: np.ndarray, dst: np.ndarray, h0: int, h1: int) -> None:
 class TwoHands:
     """Copies shared by the calling thread and a worker, balanced by bytes as they come: an
     array past `SPLIT_BYTES` is split along axis 1 (a KV array's heads), half each; a smaller
-    one goes whole to whichever hand has copied less (numpy copies release the GIL)."""
+    one goes whole to whichever hand has copied less (numpy copies release the GIL). With
+    `parallel` false (too little to copy for a thread to pay), every copy runs here."""
 
-    def __init__(self) -> None:
+    def __init__(self, parallel: bool = True) -> None:
+        self._parallel = parallel
         self._jobs: list = []
         self._here = 0
         self._there = 0
 
     def copy(self, fn: Callable[[int, int], None], rows: int, nbytes: int) -> None:
         """Run `fn(h0, h1)` over rows `[0, rows)`, here, on the worker or split between them."""
-        if rows >= 2 and nbytes >= SPLIT_BYTES:
+        if not self._parallel:
+            fn(0, rows)
+        elif rows >= 2 and nbytes >= SPLIT_BYTES:
             self._jobs.append(COPIERS.submit(fn, rows // 2, rows))
             fn(0, rows // 2)
             self._here += nbytes // 2

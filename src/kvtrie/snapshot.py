@@ -92,34 +92,13 @@ class Piece:
         return self.hi - self.lo
 
 
-def prefix_pieces(parts: Sequence[KVPayload], length: int) -> list[Piece]:
-    """The pieces that make up the first `length` positions of `parts` laid end to end."""
-    out: list[Piece] = []
-    left = length
-    for p in parts:
-        n = min(left, p.length)
-        out.append(Piece(p, 0, n))
-        left -= n
-        if left == 0:
-            return out
-    raise ValueError(f"payloads cover {length - left} positions, {length} were asked for")
-
-
 def _assemble(pieces: Sequence[Piece], index: int, template: AnyArray, capacity: int, pool: HostPool) -> np.ndarray:
     """Copy array `index` of each piece into one pooled numpy buffer of `capacity` positions, zeros after."""
     first = numpy_view(template)
     shape = list(first.shape)
     shape[TOKEN_AXIS] = capacity
     buf = pool.take(tuple(shape), first.dtype)
-    at = 0
-    for piece in pieces:
-        n = piece.length
-        if piece.payload is None:
-            buf[:, :, at : at + n] = 0
-        else:
-            np.copyto(buf[:, :, at : at + n], numpy_view(piece.payload.arrays[index])[:, :, piece.lo : piece.hi])
-        at += n
-    buf[:, :, at:] = 0
+    _copy_into(pieces, index, buf, 0, _rows(buf), dirty=True)  # (a pooled buffer holds old bytes)
     return buf
 
 
@@ -219,13 +198,7 @@ def _stitch_small(targets: Sequence[tuple[Sequence[Piece], int, Any]]) -> list[l
             shape = list(a.shape)
             shape[TOKEN_AXIS] = capacity
             buf = np.zeros(shape, NUMPY_DTYPES[a.dtype])
-            at = 0
-            for p in pieces:
-                n = p.hi - p.lo
-                if p.payload is not None:
-                    src = numpy_view(p.payload.arrays[i])
-                    buf[:, :, at : at + n] = src if n == src.shape[TOKEN_AXIS] else src[:, :, p.lo : p.hi]
-                at += n
+            _copy_into(pieces, i, buf, 0, _rows(buf))
             arrays.append(mx.array(buf))
         results.append(arrays)
     return results
@@ -236,12 +209,12 @@ def _capacities(jobs: list, recycler: Recycler, slack: Sequence[int]) -> list[in
     size can serve it. Only targets whose arrays share one shape and dtype (keys and values of
     a plain KV cache) grow, and all of a target's arrays by the same amount."""
     caps = [cap for _, _, _, _, cap in jobs]
-    groups: dict[tuple, list[int]] = {}
-    for k, (t, i, _, a, cap) in enumerate(jobs):
+    by_target: dict[int, list[int]] = {}
+    for k, (t, _, _, _, _) in enumerate(jobs):
         if slack and slack[t] > 0:
-            groups.setdefault((t,), []).append(k)
+            by_target.setdefault(t, []).append(k)
     by_spec: dict[tuple, list[int]] = {}
-    for (t,), ks in groups.items():
+    for t, ks in by_target.items():
         specs = {(jobs[k][3].shape[:2], jobs[k][3].shape[3:], jobs[k][3].dtype, jobs[k][4]) for k in ks}
         if len(specs) == 1:
             by_spec.setdefault((*specs.pop(), slack[t]), []).extend(ks)
@@ -276,27 +249,18 @@ def _write_fresh(
         fresh.append(recycler.take(a.shape, a.dtype))
         writers.append(functools.partial(copy_rows, a.data))
     writables = [f.writable for f in fresh]
-    if not parallel or all(f.recycled for f in fresh):  # (nothing to fill: one graph run makes them all)
-        mx.eval(writables)
-        hands = TwoHands() if parallel else None
-        for f, write in zip(fresh, writers):
-            dst = np.asarray(f.writable)
-            if hands is None:
-                write(dst, 0, _rows(dst))
-            else:
-                hands.copy(functools.partial(write, dst), _rows(dst), dst.nbytes)
-            del dst
-        if hands is not None:
-            hands.wait()
-    else:
-        mx.async_eval(writables)
-        hands = TwoHands()
-        for f, write in zip(fresh, writers):
+    # zero fills run on MLX's thread ahead of the copies, array by array; recycled arrays (nothing
+    # to fill) are made in one graph run
+    ahead = parallel and not all(f.recycled for f in fresh)
+    (mx.async_eval if ahead else mx.eval)(writables)
+    hands = TwoHands(parallel)
+    for f, write in zip(fresh, writers):
+        if ahead:
             mx.eval(f.writable)  # this one is ready; the next ones are still being made
-            dst = np.asarray(f.writable)
-            hands.copy(functools.partial(write, dst), _rows(dst), dst.nbytes)
-            del dst
-        hands.wait()  # no numpy view outlives the copies: the live arrays own their buffers alone
+        dst = np.asarray(f.writable)
+        hands.copy(functools.partial(write, dst), _rows(dst), dst.nbytes)
+        del dst
+    hands.wait()  # no numpy view outlives the copies: the live arrays own their buffers alone
     del writables
     mx.eval([f.live for f in fresh])  # (a bfloat16 array's view of its zero-filled uint16 buffer)
     for (t, i, _, _, _), f in zip(jobs, fresh):

@@ -367,8 +367,7 @@ class TieredStorage:
         (still in upper tiers) makes them move first.
         """
         pager = self.pager
-        budgets, held = pager.budgets, pager.bytes
-        if all(budgets[t] is None or held[t] <= budgets[t] for t in budgets):
+        if not any(pager.over(t) for t in pager.budgets):
             return  # every budget holds: nothing to do (the common case)
         chain = self.tiers()
         progress = True
