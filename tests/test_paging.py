@@ -355,3 +355,22 @@ def test_snapshot_node_whose_child_is_in_another_tier_still_gives_bytes_back():
     assert not worker.is_alive(), "enforcing the host budget must terminate"
     check_tiers_and_budgets(pc, strict=True)
     check_invariants(pc, (), model)
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 5, 3), (4,), (1, 2, 0, 3)])
+def test_numpy_view_of_bfloat16_is_the_same_memory(shape):
+    """A bfloat16 array's numpy view (uint16, through the buffer protocol) reads and writes the
+    array's own bytes: the restore writes live caches through it."""
+    from kvtrie.arrays import numpy_view
+
+    a = mx.random.normal(shape).astype(mx.bfloat16)
+    mx.eval(a)
+    view = numpy_view(a)
+    assert view.dtype == np.uint16 and view.shape == a.shape
+    assert np.array_equal(view, np.asarray(a.view(mx.uint16)))
+    if view.size:
+        view[...] = np.asarray(mx.ones(shape, mx.bfloat16).view(mx.uint16))
+        del view
+        assert mx.all(a == 1).item()
+    strided = a[..., ::2] if len(shape) > 1 else a[::2]
+    assert np.array_equal(numpy_view(strided), np.asarray(strided.view(mx.uint16)))

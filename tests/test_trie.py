@@ -118,3 +118,19 @@ def test_trie_never_imports_mlx():
         "spec.loader.exec_module(m); assert not any(k.startswith('mlx') for k in sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+token_items = st.one_of(st.integers(-3, 2**31 + 3), st.booleans(), st.floats(allow_nan=False), st.sampled_from([np.int64(5), "7"]))
+
+
+@given(st.lists(token_items, min_size=1, max_size=20))
+def test_token_lists_are_checked_as_the_slow_path_checks_them(tokens):
+    """The list fast path (array.array) accepts exactly the non-negative int32 ids, bools and
+    floats refused, and returns their int32 array."""
+    plain = all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in tokens)
+    if plain and all(0 <= t < 2**31 for t in tokens):
+        arr = as_token_array(tokens)
+        assert arr.dtype == np.int32 and arr.tolist() == [int(t) for t in tokens]
+    else:
+        with pytest.raises(TypeError if not plain else ValueError):
+            as_token_array(tokens)

@@ -13,6 +13,7 @@ kvtrie never guesses it. Stale bytes past the restored positions are zeroed by t
 
 from __future__ import annotations
 
+import math
 import sys
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -20,28 +21,22 @@ from typing import Optional
 
 import attrs
 import mlx.core as mx
-import numpy as np
 
-# numpy has no bfloat16: such arrays are written through a uint16 array of the same bytes
-_WRITABLE = {mx.bfloat16: mx.uint16}
 _AT_ZERO = mx.array([0], mx.int32)
+_ONE_ZERO: dict = {}  # dtype -> a one-element zero array, the update that proves ownership
 
 
 @attrs.define(slots=True, eq=False)
 class Fresh:
-    """A new live array and the writable array of the same buffer (equal unless bfloat16)."""
+    """A new live array (lazy until evaluated) and whether it reuses a kept buffer (whose old
+    bytes the writer must overwrite or zero) or is zero-filled."""
 
-    writable: mx.array
     live: mx.array
     recycled: bool
 
 
 def _shape_key(shape: Sequence[int], dtype: mx.Dtype) -> tuple:
     return (dtype, len(shape), tuple(shape[:2]), tuple(shape[3:]))
-
-
-def writable_dtype(dtype: mx.Dtype) -> mx.Dtype:
-    return _WRITABLE.get(dtype, dtype)
 
 
 class Recycler:
@@ -134,14 +129,14 @@ class Recycler:
 
     def take(self, shape: Sequence[int], dtype: mx.Dtype) -> Fresh:
         """A lazy array of `shape`/`dtype` for a restore to write into (evaluate before writing)."""
-        wdtype = writable_dtype(dtype)
-        old = self._reclaim((int(np.prod(shape)) * dtype.size, dtype)) if self._by_size else None
+        old = self._reclaim((math.prod(shape) * dtype.size, dtype)) if self._by_size else None
         if old is None:
             self.misses += 1
-            writable = mx.zeros(tuple(shape), wdtype)
-            return Fresh(writable, writable.view(dtype) if wdtype != dtype else writable, False)
+            return Fresh(mx.zeros(tuple(shape), dtype), False)
         self.hits += 1
         flat = old.reshape(-1)
         del old  # the lazy graph holds the only reference: MLX may update the buffer in place
-        live = mx.slice_update(flat, mx.zeros((1,), dtype), _AT_ZERO, [0]).reshape(tuple(shape))
-        return Fresh(live.view(wdtype) if wdtype != dtype else live, live, True)
+        one = _ONE_ZERO.get(dtype)
+        if one is None:
+            one = _ONE_ZERO[dtype] = mx.zeros((1,), dtype)
+        return Fresh(mx.slice_update(flat, one, _AT_ZERO, [0]).reshape(tuple(shape)), True)

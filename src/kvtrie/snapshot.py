@@ -11,6 +11,7 @@ evaluated before the live cache they came from can go away.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any, Optional
 
@@ -125,10 +126,12 @@ def stitch(
     returned is evaluated.
     """
     cpu = on_cpu()
-    if cpu and _small(targets, whole):
+    layout = _small_layout(targets, whole) if cpu else None
+    if layout is not None:
         copies = [mx.array(a.data) if a.dtype in NUMPY_DTYPES else to_device(a) for a in whole]
-        mx.eval([c for c, a in zip(copies, whole) if a.dtype not in NUMPY_DTYPES])  # (bfloat16: a view)
-        return _stitch_small(targets), copies
+        if len(copies) > sum(a.dtype in NUMPY_DTYPES for a in whole):
+            mx.eval(copies)  # (bfloat16: a view)
+        return _stitch_small(targets, layout), copies
     results: list[list[Optional[mx.array]]] = []
     jobs = []
     for t, (pieces, capacity, _) in enumerate(targets):
@@ -174,30 +177,35 @@ def stitch(
 _DIRECT_BYTES = 256 << 10  # live arrays below this are laid out in numpy and copied once more
 
 
-def _small(targets: Sequence[tuple[Sequence[Piece], int, Any]], whole: Sequence[HostArray]) -> bool:
-    """The new live arrays would be small (below `_DIRECT_BYTES` in all) and numpy holds their dtypes."""
+def _small_layout(targets: Sequence[tuple[Sequence[Piece], int, Any]], whole: Sequence[HostArray]) -> Optional[list]:
+    """Per target, the (shape, numpy dtype) of each new live array, if they are small (below
+    `_DIRECT_BYTES` in all) and numpy holds their dtypes; else None."""
     live = sum(a.nbytes for a in whole)
+    layout = []
     for pieces, capacity, _ in targets:
         template = next(p.payload for p in pieces if p.payload is not None)
+        specs = []
         for a in template.arrays:
-            if a.dtype not in NUMPY_DTYPES:
-                return False
-            live += a.nbytes // max(template.length, 1) * capacity
-    return live < _DIRECT_BYTES
+            dtype = NUMPY_DTYPES.get(a.dtype)
+            if dtype is None:
+                return None
+            shape = a.shape
+            shape = (*shape[:TOKEN_AXIS], capacity, *shape[TOKEN_AXIS + 1 :])
+            live += math.prod(shape) * a.dtype.size
+            specs.append((shape, dtype))
+        layout.append(specs)
+    return layout if live < _DIRECT_BYTES else None
 
 
-def _stitch_small(targets: Sequence[tuple[Sequence[Piece], int, Any]]) -> list[list[mx.array]]:
+def _stitch_small(targets: Sequence[tuple[Sequence[Piece], int, Any]], layout: list) -> list[list[mx.array]]:
     """`stitch` for small restores on the CPU: each live array laid out in a numpy buffer and
     copied into MLX by `mx.array`, which is evaluated as it is made. A second copy, but no graph
     run: a graph run hands work to MLX's stream thread and back, more than small copies cost."""
     results = []
-    for pieces, capacity, _ in targets:
-        template = next(p.payload for p in pieces if p.payload is not None)
+    for (pieces, _, _), specs in zip(targets, layout):
         arrays = []
-        for i, a in enumerate(template.arrays):
-            shape = list(a.shape)
-            shape[TOKEN_AXIS] = capacity
-            buf = np.zeros(shape, NUMPY_DTYPES[a.dtype])
+        for i, (shape, dtype) in enumerate(specs):
+            buf = np.zeros(shape, dtype)
             _copy_into(pieces, i, buf, 0, _rows(buf))
             arrays.append(mx.array(buf))
         results.append(arrays)
@@ -248,21 +256,20 @@ def _write_fresh(
     for a in whole:
         fresh.append(recycler.take(a.shape, a.dtype))
         writers.append(functools.partial(copy_rows, a.data))
-    writables = [f.writable for f in fresh]
+    lives = [f.live for f in fresh]
     # zero fills run on MLX's thread ahead of the copies, array by array; recycled arrays (nothing
     # to fill) are made in one graph run
     ahead = parallel and not all(f.recycled for f in fresh)
-    (mx.async_eval if ahead else mx.eval)(writables)
+    (mx.async_eval if ahead else mx.eval)(lives)
     hands = TwoHands(parallel)
     for f, write in zip(fresh, writers):
         if ahead:
-            mx.eval(f.writable)  # this one is ready; the next ones are still being made
-        dst = np.asarray(f.writable)
+            mx.eval(f.live)  # this one is ready; the next ones are still being made
+        dst = numpy_view(f.live)
         hands.copy(functools.partial(write, dst), _rows(dst), dst.nbytes)
         del dst
     hands.wait()  # no numpy view outlives the copies: the live arrays own their buffers alone
-    del writables
-    mx.eval([f.live for f in fresh])  # (a bfloat16 array's view of its zero-filled uint16 buffer)
+    del lives
     for (t, i, _, _, _), f in zip(jobs, fresh):
         results[t][i] = f.live
     return [f.live for f in fresh[len(jobs) :]]
@@ -276,12 +283,17 @@ def _rows(dst: np.ndarray) -> int:
 def _copy_into(pieces: Sequence[Piece], index: int, dst: np.ndarray, h0: int, h1: int, dirty: bool = False) -> None:
     """Heads `[h0, h1)` of array `index` of each piece laid end to end into `dst`; holes and the
     rest are zero (written only when `dirty`: a zero-filled `dst` has them already)."""
-    dst = dst[:, h0:h1]
+    whole = h0 == 0 and h1 == _rows(dst)
+    if not whole:
+        dst = dst[:, h0:h1]
     at = 0
     for piece in pieces:
         n = piece.length
         if piece.payload is not None:
-            np.copyto(dst[:, :, at : at + n], numpy_view(piece.payload.arrays[index])[:, h0:h1, piece.lo : piece.hi])
+            src = numpy_view(piece.payload.arrays[index])
+            if not whole or piece.lo or piece.hi != src.shape[TOKEN_AXIS]:
+                src = src[:, h0:h1, piece.lo : piece.hi]
+            np.copyto(dst[:, :, at : at + n], src)
         elif dirty:
             dst[:, :, at : at + n] = 0
         at += n

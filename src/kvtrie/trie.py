@@ -8,6 +8,7 @@ this module stays pure Python + numpy (it never imports mlx).
 
 from __future__ import annotations
 
+import array
 import itertools
 from collections.abc import Callable, Iterator
 from typing import Any, Optional
@@ -92,17 +93,18 @@ def _identity_merge(upper: Any, lower: Any) -> Any:
 
 
 _TOKEN_MAX = int(np.iinfo(TOKEN_DTYPE).max)
-_PY_SCAN = 4096  # up to this many tokens, Python's min/max over a list beat numpy's reductions
+_TOKEN_CODE = next(code for code in "ilh" if array.array(code).itemsize == np.dtype(TOKEN_DTYPE).itemsize)
 
 
 def as_token_array(tokens: Any) -> np.ndarray:
     """Validate `tokens` (a non-empty 1-D sequence of non-negative ints) and return an int32 array."""
-    if type(tokens) is list and tokens and set(map(type, tokens)) == {int}:
-        try:  # the common case: a list of plain ints
-            arr = np.array(tokens, dtype=TOKEN_DTYPE)  # (OverflowError past int32)
-        except OverflowError:
+    if type(tokens) is list and tokens:  # the common case: a list of plain ints
+        try:  # (array.array refuses non-integers and values past int32, in C; bools pass as 0/1)
+            arr = np.frombuffer(array.array(_TOKEN_CODE, tokens), TOKEN_DTYPE)
+        except (TypeError, OverflowError):
             arr = None  # the checks below say why
-        if arr is not None and (min(tokens) if len(tokens) <= _PY_SCAN else int(arr.min())) >= 0:
+        lo = int(arr.min()) if arr is not None else -1
+        if lo > 1 or (lo >= 0 and bool not in set(map(type, tokens))):
             return arr
     if isinstance(tokens, (str, bytes)):
         raise TypeError(f"tokens must be a sequence of integer token ids, got {type(tokens).__name__}")
