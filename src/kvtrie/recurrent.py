@@ -28,14 +28,17 @@ class RecurrentPayload:
     """The full state of one layer at a node's end, as a tree whose array leaves are compact."""
 
     states: Any
+    _arrays: tuple = attrs.field(init=False, repr=False)  # the tree's array leaves, flattened once
+    nbytes: int = attrs.field(init=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        arrays = tuple(a for _, a in tree_flatten(self.states) if _is_array(a))
+        object.__setattr__(self, "_arrays", arrays)
+        object.__setattr__(self, "nbytes", sum(a.nbytes for a in arrays))
 
     @property
     def arrays(self) -> tuple[AnyArray, ...]:
-        return tuple(a for _, a in tree_flatten(self.states) if _is_array(a))
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.arrays)
+        return self._arrays
 
     def map(self, fn) -> "RecurrentPayload":
         """The same payload with `fn` applied to every state array (e.g. a tier move)."""
