@@ -382,9 +382,8 @@ class PrefixCache:
                 else:  # the window is empty here (a chunk boundary): only the position is set
                     rule.load_window(cache, None, cached)
         states = {i: used[-1].payload.layers[i] for i, kind in enumerate(self._kinds) if kind == STATE}
-        held: list[HostArray] = []  # host-tier state arrays: copied in the same batch as the KV
-        for p in states.values():
-            p.map(lambda a: held.append(a) if isinstance(a, HostArray) else None)
+        # host-tier state arrays: copied in the same batch as the KV
+        held = [a for p in states.values() for a in p.arrays if isinstance(a, HostArray)]
         # a growing KV cache may take up to a quarter more room, where a recycled buffer fits
         slack = [max(cap // 4, 256) if kind == KV and rule.grows else 0 for _, cap, (_, rule, kind) in targets]
         stitched, copies = stitch(targets, self._storage.pool, self._recycler, held, slack) if targets or held else ([], [])
