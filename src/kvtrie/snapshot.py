@@ -129,8 +129,8 @@ def stitch(
     layout = _small_layout(targets, whole) if cpu else None
     if layout is not None:
         copies = [mx.array(a.data) if a.dtype in NUMPY_DTYPES else to_device(a) for a in whole]
-        if len(copies) > sum(a.dtype in NUMPY_DTYPES for a in whole):
-            mx.eval(copies)  # (bfloat16: a view)
+        if any(a.dtype not in NUMPY_DTYPES for a in whole):
+            mx.eval(copies)  # (bfloat16: a lazy view; the others are evaluated as they are made)
         return _stitch_small(targets, layout), copies
     results: list[list[Optional[mx.array]]] = []
     jobs = []
@@ -189,8 +189,7 @@ def _small_layout(targets: Sequence[tuple[Sequence[Piece], int, Any]], whole: Se
             dtype = NUMPY_DTYPES.get(a.dtype)
             if dtype is None:
                 return None
-            shape = a.shape
-            shape = (*shape[:TOKEN_AXIS], capacity, *shape[TOKEN_AXIS + 1 :])
+            shape = (*a.shape[:TOKEN_AXIS], capacity, *a.shape[TOKEN_AXIS + 1 :])
             live += math.prod(shape) * a.dtype.size
             specs.append((shape, dtype))
         layout.append(specs)
