@@ -18,11 +18,12 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import initialize, rule
 
-from kvtrie import PrefixCache
+from kvtrie import PrefixCache, disk
 
 from fakes import FakeModel, assert_cold, check_invariants, prefill_and_commit
 from test_paging import PagingMachine, spy_on_order
 
+_disk_module = disk  # (the machine's rules take a `disk` budget argument)
 TESTS = Path(__file__).parent
 SRC = TESTS.parent / "src"
 
@@ -35,6 +36,15 @@ def serve(pc: PrefixCache, model: FakeModel, tokens: list[int]) -> int:
         return s.cached
 
 
+@pytest.fixture(params=["read", "mapped"])
+def reads(request, monkeypatch):
+    """How records come back: read into pooled buffers, or mapped (as records of `MAP_BYTES`
+    and more are; the tiny models here write small ones, so "mapped" maps every record)."""
+    if request.param == "mapped":
+        monkeypatch.setattr(disk, "MAP_BYTES", 0)
+    return request.param
+
+
 def sequences(seed: int, n: int = 12) -> list[list[int]]:
     rng = random.Random(seed)
     shared = [rng.randrange(50) for _ in range(40)]
@@ -42,7 +52,7 @@ def sequences(seed: int, n: int = 12) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("kinds", ["KK", "KRK"])
-def test_restart_in_the_same_process_restores_from_disk(tmp_path, kinds):
+def test_restart_in_the_same_process_restores_from_disk(tmp_path, kinds, reads):
     model = FakeModel(kinds=kinds, heads=1, dim=4)
     seqs = sequences(0)
     with PrefixCache(model.make_cache, disk_dir=str(tmp_path), fingerprint="fake-1", snapshot_interval=8) as pc:
@@ -63,7 +73,7 @@ def test_restart_in_the_same_process_restores_from_disk(tmp_path, kinds):
     pc2.close()
 
 
-def test_records_named_with_crc32_are_still_read(tmp_path):
+def test_records_named_with_crc32_are_still_read(tmp_path, reads):
     """Records are checksummed with XXH3-64 (16 hex digits in the name); those written with
     CRC-32 (8 digits) before restore the same, and a wrong checksum of either kind is a miss."""
     import zlib
@@ -120,7 +130,7 @@ def _fill_and_close(directory: Path, model: FakeModel, seqs) -> None:
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "garbage"])
-def test_damaged_payload_files_are_misses_never_wrong_state(tmp_path, damage):
+def test_damaged_payload_files_are_misses_never_wrong_state(tmp_path, damage, reads):
     model = FakeModel(kinds="KRK", heads=1, dim=4)
     seqs = sequences(1)
     _fill_and_close(tmp_path, model, seqs)
@@ -286,8 +296,10 @@ budgets = st.sampled_from([None, 0, 300, 1500, 6000])
 class ThreeTierMachine(PagingMachine):
     """The paging machine's requests with random device, host and disk budgets, plus restarts."""
 
-    @initialize(kinds=st.sampled_from(["KK", "KR"]), device=budgets, host=budgets, disk=budgets)
-    def setup(self, kinds, device, host, disk):  # replaces PagingMachine.setup (same name)
+    @initialize(kinds=st.sampled_from(["KK", "KR"]), device=budgets, host=budgets, disk=budgets, mapped=st.booleans())
+    def setup(self, kinds, device, host, disk, mapped):  # replaces PagingMachine.setup (same name)
+        self.map_bytes = _disk_module.MAP_BYTES
+        _disk_module.MAP_BYTES = 0 if mapped else self.map_bytes  # every record mapped, or none (small ones)
         self.dir = tempfile.mkdtemp(prefix="kvtrie-disk-")
         self.model = FakeModel(kinds=kinds, heads=1, dim=4)
         self.pc = PrefixCache(self.model.make_cache, device_bytes=device, host_bytes=host, disk_dir=self.dir,
@@ -329,6 +341,7 @@ class ThreeTierMachine(PagingMachine):
                 s.close()
             self.pc.close()
             shutil.rmtree(self.dir, ignore_errors=True)
+            _disk_module.MAP_BYTES = self.map_bytes
 
 
 TestThreeTierMachine = ThreeTierMachine.TestCase
@@ -355,7 +368,7 @@ def test_disk_budget_evicts_least_recently_used_files(tmp_path):
     reopened.close()
 
 
-def test_prompt_ends_keep_their_logits_and_reasons_across_a_restart(tmp_path):
+def test_prompt_ends_keep_their_logits_and_reasons_across_a_restart(tmp_path, reads):
     import mlx.core as mx
     import numpy as np
 
@@ -380,3 +393,44 @@ def test_prompt_ends_keep_their_logits_and_reasons_across_a_restart(tmp_path):
         after = pc.dump()
     for reason in ("state(hint)", "state(prompt) logits", "state(end)"):
         assert reason in before and reason in after
+
+
+def test_a_mapped_record_is_read_without_a_copy_and_outlives_its_file(tmp_path, monkeypatch):
+    """A record of MAP_BYTES or more comes back as read-only views of the mapped file (nothing
+    copied into fresh memory); the views stay valid when the file is deleted (kvtrie only ever
+    deletes or renames records), and the buffer pool never takes one to write into."""
+    from kvtrie.arrays import HostArray, HostPool
+
+    model = FakeModel(kinds="KRK", heads=2, dim=8)
+    tokens = list(range(200))
+    with PrefixCache(model.make_cache, disk_dir=str(tmp_path), fingerprint="f", snapshot_interval=64) as pc:
+        serve(pc, model, tokens)
+    files = sorted(tmp_path.glob("*.safetensors"))
+    small = min(f.stat().st_size for f in files)
+    monkeypatch.setattr(disk, "MAP_BYTES", small)
+    pc = PrefixCache(model.make_cache, disk_dir=str(tmp_path), fingerprint="f", snapshot_interval=64)
+    store = pc._storage.disk
+    pool = HostPool()
+    for f in files:
+        layers, _, _ = store.read(f.name, pool)
+        arrays = [a for p in layers if p is not None for a in p.arrays]
+        assert arrays and all(isinstance(a, HostArray) for a in arrays)
+        data = f.read_bytes()
+        for a in arrays:
+            assert not a.data.flags.writeable  # a view of the mapping, not a buffer of ours
+            assert a.data.tobytes() in data
+            pool.give(a.data)
+        assert pool.free_bytes == 0
+    serve(pc, model, tokens + [1])  # the path comes back from disk into the host tier: mapped
+    assert pc.stats()["disk_restores"] >= 1 and pc.stats()["disk_errors"] == 0
+    paged_in = [n for _, n, _ in pc.walk() if n.payload.tier == "host"]
+    assert paged_in and all(
+        not a.data.flags.writeable for n in paged_in for p in n.payload.layers if p is not None for a in p.arrays
+    )
+    for f in files:
+        f.unlink()  # (as eviction deletes a record while its arrays are in use)
+    with pc.begin(tokens + [2]) as s:  # the host tier still holds the mapped arrays
+        assert s.cached > 0
+        assert_cold(model, s.caches, tokens + [2], s.cached)
+    check_invariants(pc, (), model)
+    pc.close()

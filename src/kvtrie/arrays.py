@@ -134,8 +134,8 @@ class HostPool:
         while base.base is not None and isinstance(base.base, np.ndarray):
             base = base.base
         size = base.nbytes
-        if base.dtype != np.uint8 or base.ndim != 1 or _size_class(size) != size:
-            return  # not one of ours
+        if base.dtype != np.uint8 or base.ndim != 1 or _size_class(size) != size or not base.flags.writeable:
+            return  # not one of ours (a read-only array views a file or a received value)
         limit = self._room() if self._room is not None else self.max_free_bytes
         with self._lock:
             if self._free_bytes + size <= limit:

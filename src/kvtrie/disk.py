@@ -13,13 +13,18 @@ when it has them) or a state only (`tokens` empty: the whole states at `start`).
 
 Files are written to a temporary name and renamed, so a process killed while writing
 leaves only `*.tmp` files, which the next start removes. Writes run on a background thread
-behind a bounded queue; reads are synchronous.
+behind a bounded queue; reads are synchronous. A large record is read by mapping it (its
+arrays are read-only views of the page cache): a mapping survives the file's deletion or
+replacement by rename, which is all kvtrie ever does to a record, but a file cut short in
+place while mapped kills the process (SIGBUS), so nothing else may rewrite files here.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import mmap
 import os
 import queue
 import threading
@@ -157,6 +162,10 @@ def _decode_tensors(meta: dict, tensors: dict[str, np.ndarray]) -> tuple[tuple[A
 
 
 _IOV_MAX = 1024  # buffers per preadv call (Linux's limit)
+# records from this size on are mapped, not read: their arrays are views of the page cache (one
+# mapping each, so many small records would not run into the kernel's limit on mappings)
+MAP_BYTES = 4 << 20
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # (Linux: map every page in one call, not one fault at a time)
 
 
 class _Checksum:
@@ -256,8 +265,11 @@ class DiskStore:
         """The payloads, logits and header of `file`, verified against the checksum in its name;
         PayloadCorrupt otherwise.
 
-        One copy: the file's arrays are read straight into their own host buffers (from `pool`,
-        which are warm, where given), one `preadv` for all of them, and checksummed there.
+        A record of `MAP_BYTES` or more is mapped into memory read-only: its arrays are views of
+        the OS page cache, so reading it copies nothing and fills no fresh memory (a fresh buffer
+        page-faults at ~1.3 GB/s on these machines, a tenth of a copy); the restore that follows
+        copies once, into the live caches. Smaller records are read with one `preadv` into
+        buffers from `pool` (which are warm) and checksummed there.
         """
         try:
             digits = file.rsplit("-", 1)[1].split(".")[0]
@@ -273,29 +285,37 @@ class DiskStore:
             if len(head) < 8 or not 0 < n <= size - 8:
                 raise PayloadCorrupt(f"{file}: header length {n} in a file of {size} bytes")
             header_bytes = os.pread(fd, n, 8)
-            checksum.update(head)
-            checksum.update(header_bytes)
             header, meta = _meta(header_bytes)
             names, at = [], 0
             for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
                 start, end = info["data_offsets"]
                 dtype, shape = np.dtype(_NUMPY_DTYPES[info["dtype"]]), tuple(info["shape"])
-                if start != at or end - start != int(np.prod(shape)) * dtype.itemsize:
+                if start != at or end - start != math.prod(shape) * dtype.itemsize:
                     raise PayloadCorrupt(f"{file}: tensor {name} does not follow the one before")
                 names.append((name, dtype, shape))
                 at = end
             if 8 + n + at != size:
                 raise PayloadCorrupt(f"{file}: {size} bytes, the header describes {8 + n + at}")
-            for name, dtype, shape in names:
-                arrays.append(pool.take(shape, dtype) if pool is not None else np.empty(shape, dtype))
-            views = [memoryview(a.reshape(-1).view(np.uint8)) for a in arrays if a.nbytes]
-            got = 0
-            for k in range(0, len(views), _IOV_MAX):
-                got += os.preadv(fd, views[k : k + _IOV_MAX], 8 + n + got)
-            if got != at:
-                raise PayloadCorrupt(f"{file}: read {got} of {at} bytes")
-            for v in views:
-                checksum.update(v)
+            if size >= MAP_BYTES:
+                mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ)
+                checksum.update(mapping)  # (the whole file: head, header and body)
+                body = 8 + n
+                for name, dtype, shape in names:
+                    count = math.prod(shape)
+                    offset = body + int(header[name]["data_offsets"][0])
+                    arrays.append(np.frombuffer(mapping, dtype, count, offset).reshape(shape) if count else np.empty(shape, dtype))
+            else:
+                checksum.update(head)
+                checksum.update(header_bytes)
+                arrays = [pool.take(shape, dtype) if pool is not None else np.empty(shape, dtype) for _, dtype, shape in names]
+                views = [memoryview(a.reshape(-1).view(np.uint8)) for a in arrays if a.nbytes]
+                got = 0
+                for k in range(0, len(views), _IOV_MAX):
+                    got += os.preadv(fd, views[k : k + _IOV_MAX], 8 + n + got)
+                if got != at:
+                    raise PayloadCorrupt(f"{file}: read {got} of {at} bytes")
+                for v in views:
+                    checksum.update(v)
             if checksum.value != expected:
                 raise PayloadCorrupt(f"{file}: checksum mismatch ({size} bytes)")
             return _decode_tensors(meta, {name: a for (name, _, _), a in zip(names, arrays)})

@@ -199,13 +199,27 @@ def _small_layout(targets: Sequence[tuple[Sequence[Piece], int, Any]], whole: Se
 def _stitch_small(targets: Sequence[tuple[Sequence[Piece], int, Any]], layout: list) -> list[list[mx.array]]:
     """`stitch` for small restores on the CPU: each live array laid out in a numpy buffer and
     copied into MLX by `mx.array`, which is evaluated as it is made. A second copy, but no graph
-    run: a graph run hands work to MLX's stream thread and back, more than small copies cost."""
+    run: a graph run hands work to MLX's stream thread and back, more than small copies cost.
+    The buffers of one shape and dtype are rows of one zero-filled block (one allocation)."""
+    counts: dict[tuple, int] = {}
+    for specs in layout:
+        for spec in specs:
+            counts[spec] = counts.get(spec, 0) + 1
+    rows = {spec: iter(np.zeros((k, *spec[0]), spec[1])) for spec, k in counts.items()}
     results = []
     for (pieces, _, _), specs in zip(targets, layout):
         arrays = []
-        for i, (shape, dtype) in enumerate(specs):
-            buf = np.zeros(shape, dtype)
-            _copy_into(pieces, i, buf, 0, _rows(buf))
+        for i, spec in enumerate(specs):
+            buf = next(rows[spec])
+            at = 0
+            for piece in pieces:
+                n = piece.hi - piece.lo
+                if piece.payload is not None:
+                    src = numpy_view(piece.payload.arrays[i])
+                    if piece.lo or piece.hi != src.shape[TOKEN_AXIS]:
+                        src = src[:, :, piece.lo : piece.hi]
+                    buf[:, :, at : at + n] = src
+                at += n
             arrays.append(mx.array(buf))
         results.append(arrays)
     return results
