@@ -705,7 +705,8 @@ class TieredStorage:
                 self.unsaved(node)
 
     def resident(self, trie: Optional[Trie], arr: np.ndarray, match: Match, upto: int) -> tuple[Match, set[int]]:
-        """Bring disk nodes of the matched path (those starting before `upto`) into host memory.
+        """Bring disk nodes of the matched path (those starting before `upto`) into host memory
+        (a large record is mapped: its page cache holds the host tier's copy).
 
         A damaged record removes its node and everything under it: the match is redone and
         ends there, a miss from that node down.
