@@ -211,15 +211,7 @@ def _stitch_small(targets: Sequence[tuple[Sequence[Piece], int, Any]], layout: l
         arrays = []
         for i, spec in enumerate(specs):
             buf = next(rows[spec])
-            at = 0
-            for piece in pieces:
-                n = piece.hi - piece.lo
-                if piece.payload is not None:
-                    src = numpy_view(piece.payload.arrays[i])
-                    if piece.lo or piece.hi != src.shape[TOKEN_AXIS]:
-                        src = src[:, :, piece.lo : piece.hi]
-                    buf[:, :, at : at + n] = src
-                at += n
+            _copy_into(pieces, i, buf, 0, _rows(buf))
             arrays.append(mx.array(buf))
         results.append(arrays)
     return results
