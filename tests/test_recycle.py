@@ -166,6 +166,23 @@ def test_small_arrays_are_left_to_mlx():
     assert r.kept_bytes == large.nbytes
 
 
+def test_small_restores_leave_no_buffers_behind():
+    """A restore under 256 KiB lays out in numpy and never reclaims a kept buffer, so the closed
+    sessions' arrays (64 KiB each here) go back to MLX instead of piling up in the recycler."""
+    model = FakeModel(layers=1, heads=1, dim=64)  # 256 positions x 64 float32 = 64 KiB per array
+    pc = PrefixCache(model.make_cache, hot_sessions=0)
+    base = list(range(100))
+    stored(pc, model, base + [1])
+    for i in range(20):
+        with pc.begin(base + [2, i]) as s:
+            assert s.cached == len(base) and s.caches[0].keys.nbytes == 64 << 10
+            model([2, i], s.caches)
+    gc.collect()
+    assert pc._recycler.kept_bytes == 0 and pc.stats()["recycle_bytes"] == 0
+    check_invariants(pc, (), model)
+    pc.close()
+
+
 def test_recycle_bytes_is_checked():
     model = FakeModel()
     with pytest.raises(ValueError):

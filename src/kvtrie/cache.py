@@ -34,7 +34,7 @@ from .arrays import HostArray, to_device
 from .session import Session
 from .shared import SharedTier
 from .recycle import Recycler
-from .snapshot import KVPayload, Piece, capture_tokens, evaluate, stitch
+from .snapshot import SMALL_RESTORE_BYTES, KVPayload, Piece, capture_tokens, evaluate, stitch
 from .storage import NodeData, TieredStorage
 from .trie import Match, Node, as_token_array
 from .window import Recorder, record, recorder_of, restorable, restorable_max
@@ -171,7 +171,9 @@ class PrefixCache:
         self._promote = bool(promote_on_restore)
         self._hot: deque[tuple[str, np.ndarray, list]] = deque(maxlen=hot_sessions or None)
         self._hot_slots = hot_sessions
-        self._recycler = Recycler(recycle_bytes)
+        # arrays under SMALL_RESTORE_BYTES are left to MLX's buffer cache: a restore that small lays out in
+        # numpy and never reclaims one, so kept they could only sit unused (and zero-filling one costs little)
+        self._recycler = Recycler(recycle_bytes, min_bytes=SMALL_RESTORE_BYTES)
         self._closed = False
         self._shared: Optional[SharedTier] = None
         if shared_url is not None:

@@ -174,12 +174,14 @@ def stitch(
     return results, copies  # type: ignore[return-value]
 
 
-_DIRECT_BYTES = 256 << 10  # live arrays below this are laid out in numpy and copied once more
+# live arrays below this in all are laid out in numpy and copied once more (`_stitch_small`); such a
+# restore never reclaims a recycled buffer, so a buffer that small is not worth keeping (`Recycler`)
+SMALL_RESTORE_BYTES = 256 << 10
 
 
 def _small_layout(targets: Sequence[tuple[Sequence[Piece], int, Any]], whole: Sequence[HostArray]) -> Optional[list]:
     """Per target, the (shape, numpy dtype) of each new live array, if they are small (below
-    `_DIRECT_BYTES` in all) and numpy holds their dtypes; else None."""
+    `SMALL_RESTORE_BYTES` in all) and numpy holds their dtypes; else None."""
     live = sum(a.nbytes for a in whole)
     layout = []
     for pieces, capacity, _ in targets:
@@ -193,7 +195,7 @@ def _small_layout(targets: Sequence[tuple[Sequence[Piece], int, Any]], whole: Se
             live += math.prod(shape) * a.dtype.size
             specs.append((shape, dtype))
         layout.append(specs)
-    return layout if live < _DIRECT_BYTES else None
+    return layout if live < SMALL_RESTORE_BYTES else None
 
 
 def _stitch_small(targets: Sequence[tuple[Sequence[Piece], int, Any]], layout: list) -> list[list[mx.array]]:
