@@ -258,6 +258,12 @@ def held_bytes(stats: dict) -> int:
     return sum(m.get("device_bytes", 0) + m.get("host_bytes", 0) for m in stats.get("models", {}).values())
 
 
+def recycled(stats: dict) -> dict:
+    """How many live arrays the server's restores took from closed sessions (hits) or zero-filled (misses)."""
+    models = stats.get("models", {}).values()
+    return {k: sum(m.get(f"recycle_{k}", 0) for m in models) for k in ("hits", "misses")}
+
+
 # ----------------------------------------------------------------------------------------
 # Runs
 # ----------------------------------------------------------------------------------------
@@ -308,6 +314,7 @@ def run_cell(server: str, model_dir: Path, work: Workload, args, budget: int | N
                 stats = get_json(proc.url + "/kvtrie/stats")
                 cell["held_bytes"] = held_bytes(stats)
                 cell["server_hit_rate"] = stats.get("hit_rate")
+                cell["recycled"] = recycled(stats)  # (sequential phase only)
             if concurrent:
                 cell["concurrent"] = concurrent_phase(client, args.turns)
                 bar.update(len(work.messages))
@@ -514,6 +521,10 @@ def print_tables(results: dict) -> None:
                   f"{_fmt(cc.get('ttft_p50_ms'), '13.1f'):>13} {_fmt(cc.get('ttft_p95_ms'), '7.1f'):>7} {_fmt(cc.get('vs_oracle'), '8.3f'):>8}")
             if "error" in c:
                 print(f"{'':<10} {'':<16} ERROR {c['error'][:150]}")
+        reuse = [f"{label} {c['recycled']['hits']}/{sum(c['recycled'].values())}" for label, server, c in rows if "recycled" in c]
+        if reuse:
+            print(f"  kvtrie's restores into recycled buffers (arrays reclaimed / all new live arrays past 256 KiB "
+                  f"restores), sequential phase: {', '.join(reuse)}")
         rs = res["restart"]
         if "restarts" in rs:
             print(f"  restart on the same --disk-dir (SIGTERM exit {rs['sigterm_exit']}, stop {rs['sigterm_stop_s']:.1f} s, "

@@ -167,8 +167,9 @@ def test_small_arrays_are_left_to_mlx():
 
 
 def test_small_restores_leave_no_buffers_behind():
-    """A restore under 256 KiB lays out in numpy and never reclaims a kept buffer, so the closed
-    sessions' arrays (64 KiB each here) go back to MLX instead of piling up in the recycler."""
+    """A restore under 256 KiB lays out in numpy and never reclaims a kept buffer, so the arrays of
+    closed sessions that small (64 KiB each here) go back to MLX instead of piling up in the
+    recycler; arrays of the same size in larger caches are kept and reclaimed."""
     model = FakeModel(layers=1, heads=1, dim=64)  # 256 positions x 64 float32 = 64 KiB per array
     pc = PrefixCache(model.make_cache, hot_sessions=0)
     base = list(range(100))
@@ -180,6 +181,16 @@ def test_small_restores_leave_no_buffers_behind():
     gc.collect()
     assert pc._recycler.kept_bytes == 0 and pc.stats()["recycle_bytes"] == 0
     check_invariants(pc, (), model)
+    pc.close()
+    # arrays of the same size in caches past 256 KiB in all are kept, and the next restores take them
+    model = FakeModel(layers=2, heads=1, dim=64)
+    pc = PrefixCache(model.make_cache, hot_sessions=0)
+    stored(pc, model, base + [1])
+    for i in range(5):
+        with pc.begin(base + [2, i]) as s:
+            assert s.caches[0].keys.nbytes == 64 << 10
+            model([2, i], s.caches)
+    assert pc._recycler.hits >= 4 * 4
     pc.close()
 
 

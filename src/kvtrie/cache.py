@@ -34,7 +34,7 @@ from .arrays import HostArray, to_device
 from .session import Session
 from .shared import SharedTier
 from .recycle import Recycler
-from .snapshot import SMALL_RESTORE_BYTES, KVPayload, Piece, capture_tokens, evaluate, stitch
+from .snapshot import KVPayload, Piece, capture_tokens, evaluate, lays_out_in_numpy, stitch
 from .storage import NodeData, TieredStorage
 from .trie import Match, Node, as_token_array
 from .window import Recorder, record, recorder_of, restorable, restorable_max
@@ -171,9 +171,7 @@ class PrefixCache:
         self._promote = bool(promote_on_restore)
         self._hot: deque[tuple[str, np.ndarray, list]] = deque(maxlen=hot_sessions or None)
         self._hot_slots = hot_sessions
-        # arrays under SMALL_RESTORE_BYTES are left to MLX's buffer cache: a restore that small lays out in
-        # numpy and never reclaims one, so kept they could only sit unused (and zero-filling one costs little)
-        self._recycler = Recycler(recycle_bytes, min_bytes=SMALL_RESTORE_BYTES)
+        self._recycler = Recycler(recycle_bytes)
         self._closed = False
         self._shared: Optional[SharedTier] = None
         if shared_url is not None:
@@ -619,8 +617,11 @@ class PrefixCache:
     def _retire(self, caches: list) -> None:
         """Offer the arrays of live caches that kvtrie hands out no more to the next restores."""
         if self._recycler.max_bytes:
-            for c, r in zip(leaves(caches), self._rules):
-                self._recycler.keep(_live_arrays([c]) if r.kind == STATE else (r.live(c) or ()))
+            arrays = [a for c, r in zip(leaves(caches), self._rules) for a in (_live_arrays([c]) if r.kind == STATE else (r.live(c) or ()))]
+            # a restore of caches this small lays out in numpy and never reclaims a buffer: kept, they
+            # would pile up unused towards recycle_bytes; MLX's own buffer cache has them instead
+            if not lays_out_in_numpy(arrays):
+                self._recycler.keep(arrays)
 
     def _check_open(self) -> None:
         if self._closed:

@@ -198,6 +198,12 @@ def _small_layout(targets: Sequence[tuple[Sequence[Piece], int, Any]], whole: Se
     return layout if live < SMALL_RESTORE_BYTES else None
 
 
+def lays_out_in_numpy(live: Sequence[mx.array]) -> bool:
+    """A restore into live arrays like these takes the small path on the CPU (`_stitch_small`):
+    under `SMALL_RESTORE_BYTES` in all, every dtype one numpy holds."""
+    return sum(a.nbytes for a in live) < SMALL_RESTORE_BYTES and all(a.dtype in NUMPY_DTYPES for a in live)
+
+
 def _stitch_small(targets: Sequence[tuple[Sequence[Piece], int, Any]], layout: list) -> list[list[mx.array]]:
     """`stitch` for small restores on the CPU: each live array laid out in a numpy buffer and
     copied into MLX by `mx.array`, which is evaluated as it is made. A second copy, but no graph
