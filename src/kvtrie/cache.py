@@ -30,7 +30,7 @@ from .errors import CacheMismatchError, SessionError
 from .layers import KV, STATE, WINDOW, leaves, rule_for
 from .paging import DEVICE, DISK, HOST, Pager, check_budget
 from .policy import POLICIES, REASON_NAMES, END, PlanRequest, WorthPolicy
-from .arrays import HostArray, to_device
+from .arrays import HostArray, on_cpu, to_device
 from .session import Session
 from .shared import SharedTier
 from .recycle import Recycler
@@ -616,7 +616,7 @@ class PrefixCache:
 
     def _retire(self, caches: list) -> None:
         """Offer the arrays of live caches that kvtrie hands out no more to the next restores."""
-        if self._recycler.max_bytes:
+        if self._recycler.max_bytes and on_cpu():  # (only a restore on the CPU writes into kept buffers)
             arrays = [a for c, r in zip(leaves(caches), self._rules) for a in (_live_arrays([c]) if r.kind == STATE else (r.live(c) or ()))]
             # a restore of caches this small lays out in numpy and never reclaims a buffer: kept, they
             # would pile up unused towards recycle_bytes; MLX's own buffer cache has them instead
