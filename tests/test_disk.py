@@ -395,6 +395,28 @@ def test_prompt_ends_keep_their_logits_and_reasons_across_a_restart(tmp_path, re
         assert reason in before and reason in after
 
 
+def test_record_arrays_start_where_mlx_places_arrays(tmp_path):
+    """Every record's body starts at MLX's offset within a cache line (its header padded with
+    spaces, as safetensors allows), so a mapped record's arrays copy into live caches at full speed;
+    the file stays a safetensors file that safetensors itself reads."""
+    import struct
+
+    import safetensors.numpy
+
+    from kvtrie.arrays import LINE, mlx_line_offset
+
+    model = FakeModel(kinds="KRK", heads=2, dim=8)
+    with PrefixCache(model.make_cache, disk_dir=str(tmp_path), fingerprint="f", snapshot_interval=64) as pc:
+        serve(pc, model, list(range(200)))
+    files = sorted(tmp_path.glob("*.safetensors"))
+    assert files
+    for f in files:
+        data = f.read_bytes()
+        n = struct.unpack("<Q", data[:8])[0]
+        assert (8 + n) % LINE == mlx_line_offset()
+        assert safetensors.numpy.load(data)  # still a valid file
+
+
 def test_a_mapped_record_is_read_without_a_copy_and_outlives_its_file(tmp_path, monkeypatch):
     """A record of MAP_BYTES or more comes back as read-only views of the mapped file (nothing
     copied into fresh memory); the views stay valid when the file is deleted (kvtrie only ever

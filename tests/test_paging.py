@@ -8,12 +8,12 @@ import threading
 import mlx.core as mx
 import numpy as np
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from kvtrie import PrefixCache
-from kvtrie.arrays import HostArray, HostPool, to_device, to_host
+from kvtrie.arrays import LINE, HostArray, HostPool, mlx_line_offset, numpy_view, to_device, to_host
 
 from fakes import FakeModel, assert_cold, check_invariants, draw_tokens, lcp, prefill_and_commit
 from test_cache import serve
@@ -257,6 +257,33 @@ def test_host_pool_reuses_buffers_and_round_trips():
     h2 = to_host(mx.random.normal((1, 4, 290, 16)), pool)  # same size class
     assert h2.data.base is base
     assert pool.free_bytes == 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(nbytes=st.integers(1, 3 << 20), dtype=st.sampled_from([np.uint8, np.uint16, np.float32]))
+def test_pooled_buffers_sit_where_mlx_places_arrays_in_a_cache_line(nbytes, dtype):
+    """A host buffer starts at MLX's offset within a cache line, new or reused, so a copy between
+    the tiers never has its destination 8 bytes past its source (mod 4096: ~20x slower here)."""
+    pool = HostPool()
+    shape = (max(nbytes // np.dtype(dtype).itemsize, 1),)
+    first = pool.take(shape, dtype)
+    assert first.ctypes.data % LINE == mlx_line_offset() and first.shape == shape and first.dtype == dtype
+    first[...] = 7
+    pool.give(first)
+    assert pool.free_bytes > 0
+    again = pool.take(shape, dtype)  # the same block, placed the same way
+    assert again.ctypes.data == first.ctypes.data and pool.free_bytes == 0
+
+
+@pytest.mark.skipif(mx.default_device().type != mx.DeviceType.cpu, reason="MLX's CPU allocator")
+def test_mlx_line_offset_is_where_mlx_puts_large_arrays():
+    for n in (1 << 20, 5 << 20):
+        a = mx.zeros((n,), mx.uint8)
+        mx.eval(a)
+        assert numpy_view(a).ctypes.data % LINE == mlx_line_offset()
+    # MLX's arrays sit 8 bytes past a 16-byte boundary, numpy's on one; the pool's then never lie
+    # 8 bytes behind an MLX array's start (mod 4096), whatever line offset that array has
+    assert mlx_line_offset() % 16 == 8
 
 
 @pytest.mark.parametrize("value, error", [(-1, ValueError), (1.5, TypeError), ("1GB", TypeError), (True, TypeError)])
