@@ -100,13 +100,15 @@ LINE = 64  # bytes in a cache line
 
 
 def mlx_line_offset() -> int:
-    """Where MLX's CPU allocator places a large array within a cache line (24 bytes with mlx 0.32).
+    """Where a fresh MLX array sits within a cache line (24 bytes with mlx 0.32); pooled host
+    buffers and disk records' arrays start at the same offset.
 
-    Pooled host buffers start at the same offset. A numpy copy whose destination lies exactly 8
-    bytes past its source modulo 4096 runs ~20x slower on these machines (1.08 vs 0.05 ms for 2 MiB;
-    no other distance was slow), and that was every copy of a host restore: MLX's arrays sit 8
-    bytes past a 16-byte boundary (its header), numpy's large ones 16 bytes into a fresh page, MLX's
-    24. A host buffer at this offset is never 8 bytes behind an MLX array, wherever MLX put it.
+    A numpy copy whose destination lies exactly 8 bytes past its source modulo 4096 runs ~20x
+    slower on these machines (1.08 vs 0.05 ms for 2 MiB; no other distance was slow). MLX's arrays
+    sit 8 bytes past a 16-byte boundary (its header; 24 bytes into a freshly mapped block), numpy's
+    on one (16 bytes into a fresh block): every copy from a fresh numpy buffer into a fresh MLX
+    array was that case. A buffer at this offset is never 8 bytes behind an MLX array, wherever
+    in a line MLX put it.
     """
     return _LINE_OFFSET
 
