@@ -403,7 +403,7 @@ def test_record_arrays_start_where_mlx_places_arrays(tmp_path):
 
     import safetensors.numpy
 
-    from kvtrie.arrays import LINE, mlx_line_offset
+    from kvtrie.arrays import LINE, MLX_LINE_OFFSET
 
     model = FakeModel(kinds="KRK", heads=2, dim=8)
     with PrefixCache(model.make_cache, disk_dir=str(tmp_path), fingerprint="f", snapshot_interval=64) as pc:
@@ -413,7 +413,7 @@ def test_record_arrays_start_where_mlx_places_arrays(tmp_path):
     for f in files:
         data = f.read_bytes()
         n = struct.unpack("<Q", data[:8])[0]
-        assert (8 + n) % LINE == mlx_line_offset()
+        assert (8 + n) % LINE == MLX_LINE_OFFSET
         assert safetensors.numpy.load(data)  # still a valid file
 
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from kvtrie import PrefixCache
-from kvtrie.arrays import LINE, HostArray, HostPool, mlx_line_offset, numpy_view, to_device, to_host
+from kvtrie.arrays import LINE, MLX_LINE_OFFSET, HostArray, HostPool, numpy_view, to_device, to_host
 
 from fakes import FakeModel, assert_cold, check_invariants, draw_tokens, lcp, prefill_and_commit
 from test_cache import serve
@@ -267,7 +267,7 @@ def test_pooled_buffers_sit_where_mlx_places_arrays_in_a_cache_line(nbytes, dtyp
     pool = HostPool()
     shape = (max(nbytes // np.dtype(dtype).itemsize, 1),)
     first = pool.take(shape, dtype)
-    assert first.ctypes.data % LINE == mlx_line_offset() and first.shape == shape and first.dtype == dtype
+    assert first.ctypes.data % LINE == MLX_LINE_OFFSET and first.shape == shape and first.dtype == dtype
     first[...] = 7
     pool.give(first)
     assert pool.free_bytes > 0
@@ -278,7 +278,7 @@ def test_pooled_buffers_sit_where_mlx_places_arrays_in_a_cache_line(nbytes, dtyp
 @pytest.mark.skipif(mx.default_device().type != mx.DeviceType.cpu, reason="MLX's CPU allocator")
 def test_pooled_buffers_never_lie_8_bytes_behind_an_mlx_array():
     """MLX's arrays sit 8 bytes past a 16-byte boundary (wherever in a line the allocator put them,
-    mapped block or heap), the pool's at `mlx_line_offset`: a copy between them never has its
+    mapped block or heap), the pool's at `MLX_LINE_OFFSET`: a copy between them never has its
     destination 8 bytes past its source modulo the line, the case that copies ~20x slower."""
     pool = HostPool()
     kept = []
@@ -288,7 +288,7 @@ def test_pooled_buffers_never_lie_8_bytes_behind_an_mlx_array():
         kept.append(a)  # (held, so the next one is a new block)
         dst = numpy_view(a).ctypes.data
         src = pool.take((n,), np.uint8).ctypes.data
-        assert dst % 16 == mlx_line_offset() % 16 == 8
+        assert dst % 16 == MLX_LINE_OFFSET % 16 == 8
         assert (dst - src) % LINE != 8 and (src - dst) % LINE != 8
 
 

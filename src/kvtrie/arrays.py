@@ -99,20 +99,6 @@ def _size_class(nbytes: int) -> int:
 LINE = 64  # bytes in a cache line
 
 
-def mlx_line_offset() -> int:
-    """Where a fresh MLX array sits within a cache line (24 bytes with mlx 0.32); pooled host
-    buffers and disk records' arrays start at the same offset.
-
-    A numpy copy whose destination lies exactly 8 bytes past its source modulo 4096 runs ~20x
-    slower on these machines (1.08 vs 0.05 ms for 2 MiB; no other distance was slow). MLX's arrays
-    sit 8 bytes past a 16-byte boundary (its header; 24 bytes into a freshly mapped block), numpy's
-    on one (16 bytes into a fresh block): every copy from a fresh numpy buffer into a fresh MLX
-    array was that case. A buffer at this offset is never 8 bytes behind an MLX array, wherever
-    in a line MLX put it.
-    """
-    return _LINE_OFFSET
-
-
 def _measure_line_offset() -> int:
     if not on_cpu():
         return 0
@@ -121,9 +107,16 @@ def _measure_line_offset() -> int:
     return np.asarray(probe).ctypes.data % LINE
 
 
-# measured once, at import (on the importing thread: MLX evaluates nothing on a thread it did not
-# start a stream on, and disk and shared-tier records are encoded on worker threads)
-_LINE_OFFSET = _measure_line_offset()
+# Where a fresh MLX array sits within a cache line (24 bytes with mlx 0.32); pooled host buffers
+# and disk records' arrays start at the same offset. A numpy copy whose destination lies exactly
+# 8 bytes past its source modulo 4096 runs ~20x slower on these machines (1.08 vs 0.05 ms for
+# 2 MiB; no other distance was slow). MLX's arrays sit 8 bytes past a 16-byte boundary (its
+# header; 24 bytes into a freshly mapped block), numpy's on one (16 bytes into a fresh block):
+# every copy from a fresh numpy buffer into a fresh MLX array was that case. A buffer at this
+# offset is never 8 bytes behind an MLX array, wherever in a line MLX put it.
+# Measured once, at import, on the importing thread (MLX evaluates nothing on a thread it did not
+# start a stream on, and disk and shared-tier records are encoded on worker threads).
+MLX_LINE_OFFSET = _measure_line_offset()
 
 
 class HostPool:
@@ -156,7 +149,7 @@ class HostPool:
                 self._free_bytes -= size
         if buf is None:
             buf = np.empty(size + LINE, dtype=np.uint8)  # (room to place the array within a cache line)
-        at = (mlx_line_offset() - buf.ctypes.data) % LINE
+        at = (MLX_LINE_OFFSET - buf.ctypes.data) % LINE
         return buf[at : at + nbytes].view(dtype).reshape(shape)
 
     def give(self, arr: np.ndarray) -> None:

@@ -39,7 +39,7 @@ import mlx.core as mx
 import numpy as np
 import xxhash
 
-from .arrays import LINE, HostArray, HostPool, mlx_line_offset
+from .arrays import LINE, MLX_LINE_OFFSET, HostArray, HostPool
 from .recurrent import RecurrentPayload
 from .snapshot import KVPayload
 
@@ -102,9 +102,9 @@ def _place_body(data: bytes) -> bytes:
     """The same safetensors file with its header padded (trailing spaces, as the format allows) so
     that its arrays start where MLX places an array within a cache line: a mapped record's arrays
     are copy sources, and a source 8 bytes behind its destination copies ~20x slower here
-    (`arrays.mlx_line_offset`)."""
+    (`arrays.MLX_LINE_OFFSET`)."""
     n = struct.unpack("<Q", data[:8])[0]
-    pad = (mlx_line_offset() - 8 - n) % LINE  # (a multiple of 8: safetensors pads the header to 8)
+    pad = (MLX_LINE_OFFSET - 8 - n) % LINE  # (a multiple of 8: safetensors pads the header to 8)
     if not pad:
         return data
     return b"".join((struct.pack("<Q", n + pad), data[8 : 8 + n], b" " * pad, data[8 + n :]))
