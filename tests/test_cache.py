@@ -347,22 +347,41 @@ def test_live_kv_cache_protocol():
 
 def test_continuing_the_last_session_takes_its_caches_without_a_copy():
     model = FakeModel()
-    pc = PrefixCache(model.make_cache, device_bytes=0, host_bytes=0)  # the trie itself keeps nothing
+    pc = PrefixCache(model.make_cache)
     turn1 = list(range(30))
     with pc.begin(turn1) as s:
         model(turn1, s.caches)
         s.commit(turn1)
         live = s.caches
+    held = sum(c.keys.nbytes + c.values.nbytes for c in live)
+    assert pc.stats()["held"]["hot"] == held  # kept hot: in the ledger, on the device tier
     turn2 = turn1 + [7, 8, 9]
     with pc.begin(turn2) as s:
         assert s.caches is live and s.cached == 30 and pc.stats()["hot_restores"] == 1
+        assert pc.stats()["held"]["hot"] == 0 and pc.stats()["in_use_bytes"] == held  # the open session's now
         assert_cold(model, s.caches, turn2, 30)
         model(turn2[30:], s.caches)
         s.commit(turn2)
     with pc.begin(turn2 + [1], namespace="other") as s:  # another namespace never takes it
         assert s.cached == 0
     with pc.begin(list(range(5)) + [1]) as s:  # not a continuation: no hot caches
-        assert s.cached == 0 and pc.stats()["hot_restores"] == 1
+        assert s.cached == 5 and pc.stats()["hot_restores"] == 1
+
+
+def test_hot_sessions_are_held_within_the_device_budget():
+    """A hot session's caches are bytes kvtrie holds: at a device budget of 0 none is kept."""
+    model = FakeModel()
+    pc = PrefixCache(model.make_cache, device_bytes=0, host_bytes=0)
+    turn1 = list(range(30))
+    with pc.begin(turn1) as s:
+        model(turn1, s.caches)
+        s.commit(turn1)
+        stats = pc.stats()  # the session's own path stays pinned while it is open
+        assert stats["in_use_bytes"] > 0 and stats["held_bytes"] == stats["device_bytes"] > 0
+    stats = pc.stats()
+    assert stats["held_bytes"] == 0 and stats["held"]["hot"] == 0 and stats["in_use_bytes"] == 0
+    with pc.begin(turn1 + [7, 8, 9]) as s:
+        assert s.cached == 0 and pc.stats()["hot_restores"] == 0
 
 
 def test_caches_passed_to_commit_are_never_kept_hot():

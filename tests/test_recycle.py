@@ -199,9 +199,10 @@ def test_recycle_bytes_is_checked():
     with pytest.raises(ValueError):
         PrefixCache(model.make_cache, recycle_bytes=-1)
     with pytest.raises(TypeError):
-        PrefixCache(model.make_cache, recycle_bytes=None)
-    with pytest.raises(TypeError):
         PrefixCache(model.make_cache, recycle_bytes="1G")
+    with pytest.raises(TypeError):
+        PrefixCache(model.make_cache, mlx_cache_bytes=1.5)
+    PrefixCache(model.make_cache, recycle_bytes=None)  # (automatic: what the device budget leaves)
 
 
 def test_small_restores_are_evaluated_and_updated_in_place():

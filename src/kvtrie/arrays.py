@@ -166,6 +166,23 @@ class HostPool:
                 self._free[size].append(base)  # (the whole block: `take` places the array in it again)
                 self._free_bytes += size
 
+    def trim(self, excess: int) -> int:
+        """Drop free buffers, largest first, until at least `excess` bytes are freed (or none is
+        left); returns the bytes dropped."""
+        freed = 0
+        with self._lock:
+            for size in sorted(self._free, reverse=True):
+                stack = self._free[size]
+                while stack and freed < excess:
+                    stack.pop()
+                    freed += size
+                if not stack:
+                    del self._free[size]
+                if freed >= excess:
+                    break
+            self._free_bytes -= freed
+        return freed
+
 
 def to_host(a: AnyArray, pool: HostPool) -> HostArray:
     """Copy a device array into a pooled host buffer (host arrays pass through)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Optional
@@ -28,6 +29,7 @@ from .counters import Counters
 from .disk import DiskStore
 from .errors import CacheMismatchError, SessionError
 from .layers import KV, STATE, WINDOW, leaves, rule_for
+from .ledger import HOT, IN_FLIGHT, MLX_CACHE, POOL, RECYCLED, Ledger
 from .paging import DEVICE, DISK, HOST, Pager, check_budget
 from .policy import POLICIES, REASON_NAMES, END, PlanRequest, WorthPolicy
 from .arrays import HostArray, on_cpu, to_device
@@ -82,13 +84,24 @@ class PrefixCache:
 
     The live caches of the last `hot_sessions` committed sessions are kept after they
     close: a request that continues one of those sequences takes them over as they are,
-    with no copy. They are live caches, outside the budgets, like those of open sessions.
+    with no copy.
 
     On the CPU a restore writes the stored bytes once, straight into new live arrays. Those
     are recycled from the live caches of closed sessions once nothing else refers to them
-    (`kvtrie.recycle`: MLX itself proves no one else holds the buffer), up to
-    `recycle_bytes` kept; otherwise they are zero-filled first, which costs half a copy
-    more. Kept buffers are memory outside the budgets (0 turns recycling off).
+    (`kvtrie.recycle`: MLX itself proves no one else holds the buffer); otherwise they are
+    zero-filled first (and, fresh from the OS, page-faulted), which costs more than the copy.
+    `recycle_bytes` caps the kept arrays (0 turns recycling off; None: what the device budget
+    leaves, or with no device budget one restore's worth, the largest closed session's caches).
+
+    Every byte kvtrie keeps in memory is in one ledger (`kvtrie.ledger`), and the budgets
+    bound all of it, not only the payloads: device = payloads there + hot sessions' caches +
+    recycled arrays (+ MLX's buffer cache, with `mlx_cache_bytes`); host = payloads there + the
+    free host pool + copies in flight to the disk writer and the shared tier. Under pressure
+    the cheapest goes first: MLX's buffer cache and the free pool, then recycled arrays, then
+    hot sessions, then payloads in the policy's order. The live caches of open sessions are
+    the working set: reported (`stats()["in_use_bytes"]`), outside the budgets while they are
+    open. `mlx_cache_bytes` (None: MLX's limit is left alone, and not counted) lets kvtrie set
+    MLX's buffer-cache limit, process-wide, to at most that and what the device budget leaves.
     """
 
     def __init__(
@@ -111,7 +124,8 @@ class PrefixCache:
         shared_url: Optional[str] = None,
         shared_block_tokens: int = 256,
         shared_timeout: float = 0.25,
-        recycle_bytes: int = 1 << 30,
+        recycle_bytes: Optional[int] = None,
+        mlx_cache_bytes: Optional[int] = None,
     ):
         if not callable(make_cache):
             raise TypeError(f"make_cache must be callable (a model's make_cache), got {type(make_cache).__name__}")
@@ -124,8 +138,8 @@ class PrefixCache:
             raise ValueError(f"speculative_ratio must be a non-negative number, got {speculative_ratio!r}")
         if isinstance(hot_sessions, bool) or not isinstance(hot_sessions, int) or hot_sessions < 0:
             raise ValueError(f"hot_sessions must be a non-negative int, got {hot_sessions!r}")
-        if check_budget("recycle_bytes", recycle_bytes) is None:
-            raise TypeError("recycle_bytes must be an int number of bytes (0: no recycling), got None")
+        check_budget("recycle_bytes", recycle_bytes)
+        check_budget("mlx_cache_bytes", mlx_cache_bytes)
         if persist_seconds is not None and (
             isinstance(persist_seconds, bool) or not isinstance(persist_seconds, (int, float)) or not persist_seconds > 0
         ):
@@ -155,7 +169,8 @@ class PrefixCache:
         self._policy: WorthPolicy = POLICIES[policy](snapshot_interval, max_snapshots_per_path, float(speculative_ratio))
         self._policy.hybrid = STATE in self._kinds
         self._counters = Counters()
-        pager = Pager(device_bytes, host_bytes, disk_bytes, key=self._policy.key)
+        self._ledger = ledger = Ledger({})
+        pager = Pager(device_bytes, host_bytes, disk_bytes, key=self._policy.key, ledger=ledger)
         self._policy.bounded = pager.bounded
         self._storage = TieredStorage(
             self._kinds,
@@ -169,15 +184,28 @@ class PrefixCache:
         self._signature: Optional[tuple] = None
         self._lock = threading.RLock()
         self._promote = bool(promote_on_restore)
-        self._hot: deque[tuple[str, np.ndarray, list]] = deque(maxlen=hot_sessions or None)
+        self._hot: deque[tuple[str, np.ndarray, list, int]] = deque(maxlen=hot_sessions or None)
         self._hot_slots = hot_sessions
-        self._recycler = Recycler(recycle_bytes)
+        self._hot_bytes = 0
+        self._recycler = Recycler(recycle_bytes, room=lambda: ledger.room(DEVICE, RECYCLED))
+        self._open: weakref.WeakSet[Session] = weakref.WeakSet()
+        self._mlx_cache_cap = mlx_cache_bytes
+        self._mlx_cache_limit: Optional[int] = None
         self._closed = False
+        # the holders besides payloads, in the order they give bytes back under pressure
+        if mlx_cache_bytes is not None:
+            ledger.register(MLX_CACHE, DEVICE, mx.get_cache_memory, self._release_mlx_cache)
+        pool = self._storage.pool
+        ledger.register(POOL, HOST, lambda: pool.free_bytes, pool.trim)
+        ledger.register(RECYCLED, DEVICE, lambda: self._recycler.kept_bytes, self._recycler.trim)
+        ledger.register(HOT, DEVICE, lambda: self._hot_bytes, self._release_hot)
+        ledger.register_pushed(IN_FLIGHT, HOST)
         self._shared: Optional[SharedTier] = None
         if shared_url is not None:
             self._shared = SharedTier(
                 shared_url, fingerprint=fingerprint, layout=[f"{t}:{k}" for t, k in zip(self._layer_types, self._kinds)],
                 kinds=self._kinds, block_tokens=shared_block_tokens, timeout=float(shared_timeout),
+                ledger=ledger,
             )
         self._stop_persisting = threading.Event()
         self._persister: Optional[threading.Thread] = None
@@ -226,7 +254,7 @@ class PrefixCache:
         with self._lock:
             pager.budgets.update(new)
             self._policy.bounded = pager.bounded
-            self._storage.enforce()
+            self._enforce()
 
     # --- the request API -----------------------------------------------------------
 
@@ -301,12 +329,14 @@ class PrefixCache:
             c.cached_tokens += cached
             c.hits += bool(cached)
             c.snapshots_used += bool(self._policy.hybrid and cached and hot is None)
-            storage.enforce()
+            self._enforce()
+        session = Session(self, ns, arr, cached, caches, leaf, plan, logits)
+        self._open.add(session)
         logger.debug(
             "begin ns=%s: %d tokens, matched %d, restored %d from %d nodes, capture at %s",
             ns, len(arr), match.length, cached, len(used), plan,
         )
-        return Session(self, ns, arr, cached, caches, leaf, plan, logits)
+        return session
 
     def _fill_from_shared(self, ns: str, arr: np.ndarray, match: Match) -> bool:
         """Bring from the shared tier what it holds beyond the local restore into the local
@@ -415,15 +445,43 @@ class PrefixCache:
                     pieces.append(Piece(node.payload.layers[layer], max(lo, node.start) - node.start, min(hi, node.end) - node.start))
         return pieces if any(p.payload is not None for p in pieces) else []
 
-    def _take_hot(self, ns: str, arr: np.ndarray, cached: int) -> Optional[tuple[str, np.ndarray, list]]:
+    def _take_hot(self, ns: str, arr: np.ndarray, cached: int) -> Optional[tuple[str, np.ndarray, list, int]]:
         """A kept session whose sequence `arr` continues, at least as deep as the trie restore."""
-        for entry in self._hot:
-            hot_ns, tokens, _ = entry
+        for i, entry in enumerate(self._hot):
+            hot_ns, tokens, _, nbytes = entry
             n = len(tokens)
             if hot_ns == ns and cached <= n < len(arr) and np.array_equal(arr[:n], tokens):
-                self._hot.remove(entry)
+                del self._hot[i]  # (by position: comparing entries would compare token arrays)
+                self._hot_bytes -= nbytes  # an open session's working set from here on
                 return entry
         return None
+
+    def _release_hot(self, excess: int) -> int:
+        """Under pressure: drop hot sessions' caches, oldest first, until `excess` bytes are gone."""
+        freed = 0
+        while self._hot and freed < excess:
+            _, _, _, nbytes = self._hot.popleft()
+            self._hot_bytes -= nbytes
+            freed += nbytes
+        return freed
+
+    def _release_mlx_cache(self, excess: int) -> int:
+        """Under pressure: lower MLX's buffer-cache limit by `excess` (MLX frees cached buffers past it)."""
+        held = mx.get_cache_memory()
+        self._mlx_cache_limit = max(held - excess, 0)
+        mx.set_cache_limit(self._mlx_cache_limit)
+        return held - mx.get_cache_memory()
+
+    def _enforce(self) -> None:
+        """Every budget holds again (see `TieredStorage.enforce`); then MLX's buffer-cache limit
+        (where kvtrie sets it) is what the device budget leaves, at most `mlx_cache_bytes`."""
+        self._storage.enforce()
+        if self._mlx_cache_cap is not None:
+            room = self._ledger.room(DEVICE, MLX_CACHE)
+            limit = self._mlx_cache_cap if room is None else min(self._mlx_cache_cap, room)
+            if limit != self._mlx_cache_limit:
+                self._mlx_cache_limit = limit
+                mx.set_cache_limit(limit)
 
     def _capture(self, session: Session, offset: Optional[int], logits: Optional[mx.array]) -> int:
         live = leaves(session.caches)
@@ -524,7 +582,7 @@ class PrefixCache:
                 recorder = recorder_of(leaf_cache)
                 if recorder is not None:
                     recorder.reset(n)
-            storage.enforce()
+            self._enforce()
         logger.debug("commit ns=%s: %d tokens, %d new, snapshots at %s", session.namespace, n, added, sorted(snapshots))
         return added
 
@@ -599,12 +657,18 @@ class PrefixCache:
 
     def _close(self, session: Session) -> None:
         with self._lock:
+            self._open.discard(session)
             if self._hot_slots and session._committed_tokens is not None and session.caches is not None:
                 # evaluated here: MLX cannot evaluate another thread's pending work later
                 mx.eval(_live_arrays(leaves(session.caches)))
+                arrays = self._buffers(session.caches)
                 if len(self._hot) == self._hot.maxlen:
-                    self._retire(self._hot.popleft()[2])
-                self._hot.append((session.namespace, session._committed_tokens, session.caches))
+                    _, _, old, nbytes = self._hot.popleft()
+                    self._hot_bytes -= nbytes
+                    self._retire(old)
+                nbytes = sum(a.nbytes for a in arrays)
+                self._hot.append((session.namespace, session._committed_tokens, session.caches, nbytes))
+                self._hot_bytes += nbytes
             elif session.caches is not None:
                 self._retire(session.caches)
             self._storage.pin(session._leaf, -1)
@@ -612,16 +676,21 @@ class PrefixCache:
             session._closed = True
             session.caches = None
             session._captures = {}
-            self._storage.enforce()
+            self._enforce()
 
     def _retire(self, caches: list) -> None:
         """Offer the arrays of live caches that kvtrie hands out no more to the next restores."""
-        if self._recycler.max_bytes and on_cpu():  # (only a restore on the CPU writes into kept buffers)
-            arrays = [a for c, r in zip(leaves(caches), self._rules) for a in (_live_arrays([c]) if r.kind == STATE else (r.live(c) or ()))]
+        if self._recycler.enabled and on_cpu():  # (only a restore on the CPU writes into kept buffers)
+            arrays = self._buffers(caches)
             # a restore of caches this small lays out in numpy and never reclaims a buffer: kept, they
             # would pile up unused towards recycle_bytes; MLX's own buffer cache has them instead
             if not lays_out_in_numpy(arrays):
                 self._recycler.keep(arrays)
+
+    def _buffers(self, caches: list) -> list[mx.array]:
+        """The arrays live caches keep alive: per-token layers' whole buffers (past their offset
+        too), whole-state layers' states."""
+        return [a for c, r in zip(leaves(caches), self._rules) for a in (_live_arrays([c]) if r.kind == STATE else (r.live(c) or ()))]
 
     def _check_open(self) -> None:
         if self._closed:
@@ -758,7 +827,29 @@ class PrefixCache:
                 "recycle_hits": self._recycler.hits,  # live arrays a restore reclaimed instead of zero-filling
                 "recycle_misses": self._recycler.misses,
                 "recycle_bytes": self._recycler.kept_bytes,
+                **self._ledger_stats(),
             }
+
+    def _ledger_stats(self) -> dict[str, Any]:
+        """The ledger: what kvtrie holds in memory by tier and holder, and the open sessions' working set."""
+        ledger = self._ledger
+        breakdown = ledger.breakdown()
+        device, host = ledger.held(DEVICE), ledger.held(HOST)
+        return {
+            "held_bytes": device + host,
+            "held_device_bytes": device,
+            "held_host_bytes": host,
+            "held": {name: tiers[DEVICE] + tiers[HOST] for name, tiers in breakdown.items()},
+            "held_by_tier": {tier: {name: tiers[tier] for name, tiers in breakdown.items()} for tier in (DEVICE, HOST)},
+            "in_use_bytes": self.in_use_bytes(),
+            "open_sessions": len(self._open),
+            "heap_trims": ledger.trims,
+        }
+
+    def in_use_bytes(self) -> int:
+        """Bytes of the open sessions' live caches: the requests' working set (outside the budgets)."""
+        sessions = list(self._open)
+        return sum(a.nbytes for s in sessions if s.caches is not None for a in self._buffers(s.caches))
 
     def dump(self) -> str:
         """Readable tree: one line per node, `[start, end) tokens bytes tier pinned` (+ `state` at snapshots)."""

@@ -17,10 +17,8 @@ import mlx.core as mx
 from sortedcontainers import SortedList
 
 from .arrays import HostArray, HostPool, to_device, to_host
+from .ledger import DEVICE, DISK, HOST, Ledger
 
-DEVICE = "device"
-HOST = "host"
-DISK = "disk"
 TIERS = (DEVICE, HOST, DISK)
 
 
@@ -58,8 +56,9 @@ def release(payloads: Iterable[Any], pool: HostPool) -> None:
 
 
 class Pager:
-    """Byte counters and budgets per tier, and per tier two orders by `key(node)`: the unpinned
-    nodes (candidates to move a tier down) and the evictable ones."""
+    """Per tier two orders by `key(node)`: the unpinned nodes (candidates to move a tier down)
+    and the evictable ones; the budgets and byte counts are the ledger's (`bytes`: payloads per
+    tier; a tier is over when everything held there is past its budget)."""
 
     def __init__(
         self,
@@ -67,13 +66,20 @@ class Pager:
         host_bytes: Optional[int] = None,
         disk_bytes: Optional[int] = None,
         key: Optional[Callable[[Any], tuple]] = None,
+        ledger: Optional[Ledger] = None,
     ):
-        self.budgets = {
+        budgets = {
             DEVICE: check_budget("device_bytes", device_bytes),
             HOST: check_budget("host_bytes", host_bytes),
             DISK: check_budget("disk_bytes", disk_bytes),
         }
-        self.bytes = {tier: 0 for tier in TIERS}
+        if ledger is None:
+            ledger = Ledger(budgets)
+        else:
+            ledger.budgets.update(budgets)
+        self.ledger = ledger
+        self.budgets = ledger.budgets
+        self.bytes = ledger.payload
         self.key = key or (lambda node: (node.last_used, -node.start, node.id))
         self._movable = {tier: SortedList() for tier in TIERS}
         self._evictable = {tier: SortedList() for tier in TIERS}
@@ -122,8 +128,7 @@ class Pager:
     # --- decisions -----------------------------------------------------------------------
 
     def over(self, tier: str) -> bool:
-        budget = self.budgets[tier]
-        return budget is not None and self.bytes[tier] > budget
+        return self.ledger.over(tier) > 0
 
     def next_move(self, tier: str) -> Optional[Any]:
         """The first unpinned node of `tier` in the policy's order, or None."""

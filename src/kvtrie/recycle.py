@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import sys
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Optional
 
 import attrs
@@ -40,17 +40,28 @@ def _shape_key(shape: Sequence[int], dtype: mx.Dtype) -> tuple:
 
 
 class Recycler:
-    """Arrays of closed sessions' live caches, by byte size, oldest dropped first past `max_bytes`.
+    """Arrays of closed sessions' live caches, by byte size, oldest dropped first past the limit.
 
+    The limit is `max_bytes` (0: keep nothing) and what `room()` says the budget leaves (the
+    ledger's room for recycled arrays; None: no budget). With neither (`max_bytes=None`, no
+    budget) it is the largest set of arrays offered at once: one closed session's caches, so
+    the next restore of that size writes into warm memory whatever its size.
     Only arrays no Python object other than the recycler refers to are reclaimed (a cache
     the user still holds keeps its arrays); the rest stay until they are free or pushed out.
     Arrays under `min_bytes` are not kept: held, they would only keep MLX from reusing them.
     An array's byte size never changes (MLX's in-place `a[...] = b` keeps the shape).
     """
 
-    def __init__(self, max_bytes: int = 1 << 30, min_bytes: int = 64 << 10):
+    def __init__(
+        self,
+        max_bytes: Optional[int] = None,
+        min_bytes: int = 64 << 10,
+        room: Optional[Callable[[], Optional[int]]] = None,
+    ):
         self.max_bytes = max_bytes
         self.min_bytes = min_bytes  # smaller arrays are not kept: zero-filling them costs next to nothing
+        self._room = room
+        self.largest_offer = 0  # bytes of the largest set of arrays offered at once
         self._order: OrderedDict[int, mx.array] = OrderedDict()  # id -> array, oldest first
         self._by_size: dict[tuple[int, mx.Dtype], dict[int, mx.array]] = {}
         self._by_shape: dict[tuple, dict[int, mx.array]] = {}  # (dtype, shape but axis 2) -> arrays
@@ -68,16 +79,35 @@ class Recycler:
     def kept_bytes(self) -> int:
         return self._bytes
 
+    @property
+    def enabled(self) -> bool:
+        return self.max_bytes is None or self.max_bytes > 0
+
+    def limit(self) -> int:
+        """The bytes it may keep now (see the class docstring)."""
+        room = self._room() if self._room is not None else None
+        if self.max_bytes is not None:
+            return self.max_bytes if room is None else min(self.max_bytes, room)
+        return self.largest_offer if room is None else room
+
     def keep(self, arrays: Iterable[mx.array]) -> None:
         """Offer arrays that a closed session's live caches held (the caches may still be in use)."""
-        if self.max_bytes <= 0:
+        if not self.enabled:
             return
-        for a in arrays:
-            if isinstance(a, mx.array) and a.nbytes >= self.min_bytes and id(a) not in self._order:
-                self._add(a)
-        while self._bytes > self.max_bytes and self._order:
+        offered = [a for a in arrays if isinstance(a, mx.array) and a.nbytes >= self.min_bytes and id(a) not in self._order]
+        self.largest_offer = max(self.largest_offer, sum(a.nbytes for a in offered))
+        for a in offered:
+            self._add(a)
+        self.trim(self._bytes - self.limit())
+
+    def trim(self, excess: int) -> int:
+        """Drop kept arrays, oldest first, until at least `excess` bytes are gone; returns the bytes dropped."""
+        freed = 0
+        while freed < excess and self._order:
             key, old = next(iter(self._order.items()))
+            freed += old.nbytes
             self._remove(key, (old.nbytes, old.dtype))
+        return freed
 
     def clear(self) -> None:
         self._order.clear()

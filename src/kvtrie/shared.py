@@ -43,6 +43,7 @@ import numpy as np
 from .arrays import HostArray, numpy_view
 from .disk import FORMAT, decode, encode
 from .layers import STATE
+from .ledger import HOST, IN_FLIGHT, Ledger
 from .recurrent import RecurrentPayload
 from .snapshot import TOKEN_AXIS, KVPayload
 
@@ -100,6 +101,7 @@ class _Job:
     namespace: str
     keys: list[tuple[str, Optional[str], str]]  # (value key, index key or None, its entry "offset:key")
     builds: list[Any]  # per key: (kind, start, length, per-layer piece lists, states)
+    nbytes: int = 0  # what the job keeps alive until it is sent (in the ledger as in flight)
 
 
 class SharedTier:
@@ -116,12 +118,14 @@ class SharedTier:
         timeout: float = 0.25,
         queue_size: int = 64,
         client: Any = None,
+        ledger: Optional[Ledger] = None,
     ):
         if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"shared_url must be a redis://, rediss:// or unix:// URL, got {url!r}")
         if isinstance(block_tokens, bool) or not isinstance(block_tokens, int) or block_tokens <= 0:
             raise ValueError(f"shared_block_tokens must be a positive int, got {block_tokens!r}")
         self.url = url
+        self._ledger = ledger
         self.fingerprint = fingerprint
         self.layout = list(layout)
         self.kinds = tuple(kinds)
@@ -385,11 +389,14 @@ class SharedTier:
             builds.append(("state", k * b, p - k * b, pieces, states))
         if not keys:
             return
+        job = _Job(namespace, keys, builds, _held_bytes(builds))
         try:
-            self._jobs.put_nowait(_Job(namespace, keys, builds))
+            self._jobs.put_nowait(job)
         except queue.Full:
             self.dropped += 1
             return
+        if self._ledger is not None:
+            self._ledger.add(IN_FLIGHT, HOST, job.nbytes)
         for key, _, _ in keys:
             self._sent[key] = now
             self._sent.move_to_end(key)
@@ -446,6 +453,8 @@ class SharedTier:
                     self._sent.pop(key, None)
                 self._failed(exc)
             finally:
+                if self._ledger is not None:
+                    self._ledger.add(IN_FLIGHT, HOST, -job.nbytes)
                 self._jobs.task_done()
 
     def flush(self) -> None:
@@ -504,6 +513,19 @@ def _cut(layers: tuple[Any, ...], kinds: Sequence[str], skip: int) -> tuple[Any,
         else KVPayload(tuple(HostArray(np.array(a.data[index]), a.dtype) for a in p.arrays))
         for p, kind in zip(layers, kinds)
     )
+
+
+def _held_bytes(builds: list[Any]) -> int:
+    """Bytes of the positions and states a publish job reads (the arrays it keeps alive, at most)."""
+    total = 0
+    for _, _, _, pieces, states in builds:
+        for layer in pieces or ():
+            for node in layer or ():
+                for a, lo, hi in node:
+                    total += a.nbytes * (hi - lo) // max(a.shape[TOKEN_AXIS], 1)
+        for p in states or ():
+            total += p.nbytes
+    return total
 
 
 def _np(a: Any) -> np.ndarray:

@@ -24,6 +24,7 @@ from .arrays import AnyArray, HostArray, HostPool, copy_all, numpy_view, to_devi
 from .counters import Counters
 from .disk import DiskRef, DiskStore, PayloadCorrupt, WriteJob
 from .layers import STATE
+from .ledger import IN_FLIGHT, POOL
 from .paging import DEVICE, DISK, HOST, Pager, payloads_to_host, release
 from .policy import WorthPolicy
 from .recurrent import RecurrentPayload
@@ -139,6 +140,7 @@ class TieredStorage:
         self._fingerprint = fingerprint
         self._layout = list(layout)
         self._persisting: dict[int, tuple[Node, WriteJob, bool]] = {}  # node id -> (node, record in flight, drop memory once written)
+        self._in_flight: dict[int, list[int]] = {}  # id(job) -> [bytes of its copies, bytes of node memory it holds]
         self._unsaved: dict[int, Node] = {}  # nodes whose payload no record holds yet
         self._files: dict[str, str] = {}  # record key -> file name
         self._refs: dict[str, int] = {}  # record key -> how many segments and snapshots use it
@@ -369,16 +371,26 @@ class TieredStorage:
         pager = self.pager
         if not any(pager.over(t) for t in pager.budgets):
             return  # every budget holds: nothing to do (the common case)
+        ledger = pager.ledger
+        for tier in (DEVICE, HOST):  # the cheap holders first, in every tier (one left out of the chain too)
+            if pager.over(tier):
+                ledger.reclaim(tier)
         chain = self.tiers()
         progress = True
         while progress:
             progress = False
             for upper, lower in zip(chain, chain[1:]):
-                while pager.over(upper) and (node := pager.next_move(upper)) is not None:
+                while pager.over(upper):
+                    ledger.reclaim(upper)  # the cheap holders first: buffer caches, free pools, recycled, hot
+                    node = pager.next_move(upper) if pager.over(upper) else None
+                    if node is None:
+                        break
                     self.policy.removed(node)
                     self.move(node, lower)
                     progress = True
             last = chain[-1]
+            if pager.over(last):
+                ledger.reclaim(last)
             while pager.over(last):
                 node = pager.next_eviction(last)
                 if node is not None:
@@ -423,9 +435,9 @@ class TieredStorage:
         self._unsaved.pop(node.id, None)
         if self.disk is not None:
             self._refile(self.files_of(data), [])
+        self._account(data, -1)  # (first: the pool keeps the buffers only where the budget has room)
         if data.layers is not None and not (inflight is not None and inflight[2]):
             release(_everything(data), self.pool)  # (arrays the writer still reads go when it is done)
-        self._account(data, -1)
 
     def _merge(self, node: Node) -> bool:
         """Fold a lone-child node into its child when both are unpinned and in the same memory tier."""
@@ -481,11 +493,29 @@ class TieredStorage:
         self.snapshots += sign * (self.hybrid and data.has_state)
 
     def _pool_room(self) -> int:
-        """Free host buffers kept for reuse: 256 MiB, or more where the host tier may hold more
-        than it does (its budget, or with none its peak so far, less what it holds)."""
-        budget = self.pager.host_budget
-        limit = budget if budget is not None else self.host_peak
-        return max(limit - self.pager.bytes[HOST], 256 << 20)
+        """Free host buffers kept for reuse: what the host budget leaves besides everything else
+        held in host memory (the ledger's room), or with no host budget 256 MiB, or more where
+        the host tier held more at its peak than it does now."""
+        room = self.pager.ledger.room(HOST, POOL)
+        if room is not None:
+            return room
+        return max(self.host_peak - self.pager.bytes[HOST], 256 << 20)
+
+    # --- copies in flight to the disk writer (in the ledger) -------------------------------------
+
+    def _charge(self, job: WriteJob, copies: int = 0, memory: int = 0) -> None:
+        """`job` holds `copies` more bytes of copies / `memory` more bytes of a node's own arrays
+        until it is drained (negative: less)."""
+        entry = self._in_flight.setdefault(id(job), [0, 0])
+        entry[0] += copies
+        entry[1] += memory
+        self.pager.ledger.add(IN_FLIGHT, HOST, copies + memory)
+
+    def _settle(self, job: WriteJob) -> None:
+        """`job` is drained: the bytes it held are released (or, for node memory, payload again)."""
+        entry = self._in_flight.pop(id(job), None)
+        if entry is not None:
+            self.pager.ledger.add(IN_FLIGHT, HOST, -(entry[0] + entry[1]))
 
     def pin(self, leaf: Optional[Node], delta: int, reindex: bool = True) -> None:
         """Pin (+1) or unpin (-1) `leaf`'s path; `reindex=False` when the caller re-enters those nodes itself."""
@@ -620,6 +650,11 @@ class TieredStorage:
             job = WriteJob(node.id, stem, tuple(_for_writer(p) for p in layers),
                            None if data.logits is None else _writer_array(data.logits), record, data, state_only, True)
         self._persisting[node.id] = (node, job, then_drop_memory)
+        if job.copies:
+            self._charge(job, copies=sum(a.nbytes for p in job.layers if p is not None for a in p.arrays)
+                         + (job.logits.nbytes if job.logits is not None else 0))
+        else:  # the node counts on the disk tier; its memory goes when the record is written
+            self._charge(job, memory=data.nbytes)
         self.disk.submit(job)
         return 1
 
@@ -648,6 +683,7 @@ class TieredStorage:
         inflight = self._persisting.get(node.id)
         if inflight is not None and not inflight[2]:  # a copy is being written: drop memory when it lands
             self._persisting[node.id] = (inflight[0], inflight[1], True)
+            self._charge(inflight[1], memory=data.nbytes)  # (no tier counts the node's memory until then)
         else:
             if not self.persisted(node):
                 self._queue_record(node, then_drop_memory=True)
@@ -670,6 +706,7 @@ class TieredStorage:
                 job, name, error = self.disk.done.get_nowait()
             except queue.Empty:
                 return
+            self._settle(job)
             if job.copies:
                 release(list(p for p in job.layers if p is not None) + ([_Logits(job.logits)] if job.logits is not None else []), self.pool)
             entry = self._persisting.get(job.node_id)
@@ -734,6 +771,9 @@ class TieredStorage:
         if data.layers is not None:  # its record is still being written: the memory is still here
             if entry is not None:
                 self._persisting[node.id] = (entry[0], entry[1], False)
+                held = self._in_flight.get(id(entry[1]))
+                if held is not None and held[1]:
+                    self._charge(entry[1], memory=-held[1])  # a host payload again, counted as one
             layers, logits = data.layers, data.logits
         else:
             try:
