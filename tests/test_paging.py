@@ -59,30 +59,56 @@ def check_tiers_and_budgets(pc, strict: bool) -> None:
             n for n in nodes if n.payload.tier == tier and n.pins and tier != DISK and pc.policy.speculative(n)
         ]
 
+    def deferred(tier, candidates):
+        """Under a policy that admits new sequences only over what is worth less, the open sessions'
+        own leaves that come before every candidate in its order go first, once they close: the
+        tier may be past its budget by as much as they hold, no more."""
+        policy = pc.policy
+        if not policy.admits or any(policy.deadline(n) < policy.now for n in candidates):
+            return False
+        first = min((policy.key(n) for n in candidates), default=None)
+        waiting = sum(n.payload.nbytes for n in nodes if n.payload.tier == tier and n.pins and n.is_leaf
+                      and (first is None or policy.key(n) < first))
+        return stats[f"{tier}_bytes"] - budget[tier] <= waiting
+
     for i, tier in enumerate(chain):
         if budget[tier] is None or stats[f"{tier}_bytes"] <= budget[tier]:
             continue
         assert not strict, f"{tier} over its budget with no session open"
         if tier != chain[-1]:
             assert not movable(tier), f"{tier} over budget while an unpinned node could move down"
-        else:  # only nodes that wait for pinned children may stay
+        elif not deferred(tier, evictable(tier)):  # only nodes that wait for pinned children may stay
             assert not evictable(tier) and not any(movable(t) for t in chain[:-1])
+
+
+def expected_victim(pc, candidates):
+    """The policy's choice among `candidates`: one presumed dead (past its deadline) first, the most
+    overdue; else the first in the policy's order (for a pure transformer under the worth policy:
+    the furthest expected next use; under "lru", the least recently used)."""
+    policy = pc.policy
+    dead = [n for n in candidates if policy.deadline(n) < policy.now]
+    if dead:
+        return min(dead, key=lambda n: (policy.deadline(n), n.id))
+    return min(candidates, key=policy.key)
 
 
 def spy_on_order(pc):
     """Assert that every move down a tier and every eviction takes the first candidate of its tier in
-    the policy's order, and, where every payload is worth the same per byte (KV only), the least
+    the policy's order (see `expected_victim`), and, under the "lru" policy with KV only, the least
     recently used one."""
     storage = pc._storage
     move, evict = storage.move, storage.evict
-    kv_only = not pc.recurrent_layers
+    plain_lru = not pc.recurrent_layers and pc.policy.name == "lru"
 
     def first(candidates, what):
-        stale = [(n, k) for n in candidates if (k := storage.pager._keys.get(n.id)) and k[1][:-1] != pc.policy.key(n)]
+        keys = storage.pager._keys
+        stale = [(n, k) for n in candidates if (k := keys.get(n.id)) and k[1][:-1] != pc.policy.key(n)]
         assert not stale, f"{what}: order keys out of date: {[(n, k[1], pc.policy.key(n)) for n, k in stale]}"
-        best = min(candidates, key=pc.policy.key)
-        if kv_only:
-            assert best is min(candidates, key=lru_key), f"{what}: equal worth must mean least recently used"
+        late = [n for n in candidates if (k := keys.get(n.id)) and k[4] is not None and k[4][0] != pc.policy.deadline(n)]
+        assert not late, f"{what}: deadlines out of date: {late}"
+        best = expected_victim(pc, candidates)
+        if plain_lru:
+            assert best is min(candidates, key=lru_key), f"{what}: plain LRU must take the least recently used"
         return best
 
     def checked_move(node, tier):
@@ -218,8 +244,22 @@ def test_eviction_goes_leaf_first_and_merges_a_lone_child():
     pc.set_budgets(host_bytes=12 * per_token)  # room for one branch only
     stats = pc.stats()
     assert stats["evictions"] == 1 and stats["evicted_tokens"] == 2
-    # the older branch went; the shared prefix merged into the remaining child
+    # neither branch was used again, so the newer one is worth no more than the older: it went (a
+    # new sequence is admitted only over what is worth less); the shared prefix merged into the other
     assert stats["nodes"] == 1 and stats["tokens_stored"] == 12
+    assert serve(pc, model, shared + [50, 51, 7]) == 12
+    assert serve(pc, model, shared + [60, 61, 7]) == 10
+
+
+def test_plain_lru_policy_evicts_the_least_recently_used_branch():
+    model = FakeModel(layers=1, heads=1, dim=4)
+    per_token = 2 * 4 * 4
+    pc = PrefixCache(model.make_cache, device_bytes=0, host_bytes=None, policy="lru")
+    shared = list(range(10))
+    serve(pc, model, shared + [50, 51])
+    serve(pc, model, shared + [60, 61])
+    pc.set_budgets(host_bytes=12 * per_token)
+    assert pc.stats()["evicted_tokens"] == 2
     assert serve(pc, model, shared + [60, 61, 7]) == 12
     assert serve(pc, model, shared + [50, 51, 7]) == 10
 

@@ -77,9 +77,12 @@ def test_help_shows_mlx_lm_flags_and_kvtrie_flags():
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         for flag in ("--model", "--port", "--max-tokens", "--prompt-cache-bytes", "--prompt-cache-size",
-                     "--disk-dir", "--disk-bytes", "--persist-seconds", "--host-bytes", "--recycle-bytes"):
+                     "--disk-dir", "--disk-bytes", "--persist-seconds", "--host-bytes", "--recycle-bytes",
+                     "--mlx-cache-bytes"):
             assert flag in out.stdout
-        assert "no longer throttles" in " ".join(out.stdout.split())
+        text = " ".join(out.stdout.split())
+        assert "no longer throttles" in text
+        assert "Not in B: the model's weights, and the requests being served" in text  # what B bounds, and what not
 
 
 def test_bad_sizes_are_refused_with_a_clear_message():
@@ -95,10 +98,15 @@ def test_recycle_bytes_reach_the_options_and_are_checked():
 
     args = argparse.Namespace(prompt_cache_bytes=1 << 20, host_bytes=None, disk_dir=None, disk_bytes=None,
                               prompt_cache_size=None, persist_seconds=2.0, shared_url=None, shared_block_tokens=256,
-                              recycle_bytes=512 << 20)
-    assert options_from(args).recycle_bytes == 512 << 20
+                              recycle_bytes=512 << 20, mlx_cache_bytes=None)
+    options = options_from(args)
+    assert options.recycle_bytes == 512 << 20
+    assert options.mlx_cache_limit == (1 << 20) // 8  # MLX's buffer cache: an eighth of B, within it
+    assert options_from(argparse.Namespace(**{**vars(args), "mlx_cache_bytes": 4 << 20})).mlx_cache_limit == options.device_bytes
     with pytest.raises(ValueError, match="--recycle-bytes"):
         ServeOptions(cache_bytes=1 << 20, host_bytes=0, recycle_bytes=-1)
+    with pytest.raises(ValueError, match="--mlx-cache-bytes"):
+        ServeOptions(cache_bytes=1 << 20, host_bytes=0, mlx_cache_bytes=-1)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3_next"])

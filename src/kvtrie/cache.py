@@ -29,6 +29,7 @@ from .counters import Counters
 from .disk import DiskStore
 from .errors import CacheMismatchError, SessionError
 from .layers import KV, STATE, WINDOW, leaves, rule_for
+from .history import History
 from .ledger import HOT, IN_FLIGHT, MLX_CACHE, POOL, RECYCLED, Ledger
 from .paging import DEVICE, DISK, HOST, Pager, check_budget
 from .policy import POLICIES, REASON_NAMES, END, PlanRequest, WorthPolicy
@@ -170,7 +171,9 @@ class PrefixCache:
         self._policy.hybrid = STATE in self._kinds
         self._counters = Counters()
         self._ledger = ledger = Ledger({})
-        pager = Pager(device_bytes, host_bytes, disk_bytes, key=self._policy.key, ledger=ledger)
+        policy = self._policy
+        pager = Pager(device_bytes, host_bytes, disk_bytes, key=policy.key, ledger=ledger, deadline=policy.deadline,
+                      now=lambda: policy.now)
         self._policy.bounded = pager.bounded
         self._storage = TieredStorage(
             self._kinds,
@@ -189,6 +192,8 @@ class PrefixCache:
         self._hot_bytes = 0
         self._recycler = Recycler(recycle_bytes, room=lambda: ledger.room(DEVICE, RECYCLED))
         self._open: weakref.WeakSet[Session] = weakref.WeakSet()
+        # what came back after its payloads went (per-token models, whose order learns reuse intervals)
+        self._history = History(self._policy.chunk_tokens or 256) if self._policy.admits else None
         self._mlx_cache_cap = mlx_cache_bytes
         self._mlx_cache_limit: Optional[int] = None
         self._closed = False
@@ -322,7 +327,11 @@ class PrefixCache:
                         storage.move(node, DEVICE)
             leaf = used[-1] if used else None
             storage.pin(leaf, +1, reindex=False)  # (`used` is the leaf's path: touch re-enters it in the orders)
-            storage.touch(used)
+            if self._policy.hybrid or not used or used[-1].end <= cached:
+                storage.touch(used, reused=True)
+            else:  # the last node was restored in part: only its commit (which splits it there) uses it
+                storage.touch(used[:-1], reused=True)
+                storage.reindex(used[-1])
             c = self._counters
             c.requests += 1
             c.prompt_tokens += len(arr)
@@ -548,11 +557,19 @@ class PrefixCache:
             match, _ = storage.resident(trie, arr, trie.match(arr), n)
             added = n - match.length
             branched = None  # where this commit's new edge hangs off a stored path, if it does
+            new_nodes = []
             if added:
                 parent = storage.split(trie, match.last, match.length) if match.ends_mid_edge else (match.last or trie.root)
                 branched = parent if parent.children else None
                 for lo, hi, layers in self._new_payloads(live, match.length, n):
                     parent = storage.add(trie, parent, arr[lo:hi], storage.new_data(layers))
+                    new_nodes.append(parent)
+            if self._history is not None:  # a sequence that comes back after its payloads went: not new
+                recalled = self._history.recall(session.namespace, arr, self._policy.now)
+                for node in new_nodes:
+                    last = next((t for end, t in recalled if node.start < end <= node.end), None)
+                    if last is not None:
+                        self._policy.recalled(node, self._policy.now - last)
             created: set[int] = set()
             for offset in sorted(snapshots):
                 snap, logits = snapshots[offset]
@@ -594,6 +611,9 @@ class PrefixCache:
         """
         sources: dict[int, list[tuple[int, int, Any]]] = {}
         cuts = {start, end}
+        chunk = self._policy.chunk_tokens
+        if chunk:  # runs of at most `chunk` positions: eviction takes a sequence's tail, chunk by chunk
+            cuts.update(range((start // chunk + 1) * chunk, end, chunk))
         for i, kind in enumerate(self._kinds):
             if kind != WINDOW:
                 continue

@@ -67,6 +67,8 @@ class Pager:
         disk_bytes: Optional[int] = None,
         key: Optional[Callable[[Any], tuple]] = None,
         ledger: Optional[Ledger] = None,
+        deadline: Optional[Callable[[Any], float]] = None,
+        now: Optional[Callable[[], float]] = None,
     ):
         budgets = {
             DEVICE: check_budget("device_bytes", device_bytes),
@@ -83,8 +85,13 @@ class Pager:
         self.key = key or (lambda node: (node.last_used, -node.start, node.id))
         self._movable = {tier: SortedList() for tier in TIERS}
         self._evictable = {tier: SortedList() for tier in TIERS}
+        # with `deadline`: the same nodes by the time past which, unused, they are presumed dead
+        self.deadline, self.now = deadline, now
+        self._dead_movable = {tier: SortedList() for tier in TIERS}
+        self._dead_evictable = {tier: SortedList() for tier in TIERS}
         self._nodes: dict[int, Any] = {}
-        self._keys: dict[int, tuple[str, tuple, bool]] = {}
+        self._keys: dict[int, tuple[str, tuple, bool, bool, Optional[tuple]]] = {}
+        self._blocking: set[int] = set()
 
     @property
     def device_budget(self) -> Optional[int]:
@@ -101,28 +108,48 @@ class Pager:
 
     # --- indexing: call `unindex` before changing a node, `index` after ------------------
 
-    def index(self, node: Any, evictable: bool, movable: bool = True) -> None:
-        """Enter `node` into its tier's orders; `evictable` and `movable` are the caller's verdicts."""
+    def index(self, node: Any, evictable: bool, movable: bool = True, blocks: bool = False) -> None:
+        """Enter `node` into its tier's orders; `evictable` and `movable` are the caller's verdicts.
+
+        A node that `blocks` (a pinned leaf, under a policy that admits new sequences only where
+        they are worth more than what they would push out) takes its place in the eviction order
+        without being a candidate: the bytes it will free when its session closes are not taken
+        from what comes after it (`eviction`), and once its session closes it is the one that
+        goes. (Moves down a tier are not held up: they lose nothing.)
+        """
+        if blocks:
+            evictable = True
+            self._blocking.add(node.id)
         if node.parent is None or not (evictable or movable):
             return
         key = (*self.key(node), node.id)
+        dead = (self.deadline(node), node.id) if self.deadline is not None and not blocks else None
         tier = node.payload.tier
         if movable:
             self._movable[tier].add(key)
+            if dead is not None:
+                self._dead_movable[tier].add(dead)
         if evictable:
             self._evictable[tier].add(key)
+            if dead is not None:
+                self._dead_evictable[tier].add(dead)
         self._nodes[node.id] = node
-        self._keys[node.id] = (tier, key, evictable, movable)
+        self._keys[node.id] = (tier, key, evictable, movable, dead)
 
     def unindex(self, node: Any) -> None:
+        self._blocking.discard(node.id)
         entry = self._keys.pop(node.id, None)
         if entry is None:
             return
-        tier, key, evictable, movable = entry
+        tier, key, evictable, movable, dead = entry
         if movable:
             self._movable[tier].remove(key)
+            if dead is not None:
+                self._dead_movable[tier].remove(dead)
         if evictable:
             self._evictable[tier].remove(key)
+            if dead is not None:
+                self._dead_evictable[tier].remove(dead)
         del self._nodes[node.id]
 
     # --- decisions -----------------------------------------------------------------------
@@ -130,15 +157,32 @@ class Pager:
     def over(self, tier: str) -> bool:
         return self.ledger.over(tier) > 0
 
+    def _first(self, order: SortedList, dead: SortedList) -> tuple[Optional[Any], int]:
+        """The most overdue node if one is past its deadline, else the first candidate in the
+        policy's order, and the bytes of the blocking nodes that come before it."""
+        if dead and dead[0][0] < self.now():
+            return self._nodes[dead[0][-1]], 0
+        ahead = 0
+        for key in order:
+            node = self._nodes[key[-1]]
+            if key[-1] not in self._blocking:
+                return node, ahead
+            ahead += node.payload.nbytes
+        return None, ahead
+
     def next_move(self, tier: str) -> Optional[Any]:
-        """The first unpinned node of `tier` in the policy's order, or None."""
-        order = self._movable[tier]
-        return self._nodes[order[0][-1]] if order else None
+        """The first unpinned node of `tier` in the policy's order (one presumed dead first), or None."""
+        return self._first(self._movable[tier], self._dead_movable[tier])[0]
 
     def next_eviction(self, tier: str = HOST) -> Optional[Any]:
-        """The first evictable node of `tier` in the policy's order, or None."""
-        order = self._evictable[tier]
-        return self._nodes[order[0][-1]] if order else None
+        """The first evictable node of `tier` in the policy's order (one presumed dead first), or None."""
+        return self._first(self._evictable[tier], self._dead_evictable[tier])[0]
+
+    def eviction(self, tier: str) -> tuple[Optional[Any], int]:
+        """`next_eviction`, and the bytes of the open sessions' own new leaves that come before it
+        in the order (blocking): they go once their sessions close, so up to that many bytes past
+        the budget wait for them instead of pushing out what is worth more."""
+        return self._first(self._evictable[tier], self._dead_evictable[tier])
 
     def next_page_out(self) -> Optional[Any]:
         return self.next_move(DEVICE)

@@ -36,6 +36,7 @@ until evicted in least-recently-used order.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
@@ -50,6 +51,8 @@ PROMPT = 8  # a prompt's end (with its last logits when the caller gives them)
 PERIODIC = 16  # every `interval` tokens of new territory
 
 NEAR = 8  # a divergence this close below a restorable snapshot is not worth one of its own
+CHUNK = 256  # positions per stored run (the shared tier's block size)
+DEAD_AFTER = 1.5  # a payload not used again within this many of its expected intervals is presumed dead
 REASON_NAMES = {END: "end", BRANCH: "branch", HINT: "hint", PROMPT: "prompt", PERIODIC: "periodic"}
 _LIKELIHOOD = {BRANCH: 1.0, HINT: 1.0, END: 0.5, PROMPT: 0.5, PERIODIC: 0.25}
 
@@ -114,6 +117,9 @@ class WorthPolicy:
         self.snapshot_bytes = 0  # the largest snapshot seen (the floor's unit)
         self.bounded = False  # a byte budget is set: it, not the allowance, bounds speculation
         self.inflation = 0.0
+        self.now = 0  # the storage's clock at its last use of a node
+        self._intervals = SortedList()  # (measured reuse interval, node id) of the stored nodes used again
+        self._interval_of: dict[int, float] = {}
         self._young = SortedList()  # order keys of the young speculative snapshots, least valuable first
         self._young_entries: dict[int, tuple[Any, tuple, int]] = {}  # id -> (node, key, snapshot bytes)
         self.young_bytes = 0
@@ -192,10 +198,65 @@ class WorthPolicy:
     def key(self, node: Any) -> tuple:
         """Sort key of the page-out and eviction orders: the smallest moves or goes first.
 
-        Speculative snapshots (likely to be restored, not proven: prompt ends, former sequence
-        ends, guesses) come before everything else; within each class, GreedyDual-Size.
+        Hybrid models: speculative snapshots (likely to be restored, not proven: prompt ends,
+        former sequence ends, guesses) come before everything else; within each class,
+        GreedyDual-Size. Per-token payloads only (every byte saves the same prefill): the
+        furthest expected next use goes first (last use + the interval expected then; see
+        `reused`), among equals the least recently used; past `deadline` a payload goes before
+        all of these. Where sequences come back at regular intervals (a round of users larger
+        than the budget) this keeps a fixed subset instead of losing each just before its turn.
         """
+        if not self.hybrid:
+            return (-(node.last_used + node.payload.expect), -node.last_used, -node.start, node.id)
         return (not self.speculative(node), node.payload.base + self.worth(node), node.last_used, -node.start, node.id)
+
+    @property
+    def chunk_tokens(self) -> int:
+        """New sequences are stored as runs of at most this many positions (0: one node per run),
+        so that eviction, leaf first, takes a sequence's least useful part, its tail, a chunk at a
+        time: the prefix stays restorable (per-token payloads only)."""
+        return 0 if self.hybrid else CHUNK
+
+    @property
+    def admits(self) -> bool:
+        """New sequences are admitted only where they are worth more than what they would push
+        out: an open session's own new leaf takes its place in the order (it blocks), so a
+        commit never evicts what is worth more, and the leaf itself goes when its session
+        closes (per-token payloads only; hybrid models keep GreedyDual's order as it was)."""
+        return not self.hybrid
+
+    def deadline(self, node: Any) -> float:
+        """When a payload unused since its last use is presumed dead (goes first): `DEAD_AFTER`
+        of its expected intervals later. Never for hybrid models (their order is `key`'s alone)."""
+        if self.hybrid:
+            return math.inf
+        return node.last_used + DEAD_AFTER * node.payload.expect
+
+    @property
+    def typical(self) -> float:
+        """The median reuse interval of the stored nodes that were used again: how long a payload
+        never used again yet is expected to wait (infinite before any reuse)."""
+        n = len(self._intervals)
+        return self._intervals[n // 2][0] if n else math.inf
+
+    def reused(self, node: Any, now: int) -> None:
+        """`node` is restored from at `now`: its reuse interval is measured (a running mean of the gaps)."""
+        self.recalled(node, now - node.last_used)
+
+    def recalled(self, node: Any, gap: float) -> None:
+        """`node`'s positions were used `gap` ticks before this use (restored from it, or, stored
+        anew, remembered by the history after their payloads went)."""
+        data = node.payload
+        data.interval = gap if not data.interval else (data.interval + gap) / 2
+        self.gone(node)
+        self._intervals.add((data.interval, node.id))
+        self._interval_of[node.id] = data.interval
+
+    def gone(self, node: Any) -> None:
+        """`node` left the trie (evicted, merged away): its interval no longer counts."""
+        interval = self._interval_of.pop(node.id, None)
+        if interval is not None:
+            self._intervals.remove((interval, node.id))
 
     def speculative(self, node: Any) -> bool:
         """The node's snapshot may be restored, but nothing proved it will (a prompt end, a former
@@ -208,8 +269,11 @@ class WorthPolicy:
         return not (data.reasons & HINT and self.interval is not None and self.saved(node) >= self.interval)
 
     def touched(self, node: Any) -> None:
-        """A node was restored or written: its priority restarts from the current inflation."""
-        node.payload.base = self.inflation
+        """A node was restored or written: its priority restarts from the current inflation, and
+        it is expected back after its measured interval (or the typical one, never reused yet)."""
+        data = node.payload
+        data.base = self.inflation
+        data.expect = data.interval or self.typical
 
     def removed(self, node: Any) -> None:
         """A node moved down a tier or lost a payload: inflation rises to its priority."""
@@ -353,6 +417,21 @@ class LRUPolicy(WorthPolicy):
 
     def key(self, node: Any) -> tuple:
         return (True, 0.0, node.last_used, -node.start, node.id)
+
+    def deadline(self, node: Any) -> float:
+        return math.inf
+
+    admits = False
+    chunk_tokens = 0
+
+    def reused(self, node: Any, now: int) -> None:
+        pass
+
+    def recalled(self, node: Any, gap: float) -> None:
+        pass
+
+    def gone(self, node: Any) -> None:
+        pass
 
     def speculative(self, node: Any) -> bool:
         return False

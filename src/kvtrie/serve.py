@@ -6,6 +6,12 @@ always hold, an optional disk tier, one log line per request), the batch generat
 for hybrid models, also stops the prefill at the point where a prompt leaves the trie, so the
 recurrent state there is stored) and the HTTP handler (`GET /kvtrie/stats`, `GET /metrics`).
 SIGTERM and Ctrl-C stop the server and flush the cache to its disk tier.
+
+`--prompt-cache-bytes B` bounds everything kvtrie holds in memory (its ledger: stored payloads,
+recycled live arrays, free host buffers, copies in flight, and MLX's buffer cache, whose limit
+kvtrie sets within B). Outside B: the model's weights and the requests being served (their live
+caches and activations). Large freed blocks go back to the operating system at once (glibc's
+mmap threshold is fixed at start), so the process's resident memory follows the ledger.
 """
 
 from __future__ import annotations
@@ -23,12 +29,15 @@ from typing import Any, Optional, Sequence
 import attrs
 
 from .integrations.mlx_lm import TriePromptCache, cache_offset
+from .ledger import return_large_frees, rss_bytes
 from .models.fingerprint import model_fingerprint
 
 logger = logging.getLogger("kvtrie.serve")
 
 MEMORY_FRACTION = 0.25  # the default bound: a quarter of the machine's memory
 HOST_SHARE = 0.5  # of the bound, what the host tier may hold (the rest is the device tier)
+MLX_CACHE_SHARE = 0.125  # of the bound, at most what MLX's buffer cache keeps (in the device tier's share)
+MMAP_THRESHOLD = 1 << 20  # blocks this large are mapped on their own and unmapped when freed
 
 
 def machine_memory() -> int:
@@ -56,7 +65,8 @@ class ServeOptions:
     persist_seconds: float = 2.0  # a stored sequence is on disk this long after (plus the write)
     shared_url: Optional[str] = None  # a Redis shared by servers (redis://, rediss://, a cluster node)
     shared_block_tokens: int = 256
-    recycle_bytes: int = 1 << 30  # freed live caches kept for the next restores to write into
+    recycle_bytes: Optional[int] = None  # freed live caches kept for the next restores (None: what B leaves)
+    mlx_cache_bytes: Optional[int] = None  # MLX's buffer cache, at most (None: an eighth of B)
 
     def __attrs_post_init__(self) -> None:
         if self.cache_bytes < 0 or not 0 <= self.host_bytes <= self.cache_bytes:
@@ -67,12 +77,20 @@ class ServeOptions:
             raise ValueError(f"--disk-bytes must be >= 0, got {self.disk_bytes}")
         if not self.persist_seconds > 0:
             raise ValueError(f"--persist-seconds must be > 0, got {self.persist_seconds}")
-        if self.recycle_bytes < 0:
+        if self.recycle_bytes is not None and self.recycle_bytes < 0:
             raise ValueError(f"--recycle-bytes must be >= 0, got {self.recycle_bytes}")
+        if self.mlx_cache_bytes is not None and self.mlx_cache_bytes < 0:
+            raise ValueError(f"--mlx-cache-bytes must be >= 0, got {self.mlx_cache_bytes}")
 
     @property
     def device_bytes(self) -> int:
         return self.cache_bytes - self.host_bytes
+
+    @property
+    def mlx_cache_limit(self) -> int:
+        """What MLX's buffer cache may keep: the flag, or an eighth of B (within the device share)."""
+        share = int(self.cache_bytes * MLX_CACHE_SHARE) if self.mlx_cache_bytes is None else self.mlx_cache_bytes
+        return min(share, self.device_bytes)
 
 
 class ServerPromptCache(TriePromptCache):
@@ -116,7 +134,7 @@ class ServerPromptCache(TriePromptCache):
         if pc is None:
             from .cache import PrefixCache
 
-            kwargs = dict(self._kwargs, recycle_bytes=self.options.recycle_bytes)
+            kwargs = dict(self._kwargs, recycle_bytes=self.options.recycle_bytes, mlx_cache_bytes=self.options.mlx_cache_limit)
             if self.options.disk_dir is not None or self.options.shared_url is not None:
                 kwargs["fingerprint"] = model_fingerprint(self._model_for(model))
             if self.options.shared_url is not None:
@@ -208,12 +226,15 @@ class ServerPromptCache(TriePromptCache):
         models = {json.dumps(list(k) if isinstance(k, tuple) else k): pc.stats() for k, pc in list(self._tries.items())}
         return {
             **totals,
+            "held_bytes": sum(m["held_bytes"] for m in models.values()),  # everything kvtrie holds, within B
+            "process_resident_bytes": rss_bytes(),  # the whole server: + weights, requests in flight, Python
             "budgets": {
                 "prompt_cache_bytes": self.options.cache_bytes,
                 "device_bytes": self.options.device_bytes,
                 "host_bytes": self.options.host_bytes,
                 "disk_bytes": self.options.disk_bytes,
                 "disk_dir": self.options.disk_dir,
+                "mlx_cache_bytes": self.options.mlx_cache_limit,
             },
             "models": models,
         }
@@ -236,6 +257,17 @@ def metrics_text(cache: ServerPromptCache) -> bytes:
             for name in ("requests", "prompt_tokens", "cached_tokens"):
                 yield CounterMetricFamily(f"kvtrie_{name}", f"{name.replace('_', ' ')} since the server started", value=stats[name])
             yield GaugeMetricFamily("kvtrie_hit_rate", "cached tokens / prompt tokens", value=stats["hit_rate"])
+            yield GaugeMetricFamily("kvtrie_held_bytes", "bytes kvtrie holds in memory (bounded by --prompt-cache-bytes)",
+                                    value=stats["held_bytes"])
+            yield GaugeMetricFamily("kvtrie_process_resident_bytes", "the server process's resident memory (RSS)",
+                                    value=stats["process_resident_bytes"])
+            held = GaugeMetricFamily("kvtrie_cache_ledger_bytes", "the ledger: bytes held per holder and tier",
+                                     labels=["model", "holder", "tier"])
+            for model, s in stats["models"].items():
+                for tier, holders in s["held_by_tier"].items():
+                    for holder, value in holders.items():
+                        held.add_metric([model, holder, tier], value)
+            yield held
             budget = GaugeMetricFamily("kvtrie_budget_bytes", "byte budget per tier", labels=["tier"])
             for tier in ("device", "host", "disk"):
                 value = stats["budgets"][f"{tier}_bytes"]
@@ -260,7 +292,8 @@ def metrics_text(cache: ServerPromptCache) -> bytes:
 
 _GAUGES = {
     "nodes", "tokens_stored", "sequences", "snapshots", "device_bytes", "host_bytes", "disk_bytes",
-    "kv_bytes", "snapshot_bytes", "recycle_bytes",
+    "kv_bytes", "snapshot_bytes", "recycle_bytes", "held_bytes", "held_device_bytes", "held_host_bytes",
+    "in_use_bytes", "open_sessions",
 }
 
 
@@ -365,8 +398,11 @@ def _size(text: str) -> int:
 
 KVTRIE_HELP = f"""\
 The prompt cache is a prefix trie (kvtrie). Sequences that share a prefix store it once,
-any stored prefix restores, and memory is bounded in bytes: --prompt-cache-bytes bounds the
-device and host tiers together (default: {int(MEMORY_FRACTION * 100)}% of this machine's memory, never unbounded).
+any stored prefix restores, and memory is bounded in bytes: --prompt-cache-bytes B bounds
+everything kvtrie holds in memory (default: {int(MEMORY_FRACTION * 100)}% of this machine's memory, never unbounded):
+the stored prefixes on the device and host tiers, recycled live caches, free host buffers,
+copies in flight to disk or Redis, and MLX's buffer cache (its limit is set within B). Not
+in B: the model's weights, and the requests being served (their own caches and activations).
 --prompt-cache-size no longer throttles sequences that share storage; given explicitly it
 caps the number of stored sequences (trie leaves). Also: GET /kvtrie/stats, GET /metrics."""
 
@@ -386,9 +422,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--persist-seconds", type=float, default=2.0,
                        help="with --disk-dir: what was stored this many seconds ago is on disk, so a server killed "
                             "at any moment (kill -9 included) restarts warm with it (default 2)")
-    group.add_argument("--recycle-bytes", type=_size, default=1 << 30,
-                       help="freed live caches kept (outside the budgets) for the next restores to write into: "
-                            "a restore then skips MLX's zero fill (default 1G; 0 turns it off)")
+    group.add_argument("--recycle-bytes", type=_size, default=None,
+                       help="at most this much of freed live caches kept (within B) for the next restores to write "
+                            "into: a restore then skips MLX's zero fill (default: what B leaves; 0 turns it off)")
+    group.add_argument("--mlx-cache-bytes", type=_size, default=None,
+                       help=f"at most this much of freed buffers MLX keeps for reuse (within B; default "
+                            f"{int(MLX_CACHE_SHARE * 100)}%% of B)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -421,6 +460,7 @@ def options_from(args: argparse.Namespace) -> ServeOptions:
         shared_url=args.shared_url,
         shared_block_tokens=args.shared_block_tokens,
         recycle_bytes=args.recycle_bytes,
+        mlx_cache_bytes=args.mlx_cache_bytes,
     )
 
 
@@ -431,15 +471,17 @@ def run(host: str, port: int, model_provider: Any, server_class: Optional[type] 
     import mlx_lm.server as server
 
     options = options_from(model_provider.cli_args)
-    # the server rebuilds caches for every request: keep freed buffers for reuse (DESIGN.md)
-    mx.set_cache_limit(max(mx.get_cache_memory(), 1 << 30))
+    # MLX keeps freed buffers for reuse up to a limit the PrefixCache sets within B (its ledger
+    # counts them); blocks past 1 MiB that anyone frees go back to the operating system at once
+    mx.set_cache_limit(options.mlx_cache_limit)
+    return_large_frees(MMAP_THRESHOLD)
     cache = ServerPromptCache(options, model_provider)
     server.BatchGenerator = make_batch_generator(_original_batch_generator(server), cache)
     generator = server.ResponseGenerator(model_provider, cache)
     handler = make_handler(handler_class or server.APIHandler, cache)
     logger.info(
-        "kvtrie serve: prompt cache %d B (device %d, host %d)%s",
-        options.cache_bytes, options.device_bytes, options.host_bytes,
+        "kvtrie serve: prompt cache %d B (device %d, host %d; MLX's buffer cache at most %d of it)%s",
+        options.cache_bytes, options.device_bytes, options.host_bytes, options.mlx_cache_limit,
         f", disk tier {options.disk_dir}" + (f" ({options.disk_bytes} B)" if options.disk_bytes else "") if options.disk_dir else "",
     )
 

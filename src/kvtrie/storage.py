@@ -54,6 +54,8 @@ class NodeData:
     logits: Optional[AnyArray] = None
     reasons: int = 0
     base: float = 0.0
+    interval: float = 0.0  # clock ticks between its uses, as measured (0: never used again yet)
+    expect: float = 0.0  # the interval the policy expected at its last use (its order's key)
     segments: tuple["Segment", ...] = ()  # the records holding the edge's positions, in order
     state_file: Optional[str] = None  # the record holding the snapshot (and logits) at the end
 
@@ -258,7 +260,8 @@ class TieredStorage:
             per_token = (data.disk.nbytes - data.disk.snapshot_nbytes) // n
             ref = data.disk
             return (
-                NodeData(None, self.kinds, DISK, DiskRef(per_token * k, 0, not self.hybrid, False), base=data.base, segments=top),
+                NodeData(None, self.kinds, DISK, DiskRef(per_token * k, 0, not self.hybrid, False), base=data.base,
+                         interval=data.interval, expect=data.expect, segments=top),
                 attrs.evolve(data, disk=DiskRef(ref.nbytes - per_token * k, ref.snapshot_nbytes, ref.has_state, ref.has_snapshot), segments=bottom),
             )
         upper: list[LayerPayload] = []
@@ -273,7 +276,8 @@ class TieredStorage:
         evaluate(upper + lower)
         release([p for p, kind in zip(data.layers, self.kinds) if kind != STATE], self.pool)
         return (
-            NodeData(tuple(upper), self.kinds, data.tier, base=data.base, segments=top),
+            NodeData(tuple(upper), self.kinds, data.tier, base=data.base, interval=data.interval, expect=data.expect,
+                     segments=top),
             attrs.evolve(data, layers=tuple(lower), segments=bottom),
         )
 
@@ -311,7 +315,7 @@ class TieredStorage:
             if node.parent is not None:
                 if node.pins:
                     droppable = node.payload.tier != DISK and self.policy.speculative(node)
-                    self.pager.index(node, droppable, movable=False)
+                    self.pager.index(node, droppable, movable=False, blocks=self.policy.admits and node.is_leaf)
                 else:
                     self.pager.index(node, self._evictable(node))
                 self.policy.rekey(node)
@@ -392,7 +396,9 @@ class TieredStorage:
             if pager.over(last):
                 ledger.reclaim(last)
             while pager.over(last):
-                node = pager.next_eviction(last)
+                node, waiting = pager.eviction(last)
+                if ledger.over(last) <= waiting:  # open sessions' new sequences come first: they go at close
+                    break
                 if node is not None:
                     self.policy.removed(node)
                     self.evict(node)
@@ -429,6 +435,7 @@ class TieredStorage:
         data = node.payload
         self.counters.snapshots_dropped += self.hybrid and data.has_state
         self.policy.forget(node)
+        self.policy.gone(node)
         self.pager.unindex(node)
         self.trie_of(node).remove_leaf(node)
         inflight = self._persisting.pop(node.id, None)
@@ -440,11 +447,16 @@ class TieredStorage:
             release(_everything(data), self.pool)  # (arrays the writer still reads go when it is done)
 
     def _merge(self, node: Node) -> bool:
-        """Fold a lone-child node into its child when both are unpinned and in the same memory tier."""
+        """Fold a lone-child node into its child when both are unpinned and in the same memory tier
+        (and, where the policy stores sequences in chunks, the two fit in one)."""
         (child,) = node.children.values()
         if node.pins or child.pins or node.payload.tier != child.payload.tier or node.payload.tier == DISK:
             return False
+        chunk = self.policy.chunk_tokens
+        if chunk and child.end - node.start > chunk:
+            return False
         self.policy.forget(node)
+        self.policy.gone(node)
         self.counters.snapshots_dropped += self.hybrid and node.payload.has_state
         self._account(node.payload, -1)
         self._account(child.payload, -1)
@@ -526,9 +538,14 @@ class TieredStorage:
                 self.reindex(node)
             node = node.parent
 
-    def touch(self, nodes: Sequence[Node]) -> None:
+    def touch(self, nodes: Sequence[Node], reused: bool = False) -> None:
+        """`nodes` were written or (`reused`) restored from: they are used now; a reuse also tells
+        the policy how long after its last use the node came back."""
         now = next(self.clock)
+        self.policy.now = now
         for node in nodes:
+            if reused:
+                self.policy.reused(node, now)
             node.last_used = now
             self.policy.touched(node)
             self.reindex(node)
