@@ -26,6 +26,10 @@ Hit rates beside each: the unlimited oracle (`oracle_cached` over prompt + compl
 earlier request) and, when benchmarks/belady.py exists, the offline optimum at the same bytes
 (furthest-next-use over a trie of stored = prompt + completion minus the last id, KV bytes per
 token from the config). Writes benchmarks/results/memory.json and memory.png.
+
+Soak shape (SOAK_SHAPE below): 500 requests, about 45% chat turns (24 users active, 3-8 turns), 45% agent
+steps (6 active, tool outputs of 40-120 tokens, forks, context <= 700), 10% one-off documents of 700
+tokens, max_tokens 8. Six runs take ~22 minutes on 2 cores with OpenBLAS; --quick ~2.5 minutes.
 """
 
 from __future__ import annotations
@@ -478,6 +482,9 @@ def print_tables(results: dict) -> None:
               f"{100 * r.get('oracle_hit_rate', float('nan')):>7.1f} {r['latency_p50_ms']:>7.0f} {r['latency_p95_ms']:>7.0f} {r['wall_s']:>6.0f}")
     print("  (growth = peak RSS - RSS after the warm-up request; target and verdict use each server's own W; "
           "held = kvtrie's ledger, else device + host tier bytes, at the end)")
+    for r in results["runs"]:
+        if "belady_error" in r:
+            print(f"  optimum at {budget_label(r['budget_bytes'])} ({r['server']}) failed: {r['belady_error'][:200]}")
     print("\ntargets:")
     for t in results["targets"]:
         ml = t.get("mlx_lm_growth_bytes")
