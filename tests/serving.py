@@ -180,7 +180,22 @@ def _qwen3_next_config(vocab_size: int) -> dict:
     }
 
 
-ARCHS = {"llama": _llama_config, "qwen3_next": _qwen3_next_config}
+def _llama_kv_config(vocab_size: int) -> dict:
+    # KV-heavy and cheap to compute: 8 layers x 8 KV heads x head_dim 128 in float32 is
+    # 2 x 8 x 8 x 128 x 4 = 64 KiB of KV per token (half of Llama-3.1-8B's bf16 128 KiB) on
+    # ~11M weights, so memory benchmarks fill a budget of hundreds of MiB in seconds.
+    return {
+        **_llama_config(vocab_size),
+        "hidden_size": 256,
+        "num_hidden_layers": 8,
+        "intermediate_size": 512,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+    }
+
+
+ARCHS = {"llama": _llama_config, "llama-kv": _llama_kv_config, "qwen3_next": _qwen3_next_config}
 
 
 def _write_tokenizer(path: Path, vocab_size: int = 384) -> tuple[int, int]:
@@ -250,7 +265,10 @@ def build_model(config: dict, seed: int = 0):
 def make_model_dir(
     path, arch: str = "llama", seed: int = 0, *, check: bool = True
 ) -> Path:
-    """Write a tiny random ``arch`` model ("llama" or "qwen3_next") in Hugging Face layout.
+    """Write a tiny random ``arch`` model ("llama", "llama-kv" or "qwen3_next") in Hugging Face layout.
+
+    "llama-kv" is a KV-heavy llama (hidden 256, 8 layers, 8 KV heads x head_dim 128:
+    64 KiB of float32 KV per token) for memory benchmarks.
 
     Files: config.json, model.safetensors (float32, seeded), tokenizer.json (byte-level
     BPE, ~384 tokens incl. <|endoftext|> <|im_start|> <|im_end|>), tokenizer_config.json
