@@ -195,7 +195,15 @@ def _llama_kv_config(vocab_size: int) -> dict:
     }
 
 
-ARCHS = {"llama": _llama_config, "llama-kv": _llama_kv_config, "qwen3_next": _qwen3_next_config}
+def _llama_kv_tiny_config(vocab_size: int) -> dict:
+    # the test suite's KV-heavy model (hidden 128, 4 layers): 2 x 4 x 8 x 128 x 4 = 32 KiB of KV per token
+    return {**_llama_kv_config(vocab_size), "hidden_size": 128, "num_hidden_layers": 4, "intermediate_size": 256}
+
+
+ARCHS = {
+    "llama": _llama_config, "llama-kv": _llama_kv_config, "llama-kv-tiny": _llama_kv_tiny_config,
+    "qwen3_next": _qwen3_next_config,
+}
 
 
 def _write_tokenizer(path: Path, vocab_size: int = 384) -> tuple[int, int]:

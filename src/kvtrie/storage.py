@@ -134,6 +134,7 @@ class TieredStorage:
         self.counters = counters
         self.pool = HostPool(room=self._pool_room)
         self.host_peak = 0
+        self._moved = 0  # bytes moved down a tier by the running `enforce` (freed in the tier above)
         self.disk = disk
         self.clock = itertools.count(1)
         self.kv_bytes = 0
@@ -376,6 +377,13 @@ class TieredStorage:
         if not any(pager.over(t) for t in pager.budgets):
             return  # every budget holds: nothing to do (the common case)
         ledger = pager.ledger
+        freed = sum(pager.bytes[t] for t in (DEVICE, HOST))
+        self._enforce(pager, ledger)
+        # what left memory goes back to the operating system (the C heap is trimmed now and then)
+        ledger.released(max(freed - sum(pager.bytes[t] for t in (DEVICE, HOST)), 0) + self._moved)
+        self._moved = 0
+
+    def _enforce(self, pager: Pager, ledger: Any) -> None:
         for tier in (DEVICE, HOST):  # the cheap holders first, in every tier (one left out of the chain too)
             if pager.over(tier):
                 ledger.reclaim(tier)
@@ -390,6 +398,7 @@ class TieredStorage:
                     if node is None:
                         break
                     self.policy.removed(node)
+                    self._moved += node.payload.nbytes
                     self.move(node, lower)
                     progress = True
             last = chain[-1]
