@@ -330,7 +330,7 @@ class ThreeTierMachine(PagingMachine):
         budgets = self.pc.budgets
         self.pc.persist(wait=True)
         self.pc._stop_persisting.set()  # the threads of a killed process stop writing too
-        self.pc._storage.disk.stop()
+        self.pc._storage.disk.close()
         self.pc = PrefixCache(self.model.make_cache, device_bytes=budgets["device"], host_bytes=budgets["host"],
                               disk_dir=self.dir, disk_bytes=budgets["disk"], fingerprint="m", snapshot_interval=5)
         spy_on_order(self.pc)
@@ -432,7 +432,7 @@ def test_a_mapped_record_is_read_without_a_copy_and_outlives_its_file(tmp_path, 
     small = min(f.stat().st_size for f in files)
     monkeypatch.setattr(disk, "MAP_BYTES", small)
     pc = PrefixCache(model.make_cache, disk_dir=str(tmp_path), fingerprint="f", snapshot_interval=64)
-    store = pc._storage.disk
+    store = pc._storage.disk.store
     pool = HostPool()
     for f in files:
         layers, _, _ = store.read(f.name, pool)

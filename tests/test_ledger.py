@@ -207,12 +207,12 @@ def test_disk_copies_in_flight_are_held_until_written(tmp_path):
         prefill_and_commit(model, s, tokens)
     pc.persist(wait=True)
     assert pc.stats()["held"]["in_flight"] == 0
-    pc._storage.disk._jobs.put  # the writer is idle; queue one more record and read the ledger at once
+    pc._storage.disk.store._jobs.put  # the writer is idle; queue one more record and read the ledger at once
     more = tokens + list(range(300, 500))
     with pc.begin(more) as s:
         prefill_and_commit(model, s, more)
     with pc._lock:
-        queued = pc._storage.persist()
+        queued = pc._storage.disk.persist()
         in_flight = pc._ledger.pushed("in_flight", HOST)
     assert queued == 1 and in_flight > 0  # copies for the writer, counted until drained
     pc.persist(wait=True)

@@ -4,8 +4,8 @@ A request calls `begin(tokens)`, runs the model over `tokens[session.cached:]` o
 `session.caches`, then `session.commit(tokens)`; only the tokens the trie did not hold
 yet are stored, as new nodes or edge splits. After every public call the byte budgets
 hold: the least valuable payloads (the policy's order) move from device to host memory
-and, past the host budget, to disk or out (`storage.py` moves them, `paging.py` and
-`policy.py` pick them).
+and, past the host budget, to disk or out (`storage.py` moves them, `persistence.py` keeps
+the disk's records, `paging.py` and `policy.py` pick them).
 
 Concurrency: every public method takes one lock, so a PrefixCache may be shared by
 several threads. Matching, restoring (the copy into the new live caches), committing,
@@ -31,6 +31,7 @@ from .errors import CacheMismatchError, SessionError
 from .layers import KV, STATE, WINDOW, leaves, rule_for
 from .history import History
 from .ledger import HOT, IN_FLIGHT, MLX_CACHE, POOL, RECYCLED, Ledger
+from .nodedata import NodeData
 from .paging import DEVICE, DISK, HOST, Pager, check_budget
 from .policy import POLICIES, REASON_NAMES, END, PlanRequest, WorthPolicy
 from .arrays import HostArray, on_cpu, to_device
@@ -38,7 +39,7 @@ from .session import Session
 from .shared import SharedTier
 from .recycle import Recycler
 from .snapshot import KVPayload, Piece, capture_tokens, evaluate, lays_out_in_numpy, stitch
-from .storage import NodeData, TieredStorage
+from .storage import TieredStorage
 from .trie import Match, Node, as_token_array
 from .window import Recorder, record, recorder_of, restorable, restorable_max
 
@@ -185,6 +186,7 @@ class PrefixCache:
             layout=[f"{t}:{k}" for t, k in zip(self._layer_types, self._kinds)],
         )
         self._signature: Optional[tuple] = None
+        self._signature_text: Optional[str] = None  # its repr, as records on disk and in the shared tier carry it
         self._lock = threading.RLock()
         self._promote = bool(promote_on_restore)
         self._hot: deque[tuple[str, np.ndarray, list, int]] = deque(maxlen=hot_sessions or None)
@@ -542,17 +544,18 @@ class PrefixCache:
         with self._lock:
             if self._signature is None:
                 self._signature = signature
-                storage.signature_text = repr(signature)
+                self._signature_text = repr(signature)
+                if storage.disk is not None:
+                    storage.disk.signature_text = self._signature_text
             elif signature != self._signature:
                 raise CacheMismatchError(
                     f"caches do not match this PrefixCache's model: expected {self._signature}, got {signature}"
                 )
             self._check_open()
             storage.drain()
-            if storage.index_signature is not None and repr(signature) != storage.index_signature:
+            if storage.disk is not None and storage.disk.settle_signature(repr(signature)):
                 logger.warning("the caches do not match the model whose state is on disk: dropping the disk tier's nodes")
                 storage.drop_disk_nodes()
-            storage.index_signature = None
             trie = storage.trie(session.namespace, create=True)
             match, _ = storage.resident(trie, arr, trie.match(arr), n)
             added = n - match.length
@@ -588,7 +591,7 @@ class PrefixCache:
                 proven.add(standing.id)
             storage.touch(path)
             if self._shared is not None:
-                self._shared.signature = storage.signature_text
+                self._shared.signature = self._signature_text
                 ends = [x.end for x in path if self._policy.hybrid and x.payload.layers is not None and x.payload.has_state]
                 self._shared.publish(session.namespace, arr, path, ends)
             self._policy.settle(path, created, lambda: storage.snapshot_bytes, storage.drop_snapshot, proven)
@@ -720,21 +723,21 @@ class PrefixCache:
         """With a disk tier: queue a record for everything stored that no record holds yet (the
         background thread does this every `persist_seconds`); `wait=True` also waits until
         the records are written. Returns how many records were queued."""
-        storage = self._storage
-        if storage.disk is None:
+        disk = self._storage.disk
+        if disk is None:
             return 0
         with self._lock:
             self._check_open()
-            storage.drain()
-            queued = storage.persist()
+            disk.drain()
+            queued = disk.persist()
         if wait:
-            storage.disk.flush()
+            disk.flush()
             with self._lock:
-                storage.drain()
-                queued += storage.persist()  # records whose parents were in flight
-            storage.disk.flush()
+                disk.drain()
+                queued += disk.persist()  # records whose parents were in flight
+            disk.flush()
             with self._lock:
-                storage.drain()
+                disk.drain()
         return queued
 
     def _persist_loop(self, period: float) -> None:
@@ -743,8 +746,8 @@ class PrefixCache:
                 with self._lock:
                     if self._closed:
                         return
-                    self._storage.drain()
-                    self._storage.persist()
+                    self._storage.disk.drain()
+                    self._storage.disk.persist()
             except Exception:  # never let the thread die: the next round tries again
                 logger.exception("persisting records failed")
 
@@ -762,7 +765,7 @@ class PrefixCache:
                 return
             if self._storage.disk is not None:
                 self._storage.flush_to_disk()
-                self._storage.disk.stop()
+                self._storage.disk.close()
             if self._shared is not None:
                 self._shared.close()
             self._recycler.clear()
