@@ -43,6 +43,9 @@ bench: $(BENCH_STAMP) redis
 	LD_PRELOAD=$$(test -e $(OPENBLAS) && echo $(OPENBLAS)) $(PY) benchmarks/policy.py
 	LD_PRELOAD=$$(test -e $(OPENBLAS) && echo $(OPENBLAS)) $(PY) benchmarks/paging.py
 	LD_PRELOAD=$$(test -e $(OPENBLAS) && echo $(OPENBLAS)) $(PY) benchmarks/restore.py
+# the full 32-layer Llama-3.1-8B layout, 4k and 32k tokens (4 GiB a copy; ~16 GiB of memory at its peak)
+	LD_PRELOAD=$$(test -e $(OPENBLAS) && echo $(OPENBLAS)) $(PY) benchmarks/restore.py --model llama --layers 32 \
+		--tokens 4096 32768 --repeat 3 --phases-tokens 4096 --ttft-tokens 1024 --ttft-layers 1 --name restore-32
 	LD_PRELOAD=$$(test -e $(OPENBLAS) && echo $(OPENBLAS)) $(PY) benchmarks/scale.py
 	LD_PRELOAD=$$(test -e $(OPENBLAS) && echo $(OPENBLAS)) $(PY) benchmarks/disk.py
 	LD_PRELOAD=$$(test -e $(OPENBLAS) && echo $(OPENBLAS)) $(PY) benchmarks/hybrid.py

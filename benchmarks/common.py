@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 import mlx.core as mx
 
+from kvtrie.heap import huge_pages
+
 RESULTS = pathlib.Path(__file__).parent / "results"
 
 
@@ -36,6 +38,7 @@ def machine() -> dict:
         "blas": blas_info(),
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
+        "huge_pages": huge_pages(),  # malloc on transparent huge pages (kvtrie.heap)
     }
 
 

@@ -16,7 +16,8 @@ sequence stored once through `PrefixCache.store`:
 
 - device: restore = `begin(tokens + [x])` plus `mx.eval` of every live cache's arrays (keys/values,
           recurrent states);
-- host:   page-out (`set_budgets(device_bytes=0)`, back with `_storage.move`, repeated) and
+- host:   page-out (`set_budgets(device_bytes=0)`, back with `_storage.move`, repeated) and,
+          the device budget lifted again (recycling needs room there),
           restore from host;
 - disk:   restore from disk in a new PrefixCache on the directory, the files in the OS page
           cache (read once before timing), beside a plain read of the same files.
@@ -53,6 +54,7 @@ from tqdm import tqdm
 
 from kvtrie import PrefixCache
 from kvtrie.arrays import numpy_view
+from kvtrie.heap import exec_with_huge_pages
 from kvtrie.models import load_model
 from kvtrie.models.cache import KVCache
 from kvtrie.models.presets import PRESETS, build_preset
@@ -287,9 +289,12 @@ def tier_host(args, layout: Layout, n: int) -> tuple[dict, dict]:
         po_ref.append(copy_s(payload_views(pc), dsts))  # the device payloads, the page-out's source
         po.append(page_out())
     srcs = payload_views(pc)
+    # the payloads stay on host; the device budget is lifted as in `tier_device`, so the live caches
+    # a restore closes are recycled by the next one (a device budget of 0 leaves them no room)
+    pc.set_budgets(device_bytes=None)
     restore_s(pc, tokens, 1)
     r, c = side_by_side(lambda i: restore_s(pc, tokens, 2 + i), lambda i: copy_s(srcs, dsts), args.repeat)
-    assert pc.stats()["host_restores"] >= args.repeat
+    assert pc.stats()["host_restores"] >= args.repeat and pc.stats()["device_bytes"] == 0
     pc.close()
     restore = {"restore_s": r, "reference_s": c, "reference": "numpy copy"}
     paging = {"page_out_s": statistics.median(po), "page_out_first_s": first, "reference_s": statistics.median(po_ref),
@@ -483,7 +488,7 @@ def ttft(args, bar, preset: str, layers: int, n: int) -> dict:
 # --- report --------------------------------------------------------------------------------------
 
 
-def chart(results: dict) -> Path | None:
+def chart(results: dict, name: str = "restore") -> Path | None:
     try:
         import matplotlib
 
@@ -515,7 +520,7 @@ def chart(results: dict) -> Path | None:
         ax.legend(fontsize=8)
     fig.tight_layout()
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "restore.png"
+    path = RESULTS / f"{name}.png"
     fig.savefig(path, dpi=110)
     return path
 
@@ -549,6 +554,8 @@ def tier_rows(args, layout: Layout, bar, tmp: Path) -> list[dict]:
                 **({"numpy_copy_gb_s": nbytes / m["numpy_copy_s"] / 1e9} if tier == "disk" else {}),
                 **({"handed_over_bytes": m["handed_over_bytes"]} if tier == "device" else {}),
             })
+            r = rows[-1]  # as it comes: a long run that dies later keeps what it measured
+            print(f"  {r['model']} {tier} {n} tokens: {r['gb_s']:.2f} GB/s, {r['ratio']:.2f}x the {r['reference']}", flush=True)
     return rows
 
 
@@ -563,7 +570,7 @@ def run(args, bar) -> dict:
                                     "token_bytes": layout.token_bytes, "state_bytes": layout.state_bytes}
             rows += tier_rows(args, layout, bar, Path(tmp))
         if "llama" in models(args):
-            biggest = max(args.tokens)
+            biggest = args.phases_tokens or max(args.tokens)
             bar.set_postfix_str(f"phases at {biggest} tokens")
             extra["phases"] = phases(args, llama.make_cache, biggest)
             bar.update(1)
@@ -605,7 +612,8 @@ def targets(res: dict) -> list[tuple[str, bool]]:
 def report(res: dict) -> None:
     a = res["config"]
     m = res["machine"]
-    print(f"restore / page-out on {m['device']}, mlx {m['mlx']}, BLAS: {m['blas']}, {m['cpus']} CPUs")
+    print(f"restore / page-out on {m['device']}, mlx {m['mlx']}, BLAS: {m['blas']}, {m['cpus']} CPUs, "
+          f"malloc on huge pages: {'yes' if m.get('huge_pages') else 'no'}")
     for model, lay in res["layouts"].items():
         print(f"\n{lay['title']}; {lay['layers']} layers measured (x{lay['real_layers'] / lay['layers']:.0f} for the real "
               f"{lay['real_layers']}); mx.set_cache_limit({a['mlx_cache_mb']} MB); median of {a['repeat']}, each beside its "
@@ -674,6 +682,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--qwen-ttft-tokens", type=int, default=8192,
                    help="stored tokens for the qwen3-next TTFT (its cold prefill: ~8 s per 1k tokens at 4 layers on 2 cores)")
     p.add_argument("--cold-repeat", type=int, default=1, help="cold prefills (minutes each at 8k)")
+    p.add_argument("--phases-tokens", type=int, default=None,
+                   help="tokens of the where-the-time-goes breakdown (default: the largest --tokens; it holds "
+                        "several copies of the sequence at once)")
+    p.add_argument("--name", default="restore", help="results file stem under benchmarks/results (json and png)")
     args = p.parse_args(argv)
     if args.quick:
         args.tokens, args.repeat, args.short_repeat = [1024, 4096], 3, 100
@@ -683,10 +695,11 @@ def main(argv: list[str] | None = None) -> int:
     with tqdm(total=total, desc="restore", file=sys.stderr, leave=False) as bar:
         res = run(args, bar)
     report(res)
-    png = chart(res)
-    print(f"saved {save('restore', res)}" + (f" and {png}" if png else " (no matplotlib: no chart)"))
+    png = chart(res, args.name)
+    print(f"saved {save(args.name, res)}" + (f" and {png}" if png else " (no matplotlib: no chart)"))
     return 0
 
 
 if __name__ == "__main__":
+    exec_with_huge_pages()  # as kvtrie serve does at start (kvtrie.heap): fresh live arrays fault in 2 MiB pages
     sys.exit(main())

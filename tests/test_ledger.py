@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from kvtrie import PrefixCache
-from kvtrie.ledger import HOLDERS, Ledger, trim_heap
+from kvtrie.heap import trim_heap
+from kvtrie.ledger import HOLDERS, Ledger
 
 from fakes import FakeModel, assert_cold, check_invariants, prefill_and_commit
 

@@ -10,6 +10,8 @@ import urllib.request
 
 import pytest
 
+from kvtrie import heap
+
 from serving import ServerProcess, chat, free_port, make_model_dir
 from soak import RssSampler, drive, listening_pid, soak_workload
 
@@ -52,5 +54,6 @@ def test_server_rss_stays_within_the_budget_and_the_working_set(kv_heavy, tmp_pa
     assert model["held_host_bytes"] <= stats["budgets"]["host_bytes"]
     assert model["device_bytes"] + model["host_bytes"] > BUDGET // 2  # the budget was in use
     assert stats["hit_rate_soak"] > 0.2
+    assert stats["huge_pages"] == (heap.huge_pages_env({}) is not None)  # restarted on huge pages where it can
     print(f"growth {growth / MiB:.0f} MiB, working set {working_set / MiB:.0f} MiB, held {stats['held_bytes'] / MiB:.0f} MiB")
     assert growth <= 1.1 * BUDGET + working_set + SLACK, (growth / MiB, working_set / MiB)

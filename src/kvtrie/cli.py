@@ -17,6 +17,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         raise SystemExit(0 if args else 2)
     command, rest = args[0], args[1:]
     if command == "serve":
+        if argv is None:  # the process's own entry point: malloc on transparent huge pages (see kvtrie.heap)
+            from .heap import exec_with_huge_pages
+
+            exec_with_huge_pages()
         from .serve import main as serve
 
         serve(rest)

@@ -12,18 +12,18 @@ sessions); payloads go last, in the policy's order, moved or evicted by the stor
 caches of open sessions are the working set: reported apart (`in_use`), never reclaimed.
 
 Memory given back is returned to the operating system where the C library keeps freed blocks
-(glibc): `trim_heap` after large releases. This module never imports mlx.
+(glibc): `heap.trim_heap` after large releases. This module never imports mlx.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import threading
 from collections.abc import Callable
 from typing import Optional
 
 import attrs
+
+from .heap import trim_heap
 
 DEVICE, HOST, DISK = "device", "host", "disk"  # (paging.py's names: this module sits below it)
 
@@ -145,54 +145,3 @@ class Ledger:
             self._released = 0
             if trim_heap():
                 self.trims += 1
-
-
-_LIBC = None
-
-
-def _libc():
-    global _LIBC
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _LIBC.malloc_trim  # glibc only
-        except (OSError, AttributeError):
-            _LIBC = False
-    return _LIBC
-
-
-def trim_heap() -> bool:
-    """Return the C heap's free pages to the operating system (glibc's `malloc_trim`; a no-op
-    elsewhere). glibc keeps freed blocks below its mmap threshold (which rises to 32 MiB as
-    large blocks are freed) for reuse: without this the process's RSS never shrinks."""
-    libc = _libc()
-    if not libc:
-        return False
-    libc.malloc_trim(0)
-    return True
-
-
-M_MMAP_THRESHOLD = -3
-
-
-def return_large_frees(threshold: int = 1 << 20) -> bool:
-    """Make glibc map every block of `threshold` bytes or more on its own, and unmap it when it
-    is freed (a fixed mmap threshold also stops glibc from raising it as blocks are freed):
-    large buffers then go back to the operating system the moment they are freed. A process
-    setting (kvtrie serve calls it at start); False where the C library is not glibc."""
-    libc = _libc()
-    if not libc:
-        return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold)))
-
-
-def rss_bytes(pid: str | int = "self") -> int:
-    """Resident memory of a process (Linux `/proc`; 0 where it cannot be read)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0

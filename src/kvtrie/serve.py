@@ -29,7 +29,7 @@ from typing import Any, Optional, Sequence
 import attrs
 
 from .integrations.mlx_lm import TriePromptCache, cache_offset
-from .ledger import return_large_frees, rss_bytes
+from .heap import exec_with_huge_pages, huge_pages, return_large_frees, rss_bytes
 from .models.fingerprint import model_fingerprint
 
 logger = logging.getLogger("kvtrie.serve")
@@ -227,6 +227,7 @@ class ServerPromptCache(TriePromptCache):
         return {
             **totals,
             "held_bytes": sum(m["held_bytes"] for m in models.values()),  # everything kvtrie holds, within B
+            "huge_pages": huge_pages(),
             "process_resident_bytes": rss_bytes(),  # the whole server: + weights, requests in flight, Python
             "budgets": {
                 "prompt_cache_bytes": self.options.cache_bytes,
@@ -404,7 +405,10 @@ the stored prefixes on the device and host tiers, recycled live caches, free hos
 copies in flight to disk or Redis, and MLX's buffer cache (its limit is set within B). Not
 in B: the model's weights, and the requests being served (their own caches and activations).
 --prompt-cache-size no longer throttles sequences that share storage; given explicitly it
-caps the number of stored sequences (trie leaves). Also: GET /kvtrie/stats, GET /metrics."""
+caps the number of stored sequences (trie leaves). Also: GET /kvtrie/stats, GET /metrics.
+Where glibc and the kernel allow it, the server restarts itself at once with malloc on
+transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1): fresh buffers fault in
+2 MiB at a time, 4-6x faster; KVTRIE_HUGE_PAGES=0 in the environment turns that off."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -480,8 +484,10 @@ def run(host: str, port: int, model_provider: Any, server_class: Optional[type] 
     generator = server.ResponseGenerator(model_provider, cache)
     handler = make_handler(handler_class or server.APIHandler, cache)
     logger.info(
-        "kvtrie serve: prompt cache %d B (device %d, host %d; MLX's buffer cache at most %d of it)%s",
+        "kvtrie serve: prompt cache %d B (device %d, host %d; MLX's buffer cache at most %d of it), "
+        "huge pages %s%s",
         options.cache_bytes, options.device_bytes, options.host_bytes, options.mlx_cache_limit,
+        "on" if huge_pages() else "off",
         f", disk tier {options.disk_dir}" + (f" ({options.disk_bytes} B)" if options.disk_bytes else "") if options.disk_dir else "",
     )
 
@@ -523,4 +529,5 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
+    exec_with_huge_pages()
     main()
