@@ -101,6 +101,41 @@ CHAT_TEMPLATE = (
     "{%- endif %}"
 )
 
+# CHAT_TEMPLATE plus tools and tool calls, Hermes style (as Qwen2.5's): the tools as JSON lines in
+# the system turn, an assistant's calls as <tool_call>{"name": ..., "arguments": {...}}</tool_call>,
+# tool results as <tool_response> blocks in a user turn. mlx-lm picks its "json_tools" parser for it
+# ("<tool_call>" and "tool_call.name" in the template). Without tools it renders as CHAT_TEMPLATE.
+TOOLS_CHAT_TEMPLATE = (
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n' }}"
+    "{%- if messages and messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\\n\\n' }}{%- endif %}"
+    "{{- '# Tools\\n\\n<tools>\\n' }}"
+    "{%- for tool in tools %}{{- (tool | tojson) + '\\n' }}{%- endfor %}"
+    "{{- '</tools>\\n\\nTo call a function answer with <tool_call>{\"name\": <function-name>, "
+    "\"arguments\": <args-json-object>}</tool_call><|im_end|>\\n' }}"
+    "{%- elif messages and messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' and loop.first %}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' + message['content'] + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + (message['content'] or '') }}"
+    "{%- for tool_call in message.tool_calls or [] %}"
+    "{%- set tool_call = tool_call.function if tool_call.function is defined else tool_call %}"
+    "{{- '<tool_call>{\"name\": \"' + tool_call.name + '\", \"arguments\": ' + (tool_call.arguments | tojson) + '}</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- endif %}"
+)
+
 CORPUS = """\
 The quick brown fox jumps over the lazy dog. A cache keeps the work that was done before,
 so the next request that starts the same way does not have to do it again.
@@ -206,7 +241,7 @@ ARCHS = {
 }
 
 
-def _write_tokenizer(path: Path, vocab_size: int = 384) -> tuple[int, int]:
+def _write_tokenizer(path: Path, vocab_size: int = 384, chat_template: str = CHAT_TEMPLATE) -> tuple[int, int]:
     """Train a byte-level BPE on CORPUS; write tokenizer files. Returns (vocab size, eos id)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -234,7 +269,7 @@ def _write_tokenizer(path: Path, vocab_size: int = 384) -> tuple[int, int]:
         "add_bos_token": False,
         "add_prefix_space": False,
         "clean_up_tokenization_spaces": False,
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": chat_template,
         "added_tokens_decoder": {
             str(tok.token_to_id(t)): {
                 "content": t,
@@ -271,7 +306,7 @@ def build_model(config: dict, seed: int = 0):
 
 
 def make_model_dir(
-    path, arch: str = "llama", seed: int = 0, *, check: bool = True
+    path, arch: str = "llama", seed: int = 0, *, check: bool = True, tools: bool = False
 ) -> Path:
     """Write a tiny random ``arch`` model ("llama", "llama-kv" or "qwen3_next") in Hugging Face layout.
 
@@ -292,7 +327,7 @@ def make_model_dir(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
 
-    n_vocab, eos_id = _write_tokenizer(path)
+    n_vocab, eos_id = _write_tokenizer(path, chat_template=TOOLS_CHAT_TEMPLATE if tools else CHAT_TEMPLATE)
     config = ARCHS[arch](n_vocab)
     config["eos_token_id"] = eos_id
     config["torch_dtype"] = "float32"

@@ -4,7 +4,8 @@ It runs mlx-lm's own server (every flag of `mlx_lm.server` works) with three par
 the prompt cache (`ServerPromptCache`: a `TriePromptCache` with device + host budgets that
 always hold, an optional disk tier, one log line per request), the batch generator (which,
 for hybrid models, also stops the prefill at the point where a prompt leaves the trie, so the
-recurrent state there is stored) and the HTTP handler (`GET /kvtrie/stats`, `GET /metrics`).
+recurrent state there is stored) and the HTTP handler (`GET /kvtrie/stats`, `GET /metrics`, and
+Anthropic's `POST /v1/messages` and `/v1/messages/count_tokens`, see `serve_messages`).
 SIGTERM and Ctrl-C stop the server and flush the cache to its disk tier.
 
 `--prompt-cache-bytes B` bounds everything kvtrie holds in memory (its ledger: stored payloads,
@@ -110,6 +111,9 @@ class ServerPromptCache(TriePromptCache):
         self._provider = model_provider
         self._lock = threading.Lock()
         self._splits: dict[tuple[int, ...], tuple[int, ...]] = {}
+        self._breakpoints: dict[tuple[int, ...], tuple[tuple[int, ...], tuple[str, ...]]] = {}
+        self.breakpoint_requests = 0
+        self.breakpoints = 0
         self.requests = 0
         self.prompt_tokens = 0
         self.cached_tokens = 0
@@ -202,6 +206,30 @@ class ServerPromptCache(TriePromptCache):
         with self._lock:
             return self._splits.pop(tuple(tokens), ())
 
+    def note_breakpoints(self, tokens: Sequence[int], positions: Sequence[int], ttls: Sequence[str]) -> None:
+        """Record a request's cache breakpoints: offsets in its prompt `tokens` where blocks marked with
+        `cache_control` end, each with its TTL ("5m" or "1h"). For now kept per prompt (the last 64,
+        `breakpoints_for`) and counted in the stats; later, capture points and keep-alive promises."""
+        positions, ttls = tuple(int(p) for p in positions), tuple(ttls)
+        if len(positions) != len(ttls):
+            raise ValueError(f"one TTL per breakpoint: {len(positions)} positions, {len(ttls)} TTLs")
+        if any(not 0 <= p <= len(tokens) for p in positions) or any(t not in ("5m", "1h") for t in ttls):
+            raise ValueError(f"breakpoints must lie within the prompt (0..{len(tokens)}) with TTL 5m or 1h, "
+                             f"got {list(zip(positions, ttls))}")
+        if not positions:
+            return
+        with self._lock:
+            self._breakpoints[tuple(tokens)] = (positions, ttls)
+            while len(self._breakpoints) > 64:
+                self._breakpoints.pop(next(iter(self._breakpoints)))
+            self.breakpoint_requests += 1
+            self.breakpoints += len(positions)
+
+    def breakpoints_for(self, tokens: Sequence[int]) -> tuple[tuple[int, ...], tuple[str, ...]]:
+        """The breakpoints noted for the prompt `tokens`: (positions, TTLs), empty when none were."""
+        with self._lock:
+            return self._breakpoints.get(tuple(tokens), ((), ()))
+
     def insert_cache(self, model: Any, tokens: Sequence[int], prompt_cache: list, *, cache_type: str = "assistant") -> None:
         pc = self._trie(model)
         held = cache_offset(prompt_cache)
@@ -222,6 +250,8 @@ class ServerPromptCache(TriePromptCache):
                 "cached_tokens": self.cached_tokens,
                 "hit_rate": self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0,
                 "restore_ms_mean": 1e3 * self.restore_seconds / self.requests if self.requests else 0.0,
+                "breakpoint_requests": self.breakpoint_requests,  # requests with cache_control breakpoints
+                "breakpoints": self.breakpoints,
             }
         models = {json.dumps(list(k) if isinstance(k, tuple) else k): pc.stats() for k, pc in list(self._tries.items())}
         return {
@@ -299,9 +329,18 @@ _GAUGES = {
 
 
 def make_handler(base: type, cache: ServerPromptCache) -> type:
-    """mlx-lm's APIHandler with `GET /kvtrie/stats` (JSON) and `GET /metrics` (Prometheus)."""
+    """mlx-lm's APIHandler with `GET /kvtrie/stats` (JSON), `GET /metrics` (Prometheus) and the
+    Anthropic Messages API (`POST /v1/messages`, `POST /v1/messages/count_tokens`)."""
 
     class Handler(base):
+        def do_POST(self):  # noqa: N802 (http.server's name)
+            from . import serve_messages
+
+            count_only = serve_messages.ROUTES.get(self.path.split("?", 1)[0])
+            if count_only is None:
+                return super().do_POST()
+            serve_messages.serve(self, cache, count_only=count_only)
+
         def do_GET(self):  # noqa: N802 (http.server's name)
             path = self.path.split("?", 1)[0]
             if path == "/kvtrie/stats":
