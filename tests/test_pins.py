@@ -548,3 +548,18 @@ def test_prefill_stores_a_prefix_that_restores_warm_equal_to_cold(arch):
     np.testing.assert_allclose(warm, cold, atol=ATOL if arch == "llama" else RECURRENT_ATOL)
     with pytest.raises(ValueError):
         prefill(system, model, pc, pin=True, ttl=-1)
+
+
+def test_namespaces_share_one_budget_with_distinct_node_ids():
+    """Node ids are unique across tries: the orders, pins and records key nodes by id, and two
+    namespaces' nodes once collided there (one namespace's eviction lost track of the other's)."""
+    model = FakeModel(layers=2)
+    pc, _ = make_cache(model, policy="lru", device_bytes=30 * 128, host_bytes=0)
+    for i in range(6):
+        for ns in ("a", "b"):
+            serve(pc, model, [i, 1, 2, 3, 4, 5, 6, 7, 8, 9], namespace=ns)
+            assert pc.stats()["held_device_bytes"] <= 30 * 128
+    ids = [node.id for _, node, _ in pc.walk()]
+    assert len(ids) == len(set(ids))
+    assert pc.pin([5, 1, 2, 3], namespace="a") == 4 and pc.pin([5, 1, 2, 3], namespace="b") == 4
+    assert pc.stats()["pinned_bytes"] == 8 * 128
