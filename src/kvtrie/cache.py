@@ -11,12 +11,16 @@ Concurrency: every public method takes one lock, so a PrefixCache may be shared 
 several threads. Matching, restoring (the copy into the new live caches), committing,
 paging and eviction run under it, one call at a time; the model's forward passes run
 outside it, on each session's own live caches, and so run concurrently.
+
+Users steer it too: pins keep stored prefixes through any pressure (`kvtrie.pins`), clears drop
+what is no longer wanted, and every restore that fell short says why (`kvtrie.misses`).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -27,12 +31,16 @@ import numpy as np
 
 from .counters import Counters
 from .disk import DiskStore
-from .errors import CacheMismatchError, SessionError
+from .errors import CacheMismatchError, PinError, SessionError
 from .layers import KV, STATE, WINDOW, leaves, rule_for
 from .history import History
+from .misses import (
+    BLOCK, EVICTED, NEW_PREFIX, NO_SNAPSHOT, NOT_CACHED, OTHER_NAMESPACE, WINDOW_HOLE, Recent, common_prefix, wanted,
+)
 from .ledger import HOT, IN_FLIGHT, MLX_CACHE, POOL, RECYCLED, Ledger
 from .nodedata import NodeData
 from .paging import DEVICE, DISK, HOST, Pager, check_budget
+from .pins import Pin, Pins, check_ttl, held_bytes
 from .policy import POLICIES, REASON_NAMES, END, PlanRequest, WorthPolicy
 from .arrays import HostArray, on_cpu, to_device
 from .session import Session
@@ -104,6 +112,11 @@ class PrefixCache:
     the working set: reported (`stats()["in_use_bytes"]`), outside the budgets while they are
     open. `mlx_cache_bytes` (None: MLX's limit is left alone, and not counted) lets kvtrie set
     MLX's buffer-cache limit, process-wide, to at most that and what the device budget leaves.
+
+    Control: `pin(tokens, ttl=...)` keeps a stored prefix whatever the policy does (in memory,
+    within the budgets), `unpin` ends that, `clear()` drops everything, a namespace or a prefix,
+    `lookup(tokens)` says how much is restorable. Each session's `miss_reason` says why it
+    restored less than it could have (`kvtrie.misses`), counted in `stats()["miss_reasons"]`.
     """
 
     def __init__(
@@ -196,6 +209,10 @@ class PrefixCache:
         self._open: weakref.WeakSet[Session] = weakref.WeakSet()
         # what came back after its payloads went (per-token models, whose order learns reuse intervals)
         self._history = History(self._policy.chunk_tokens or 256) if self._policy.admits else None
+        self._committed_blocks = History(BLOCK, capacity=1 << 15)  # what was stored once: tells `evicted` misses
+        self._recent = Recent()  # the last requests' prompts: tells `not_cached` misses
+        self._recent_stored = Recent()  # the last commits' sequences: tells `evicted` misses finer than a block
+        self._pins = Pins(time.monotonic)
         self._mlx_cache_cap = mlx_cache_bytes
         self._mlx_cache_limit: Optional[int] = None
         self._closed = False
@@ -259,8 +276,10 @@ class PrefixCache:
             if value is not ...:
                 new[tier] = check_budget(f"{tier}_bytes", value)
         with self._lock:
+            self._expire_pins()
             pager.budgets.update(new)
             self._policy.bounded = pager.bounded
+            self._fit_pins()  # pinned bytes within the new budgets: the soonest to expire give way first
             self._enforce()
 
     # --- the request API -----------------------------------------------------------
@@ -291,6 +310,7 @@ class PrefixCache:
         with self._lock:
             self._check_open()
             storage.drain()
+            self._expire_pins()
             trie = storage.trie(ns)
             match = trie.match(arr) if trie is not None else Match((), 0)
             match, from_disk = storage.resident(trie, arr, match, len(arr))
@@ -323,9 +343,12 @@ class PrefixCache:
                         last is not None and last.is_leaf and match.length == last.end,
                     )
                 )
+            reason = self._miss_reason(ns, arr, match, cached) if cached < len(arr) - 1 else None
+            self._recent.add(ns, arr)
             if self._promote:
+                pinned = self._pins.nodes() if len(self._pins) else {}  # (pinned payloads stay where they are)
                 for node in used:
-                    if node.payload.tier == HOST:
+                    if node.payload.tier == HOST and node.id not in pinned:
                         storage.move(node, DEVICE)
             leaf = used[-1] if used else None
             storage.pin(leaf, +1, reindex=False)  # (`used` is the leaf's path: touch re-enters it in the orders)
@@ -340,14 +363,35 @@ class PrefixCache:
             c.cached_tokens += cached
             c.hits += bool(cached)
             c.snapshots_used += bool(self._policy.hybrid and cached and hot is None)
+            if reason is not None:
+                c.miss_reasons[reason] += 1
             self._enforce()
-        session = Session(self, ns, arr, cached, caches, leaf, plan, logits)
+        session = Session(self, ns, arr, cached, caches, leaf, plan, logits, reason)
         self._open.add(session)
         logger.debug(
-            "begin ns=%s: %d tokens, matched %d, restored %d from %d nodes, capture at %s",
-            ns, len(arr), match.length, cached, len(used), plan,
+            "begin ns=%s: %d tokens, matched %d, restored %d from %d nodes, capture at %s, miss: %s",
+            ns, len(arr), match.length, cached, len(used), plan, reason,
         )
         return session
+
+    def _miss_reason(self, ns: str, arr: np.ndarray, match: Match, cached: int) -> Optional[str]:
+        """Why a request restored `cached` < `len(arr) - 1` tokens (see `kvtrie.misses`; None: the
+        rest is simply new). At most one pass over the tokens per check."""
+        n = len(arr)
+        limit = min(match.length, n - 1)
+        if cached < limit:  # the trie held more than could be restored
+            if self._policy.hybrid and not any(cached < x.end <= limit and x.payload.has_state for x in match.path):
+                return NO_SNAPSHOT
+            return WINDOW_HOLE  # (a snapshot past `cached`, or a per-token model: the windows stopped it)
+        if self._committed_blocks.seen(ns, arr, cached) or self._recent_stored.saw(ns, arr, cached + 1):
+            return EVICTED
+        need = wanted(cached, n)
+        for other, trie in self._storage.tries.items():
+            if other != ns and trie.match(arr[:need]).length >= need:
+                return OTHER_NAMESPACE
+        if self._recent.saw(ns, arr, need):
+            return NOT_CACHED
+        return NEW_PREFIX if cached == 0 else None
 
     def _fill_from_shared(self, ns: str, arr: np.ndarray, match: Match) -> bool:
         """Bring from the shared tier what it holds beyond the local restore into the local
@@ -392,7 +436,9 @@ class PrefixCache:
         return self._windows_max(path, min(match.length, n - 1)), None
 
     def _holes(self, path: Sequence[Node], layer: int, upto: int) -> list[tuple[int, int]]:
-        return [(x.start, x.end) for x in path if x.start < upto and x.payload.layers[layer] is None]
+        # (a node on disk counts as whole: its records say where its holes are once read)
+        return [(x.start, x.end) for x in path
+                if x.start < upto and x.payload.layers is not None and x.payload.layers[layer] is None]
 
     def _windows_ok(self, path: Sequence[Node], p: int) -> bool:
         return all(restorable(g, p, self._holes(path, i, p)) for i, g in self._geometry.items())
@@ -484,9 +530,13 @@ class PrefixCache:
         return held - mx.get_cache_memory()
 
     def _enforce(self) -> None:
-        """Every budget holds again (see `TieredStorage.enforce`); then MLX's buffer-cache limit
-        (where kvtrie sets it) is what the device budget leaves, at most `mlx_cache_bytes`."""
-        self._storage.enforce()
+        """Every budget holds again (see `TieredStorage.enforce`; should pinned payloads have grown
+        past one, pins give way); then MLX's buffer-cache limit (where kvtrie sets it) is what the
+        device budget leaves, at most `mlx_cache_bytes`."""
+        storage = self._storage
+        storage.enforce()
+        if len(self._pins) and any(storage.pager.over(t) for t in (DEVICE, HOST)) and self._fit_pins():
+            storage.enforce()
         if self._mlx_cache_cap is not None:
             room = self._ledger.room(DEVICE, MLX_CACHE)
             limit = self._mlx_cache_cap if room is None else min(self._mlx_cache_cap, room)
@@ -556,8 +606,11 @@ class PrefixCache:
             if storage.disk is not None and storage.disk.settle_signature(repr(signature)):
                 logger.warning("the caches do not match the model whose state is on disk: dropping the disk tier's nodes")
                 storage.drop_disk_nodes()
+            self._expire_pins()
             trie = storage.trie(session.namespace, create=True)
             match, _ = storage.resident(trie, arr, trie.match(arr), n)
+            self._committed_blocks.record(session.namespace, arr, match.length)
+            self._recent_stored.add(session.namespace, arr)
             added = n - match.length
             branched = None  # where this commit's new edge hangs off a stored path, if it does
             new_nodes = []
@@ -658,6 +711,205 @@ class PrefixCache:
         finally:
             self._close(session)
 
+    # --- control: pins and clears ----------------------------------------------------
+
+    def pin(self, tokens: Sequence[int], *, namespace: Optional[str] = None, ttl: Optional[float] = None) -> int:
+        """Keep the stored prefix `tokens` restorable regardless of the eviction policy, until
+        `unpin(tokens)` or, with `ttl`, until that many seconds have passed; returns how many
+        tokens are pinned (the part of `tokens` that is stored and restorable, 0 if none).
+
+        A pinned prefix stays in memory where it is (device or host; one on disk is read back
+        first): it never moves down a tier and is never evicted, and for a hybrid model the
+        snapshot at its end stays, so it restores at once. Pinned bytes stay within the
+        budgets: what a memory tier holds is within its budget, so a pin of it fits; a pin that
+        would bring a prefix back from disk past a budget, or hold an open session's path past
+        one, raises `PinError` and changes nothing. When `set_budgets` shrinks a budget below
+        the pinned bytes, pins give way, the soonest to expire first, those without a ttl last
+        (`stats()["pins_dropped"]`). Pinning the same tokens again replaces the pin (its ttl
+        restarts, it covers what is stored now). Pins last as long as the process.
+        """
+        arr = as_token_array(tokens)
+        ns = self._namespace if namespace is None else self._check_namespace(namespace)
+        ttl = check_ttl(ttl)
+        storage = self._storage
+        with self._lock:
+            self._check_open()
+            storage.drain()
+            self._expire_pins()
+            trie = storage.trie(ns)
+            if trie is None:
+                return 0
+            key = arr.tobytes()
+            old = self._pins.get(ns, key)
+            match = trie.match(arr)
+            p = self._pinnable(match, len(arr))
+            if p == 0:
+                return 0
+            self._check_pin_room(match, p, old)
+            match, loaded = storage.resident(trie, arr[:p], trie.match(arr[:p]), p)
+            p = min(p, self._pinnable(match, p))  # (a damaged record is a miss from there)
+            if p == 0:
+                return 0
+            if storage.pager.budgets[HOST] == 0:  # no host tier to hold what came from disk
+                for node in match.path:
+                    if node.id in loaded:
+                        storage.move(node, DEVICE)
+            end = storage.boundary(trie, arr, p)
+            storage.hold(end, +1)
+            if old is not None:
+                self._release_pin(old)
+            self._pins.new(ns, key, arr[:p].copy(), end, ttl)
+            self._enforce()
+        return p
+
+    def unpin(self, tokens: Sequence[int], *, namespace: Optional[str] = None) -> int:
+        """End the pin made by `pin(tokens)` (the same tokens and namespace); returns the tokens it
+        kept (0: there was none, or its ttl had passed). The prefix stays stored, for the
+        eviction policy to judge like any other."""
+        arr = as_token_array(tokens)
+        ns = self._namespace if namespace is None else self._check_namespace(namespace)
+        with self._lock:
+            self._check_open()
+            self._expire_pins()
+            pin = self._pins.get(ns, arr.tobytes())
+            if pin is None:
+                return 0
+            self._release_pin(pin)
+            self._enforce()
+        return len(pin.tokens)
+
+    def clear(self, *, namespace: Optional[str] = None, prefix: Optional[Sequence[int]] = None) -> int:
+        """Drop stored state now; returns how many stored tokens were dropped.
+
+        No arguments: everything, in every namespace. `namespace` alone: that namespace.
+        `prefix` (in `namespace`, default the default one): every stored sequence that begins
+        with `prefix`, and the stored positions of `prefix` itself that no other stored
+        sequence branches off (back to the deepest point another one shares). The pins of what
+        is cleared end with it (not counted as dropped pins); what open sessions hold (their
+        paths) stays and is not counted, and goes to the policy once they close. The disk
+        tier's records of what was dropped are deleted (by its writer thread; `persist(wait=True)`
+        or `close()` waits for it); the shared tier is left alone (other processes use it), so a
+        cleared prefix may come back from there. A request for a cleared prefix reports the
+        miss as `evicted`.
+        """
+        if namespace is not None:
+            self._check_namespace(namespace)
+        arr = None if prefix is None else as_token_array(prefix)
+        storage = self._storage
+        with self._lock:
+            self._check_open()
+            storage.drain()
+            self._expire_pins()
+            if arr is None:
+                for pin in self._pins:
+                    if namespace is None or pin.namespace == namespace:
+                        self._release_pin(pin)
+                self._drop_hot(lambda ns, tokens: namespace is None or ns == namespace)
+                dropped = 0
+                for ns, trie in list(storage.tries.items()):
+                    if namespace is None or ns == namespace:
+                        for child in list(trie.root.children.values()):
+                            dropped += storage.clear_below(child)
+            else:
+                dropped = self._clear_prefix(self._namespace if namespace is None else namespace, arr)
+            self._enforce()
+        logger.debug("clear ns=%s prefix=%s: %d tokens dropped", namespace, None if arr is None else len(arr), dropped)
+        return dropped
+
+    def lookup(self, tokens: Sequence[int], *, namespace: Optional[str] = None) -> int:
+        """How many leading tokens of `tokens` the tries hold restorable now (every tier, no
+        holdback); nothing changes (kept hot sessions and the shared tier are not asked)."""
+        arr = as_token_array(tokens)
+        ns = self._namespace if namespace is None else self._check_namespace(namespace)
+        with self._lock:
+            self._expire_pins()
+            trie = self._storage.trie(ns)
+            return self._pinnable(trie.match(arr), len(arr)) if trie is not None else 0
+
+    def _clear_prefix(self, ns: str, arr: np.ndarray) -> int:
+        storage = self._storage
+        for pin in self._pins:
+            if pin.namespace == ns and pin.covered_by(arr):
+                self._release_pin(pin)
+        trie = storage.trie(ns)
+        match = trie.match(arr) if trie is not None else Match((), 0)
+        m, last = match.length, match.last
+        top = None
+        if last is not None and (m == len(arr) or (m == last.end and last.is_leaf)):
+            top = last  # (else what is stored of the prefix continues elsewhere: nothing is its own)
+            while not top.pins and not top.parent.is_root and len(top.parent.children) == 1 and not top.parent.pins:
+                top = top.parent  # the prefix's own positions, back to where another sequence branches off
+        kept = top.start if top is not None else m
+        n = len(arr)
+        self._drop_hot(lambda hns, tokens: hns == ns and (common_prefix(tokens, arr) > kept or
+                                                          (len(tokens) >= n and common_prefix(tokens, arr) == n)))
+        return storage.clear_below(top) if top is not None else 0
+
+    def _drop_hot(self, doomed: Callable[[str, np.ndarray], bool]) -> None:
+        """Forget the kept hot sessions `doomed(namespace, tokens)` picks."""
+        kept = [entry for entry in self._hot if not doomed(entry[0], entry[1])]
+        self._hot_bytes = sum(entry[3] for entry in kept)
+        self._hot.clear()
+        self._hot.extend(kept)
+
+    def _pinnable(self, match: Match, n: int) -> int:
+        """How much of the first `n` matched tokens restores (all of them may: a pin has no holdback)."""
+        return self._usable(match, n + 1, False)[0]
+
+    def _check_pin_room(self, match: Match, p: int, old: Optional[Pin]) -> None:
+        """Raise PinError if pinning the first `p` tokens of `match` would pass a tier's budget
+        (what comes from disk lands in host memory, or the device's without a host tier)."""
+        pager = self._storage.pager
+        landing = HOST if pager.budgets[HOST] != 0 else DEVICE
+        held = self._pins.nodes(exclude=old)
+        now = held_bytes(held)
+        more: dict[str, int] = {}
+        for node in match.path:
+            if node.start >= p or node.id in held:
+                continue
+            data = node.payload
+            nbytes = data.nbytes
+            if node.end > p:  # the pin ends inside this edge: its first part (the snapshot stays below)
+                nbytes = (nbytes - data.snapshot_nbytes) * (p - node.start) // (node.end - node.start)
+            tier = landing if data.tier == DISK else data.tier
+            more[tier] = more.get(tier, 0) + nbytes
+        for tier, extra in more.items():
+            budget = pager.budgets[tier]
+            if budget is not None and now.get(tier, 0) + extra > budget:
+                raise PinError(
+                    f"pinning these {p} tokens would hold {now.get(tier, 0) + extra} pinned bytes in the {tier} tier, "
+                    f"past its budget of {budget}; unpin something first, pin a shorter prefix, or raise the budget"
+                )
+
+    def _release_pin(self, pin: Pin) -> None:
+        self._pins.remove(pin)
+        self._storage.hold(pin.node, -1)
+
+    def _expire_pins(self) -> None:
+        """Pins whose ttl has passed end (checked lazily, at the start of public calls)."""
+        for pin in self._pins.due():
+            self._release_pin(pin)
+            self._counters.pins_expired += 1
+
+    def _fit_pins(self) -> bool:
+        """While pinned bytes pass a memory tier's budget, pins give way, the soonest to expire
+        first; True if any did."""
+        if not len(self._pins):
+            return False
+        budgets = self._storage.pager.budgets
+        order = self._pins.give_way_order()
+        dropped = False
+        while order:
+            held = held_bytes(self._pins.nodes())
+            if not any(budgets[t] is not None and held.get(t, 0) > budgets[t] for t in (DEVICE, HOST)):
+                break
+            pin = order.pop(0)
+            logger.info("a pin of %d tokens gives way to the budgets", len(pin.tokens))
+            self._release_pin(pin)
+            self._counters.pins_dropped += 1
+            dropped = True
+        return dropped
+
     @property
     def num_sequences(self) -> int:
         """Stored sequences that no other extends: the leaves of the tries."""
@@ -668,13 +920,14 @@ class PrefixCache:
         """Evict now, least valuable first, until at most `max_sequences` / `max_bytes` remain.
 
         A one-off trim (mlx-lm's `trim_to`); budgets keep holding afterwards as before.
-        Pinned paths stay.
+        Pinned paths stay (open sessions' and `pin`'s).
         """
         if max_sequences is not None:
             check_budget("max_sequences", max_sequences)
         if max_bytes is not None:
             check_budget("max_bytes", max_bytes)
         with self._lock:
+            self._expire_pins()
             self._storage.drain()
             self._storage.shrink(max_sequences, max_bytes)
 
@@ -833,10 +1086,13 @@ class PrefixCache:
     def stats(self) -> dict[str, Any]:
         """Counters since creation and the current size of the cache."""
         with self._lock:
+            self._expire_pins()
             storage = self._storage
             tries = storage.tries.values()
             return {
                 **self._counters.as_dict(),
+                "pins": len(self._pins),
+                "pinned_bytes": sum(held_bytes(self._pins.nodes()).values()),
                 **(self._shared.stats() if self._shared is not None else {}),
                 "nodes": sum(t.num_nodes for t in tries),
                 "tokens_stored": sum(t.num_tokens for t in tries),

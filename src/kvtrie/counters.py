@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import attrs
 
+from .misses import MISS_REASONS
+
 
 _CACHED = {tier: f"cached_tokens_{tier}" for tier in ("device", "host", "disk")}
 
@@ -31,10 +33,14 @@ class Counters:
     snapshots_made: int = 0  # recurrent snapshots stored
     snapshots_dropped: int = 0  # dropped by the policy or evicted
     snapshots_used: int = 0  # restores that resumed from a snapshot
+    cleared_tokens: int = 0  # dropped by `clear`
+    pins_expired: int = 0  # user pins whose ttl passed
+    pins_dropped: int = 0  # user pins that gave way to a budget
+    miss_reasons: dict = attrs.field(factory=lambda: dict.fromkeys(MISS_REASONS, 0))  # begins per miss reason
 
     def add_cached(self, tier: str, tokens: int) -> None:
         name = _CACHED[tier]
         setattr(self, name, getattr(self, name) + tokens)
 
     def as_dict(self) -> dict[str, int]:
-        return attrs.asdict(self)
+        return attrs.asdict(self)  # (a copy, the miss reasons' dict too)

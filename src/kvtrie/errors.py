@@ -7,3 +7,7 @@ class SessionError(ValueError):
 
 class CacheMismatchError(ValueError):
     """Live caches do not fit: another model's caches, wrong shapes/dtypes, or a wrong offset."""
+
+
+class PinError(ValueError):
+    """A pin was refused: the pinned bytes would pass a tier's budget."""

@@ -5,29 +5,49 @@ An eviction policy learns how long a sequence waits between uses from the sequen
 back. A sequence that was evicted (or never admitted) and comes back is a miss, and without a
 memory of it the policy would take it for a new one, forever, if nothing ever stays long enough
 to be reused: a round of users larger than the budget. `History` keeps, per namespace, a key
-per block of `block` tokens (a hash chained over the prefix, as the shared tier's and LMCache's
-token databases do) and when it was last seen, for at most `capacity` blocks, oldest forgotten
-first. Pure Python + numpy: it never imports mlx.
+per block of `block` tokens (a hash of the whole prefix up to the block's end, as the shared
+tier's and LMCache's token databases key blocks) and when it was last seen, for at most
+`capacity` blocks, oldest forgotten first. The same memory tells a miss's reason: a request whose
+next block was seen before lost it to eviction (`kvtrie.misses`). Pure Python + numpy: it never
+imports mlx.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from typing import Any
 
 import numpy as np
 
 
-def block_keys(namespace: str, tokens: np.ndarray, block: int) -> list[bytes]:
-    """One key per whole block of `tokens`: the hash of the namespace and every token up to the
-    block's end (chained, so each costs one block of hashing)."""
+def _hasher(namespace: str) -> Any:
+    """A running hash seeded with the namespace: fed a prefix's tokens, its digest is that prefix's key."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(hashlib.blake2b(namespace.encode(), digest_size=16).digest())
+    return h
+
+
+def block_keys(namespace: str, tokens: np.ndarray, block: int, start: int = 0) -> list[tuple[int, bytes]]:
+    """`(end, key)` for each whole block of `tokens` that ends past `start`: the key hashes the
+    namespace and every token up to the block's end (one running hash, so each costs one block
+    of hashing, and the prefix before `start` one pass in C)."""
     keys = []
-    h = hashlib.blake2b(namespace.encode(), digest_size=16).digest()
+    h = _hasher(namespace)
     data = np.ascontiguousarray(tokens, dtype=np.int32)
-    for end in range(block, len(data) + 1, block):
-        h = hashlib.blake2b(h + data[end - block : end].tobytes(), digest_size=16).digest()
-        keys.append(h)
+    first = (start // block) * block
+    h.update(data[:first])  # (numpy arrays are buffers: no copy)
+    for end in range(first + block, len(data) + 1, block):
+        h.update(data[end - block : end])
+        keys.append((end, h.copy().digest()))
     return keys
+
+
+def prefix_key(namespace: str, tokens: np.ndarray, end: int) -> bytes:
+    """The key of `tokens[:end]` (as `block_keys` gives it for a block ending at `end`)."""
+    h = _hasher(namespace)
+    h.update(np.ascontiguousarray(tokens[:end], dtype=np.int32))
+    return h.digest()
 
 
 class History:
@@ -48,13 +68,30 @@ class History:
         stops at the first block never seen); all of `tokens`' blocks are seen at `now` from here on."""
         found = []
         run = True
-        for i, key in enumerate(block_keys(namespace, tokens, self.block)):
+        for end, key in block_keys(namespace, tokens, self.block):
             last = self._seen.pop(key, None)
             if run and last is not None:
-                found.append(((i + 1) * self.block, last))
+                found.append((end, last))
             else:
                 run = False
             self._seen[key] = now
+        self._forget_oldest()
+        return found
+
+    def record(self, namespace: str, tokens: np.ndarray, start: int = 0, now: int = 0) -> None:
+        """Remember the blocks of `tokens` that end past `start` as seen at `now` (the ones before
+        were remembered when they were new)."""
+        for _, key in block_keys(namespace, tokens, self.block, start):
+            self._seen.pop(key, None)
+            self._seen[key] = now
+        self._forget_oldest()
+
+    def seen(self, namespace: str, tokens: np.ndarray, position: int) -> bool:
+        """Whether the whole block of `tokens` that holds `position` was seen (as part of a prefix
+        `tokens` begins with); False where that block is not whole in `tokens`."""
+        end = (position // self.block + 1) * self.block
+        return end <= len(tokens) and prefix_key(namespace, tokens, end) in self._seen
+
+    def _forget_oldest(self) -> None:
         while len(self._seen) > self.capacity:
             self._seen.popitem(last=False)
-        return found

@@ -5,7 +5,9 @@ the prompt cache (`ServerPromptCache`: a `TriePromptCache` with device + host bu
 always hold, an optional disk tier, one log line per request), the batch generator (which,
 for hybrid models, also stops the prefill at the point where a prompt leaves the trie, so the
 recurrent state there is stored) and the HTTP handler (`GET /kvtrie/stats`, `GET /metrics`, and
-Anthropic's `POST /v1/messages` and `/v1/messages/count_tokens`, see `serve_messages`).
+Anthropic's `POST /v1/messages` and `/v1/messages/count_tokens`, see `serve_messages`; cache
+control: `POST /kvtrie/prefill`, `POST|DELETE /kvtrie/pin`, `DELETE /kvtrie/cache`, see
+`kvtrie.control`). Each request's log line says why it restored less than it could (`, miss: evicted`).
 SIGTERM and Ctrl-C stop the server and flush the cache to its disk tier.
 
 `--prompt-cache-bytes B` bounds everything kvtrie holds in memory (its ledger: stored payloads,
@@ -29,7 +31,9 @@ from typing import Any, Optional, Sequence
 
 import attrs
 
+from .control import Controller, with_jobs
 from .integrations.mlx_lm import TriePromptCache, cache_offset
+from .misses import MISS_REASONS
 from .heap import exec_with_huge_pages, huge_pages, return_large_frees, rss_bytes
 from .models.fingerprint import model_fingerprint
 
@@ -118,6 +122,7 @@ class ServerPromptCache(TriePromptCache):
         self.prompt_tokens = 0
         self.cached_tokens = 0
         self.restore_seconds = 0.0
+        self.miss_reasons = dict.fromkeys(MISS_REASONS, 0)
 
     # --- building the per-model caches -----------------------------------------------------
 
@@ -166,7 +171,7 @@ class ServerPromptCache(TriePromptCache):
             return None, tokens
         before = pc.stats()
         with pc.begin(tokens) as session:
-            cached, caches, branches = session.cached, session.caches, session.branch_points
+            cached, caches, branches, reason = session.cached, session.caches, session.branch_points, session.miss_reason
         seconds = time.perf_counter() - tic
         after = pc.stats()
         tier = next(
@@ -178,6 +183,8 @@ class ServerPromptCache(TriePromptCache):
             self.prompt_tokens += len(tokens)
             self.cached_tokens += cached
             self.restore_seconds += seconds
+            if reason is not None:
+                self.miss_reasons[reason] += 1
             if pc.recurrent_layers:
                 # a hybrid model's state is stored only where the prefill stops: stop where the
                 # prompt leaves the trie (a branch point), the batch generator splits there
@@ -187,12 +194,25 @@ class ServerPromptCache(TriePromptCache):
                     while len(self._splits) > 64:
                         self._splits.pop(next(iter(self._splits)))
         logger.info(
-            "request: %d prompt tokens, %d cached (%s), restore %.2f ms",
-            len(tokens), cached, tier if cached else "miss", seconds * 1e3,
+            "request: %d prompt tokens, %d cached (%s), restore %.2f ms%s",
+            len(tokens), cached, tier if cached else "miss", seconds * 1e3, f", miss: {reason}" if reason else "",
         )
         if not cached and not any(k == "window" for k in pc.layer_kinds):
             return None, tokens
         return caches, tokens[cached:]
+
+    def prefix_cache(self, model_key: Any) -> Any:
+        """The loaded model's PrefixCache (made on first use)."""
+        return self._trie(model_key)
+
+    def prefix_caches(self) -> list:
+        """Every model's PrefixCache."""
+        return list(self._tries.values())
+
+    def trim_sequences(self, pc: Any) -> None:
+        """Hold `--prompt-cache-size` (when given) after storing outside a request."""
+        if self.options.max_sequences is not None:
+            pc.shrink(max_sequences=self.options.max_sequences)
 
     def trim_to(self, *, n_sequences: Optional[int] = None, n_bytes: Optional[int] = None) -> None:
         """The server's trim: the byte budgets already bound the device and host tiers (active
@@ -252,6 +272,7 @@ class ServerPromptCache(TriePromptCache):
                 "restore_ms_mean": 1e3 * self.restore_seconds / self.requests if self.requests else 0.0,
                 "breakpoint_requests": self.breakpoint_requests,  # requests with cache_control breakpoints
                 "breakpoints": self.breakpoints,
+                "miss_reasons": dict(self.miss_reasons),  # requests per reason they restored less (kvtrie.misses)
             }
         models = {json.dumps(list(k) if isinstance(k, tuple) else k): pc.stats() for k, pc in list(self._tries.items())}
         return {
@@ -288,6 +309,11 @@ def metrics_text(cache: ServerPromptCache) -> bytes:
             for name in ("requests", "prompt_tokens", "cached_tokens"):
                 yield CounterMetricFamily(f"kvtrie_{name}", f"{name.replace('_', ' ')} since the server started", value=stats[name])
             yield GaugeMetricFamily("kvtrie_hit_rate", "cached tokens / prompt tokens", value=stats["hit_rate"])
+            misses = CounterMetricFamily("kvtrie_misses", "requests that restored less than they could, per reason",
+                                         labels=["reason"])
+            for reason, count in stats["miss_reasons"].items():
+                misses.add_metric([reason], count)
+            yield misses
             yield GaugeMetricFamily("kvtrie_held_bytes", "bytes kvtrie holds in memory (bounded by --prompt-cache-bytes)",
                                     value=stats["held_bytes"])
             yield GaugeMetricFamily("kvtrie_process_resident_bytes", "the server process's resident memory (RSS)",
@@ -324,22 +350,28 @@ def metrics_text(cache: ServerPromptCache) -> bytes:
 _GAUGES = {
     "nodes", "tokens_stored", "sequences", "snapshots", "device_bytes", "host_bytes", "disk_bytes",
     "kv_bytes", "snapshot_bytes", "recycle_bytes", "held_bytes", "held_device_bytes", "held_host_bytes",
-    "in_use_bytes", "open_sessions",
+    "in_use_bytes", "open_sessions", "pins", "pinned_bytes",
 }
 
 
 def make_handler(base: type, cache: ServerPromptCache) -> type:
     """mlx-lm's APIHandler with `GET /kvtrie/stats` (JSON), `GET /metrics` (Prometheus) and the
-    Anthropic Messages API (`POST /v1/messages`, `POST /v1/messages/count_tokens`)."""
+    Anthropic Messages API (`POST /v1/messages`, `POST /v1/messages/count_tokens`) and the cache
+    control endpoints (`kvtrie.control`: prefill, pin, clear)."""
+    control = Controller(cache)
 
     class Handler(base):
         def do_POST(self):  # noqa: N802 (http.server's name)
             from . import serve_messages
 
             count_only = serve_messages.ROUTES.get(self.path.split("?", 1)[0])
-            if count_only is None:
-                return super().do_POST()
-            serve_messages.serve(self, cache, count_only=count_only)
+            if count_only is not None:
+                serve_messages.serve(self, cache, count_only=count_only)
+            elif not control.route(self, "POST"):
+                super().do_POST()
+
+        def do_DELETE(self):  # noqa: N802
+            control.route(self, "DELETE")
 
         def do_GET(self):  # noqa: N802 (http.server's name)
             path = self.path.split("?", 1)[0]
@@ -444,7 +476,8 @@ the stored prefixes on the device and host tiers, recycled live caches, free hos
 copies in flight to disk or Redis, and MLX's buffer cache (its limit is set within B). Not
 in B: the model's weights, and the requests being served (their own caches and activations).
 --prompt-cache-size no longer throttles sequences that share storage; given explicitly it
-caps the number of stored sequences (trie leaves). Also: GET /kvtrie/stats, GET /metrics.
+caps the number of stored sequences (trie leaves). Also: GET /kvtrie/stats, GET /metrics,
+POST /kvtrie/prefill, POST|DELETE /kvtrie/pin, DELETE /kvtrie/cache.
 Where glibc and the kernel allow it, the server restarts itself at once with malloc on
 transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1): fresh buffers fault in
 2 MiB at a time, 4-6x faster; KVTRIE_HUGE_PAGES=0 in the environment turns that off."""
@@ -520,7 +553,7 @@ def run(host: str, port: int, model_provider: Any, server_class: Optional[type] 
     return_large_frees(MMAP_THRESHOLD)
     cache = ServerPromptCache(options, model_provider)
     server.BatchGenerator = make_batch_generator(_original_batch_generator(server), cache)
-    generator = server.ResponseGenerator(model_provider, cache)
+    generator = with_jobs(server.ResponseGenerator)(model_provider, cache)
     handler = make_handler(handler_class or server.APIHandler, cache)
     logger.info(
         "kvtrie serve: prompt cache %d B (device %d, host %d; MLX's buffer cache at most %d of it), "

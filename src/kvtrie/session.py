@@ -30,8 +30,9 @@ class Session:
     stored with its last logits, which are then in `logits` (nothing to prefill). For
     models with whole-state layers, `capture_at` lists the offsets at which the caller
     should call `capture()` while prefilling, so later requests that stop there restore
-    fully. Use as a context manager: the path stays pinned (never evicted) until the
-    session closes.
+    fully. `miss_reason` says why a request restored less than it could have (see
+    `kvtrie.misses`), None when nothing was lost. Use as a context manager: the path stays
+    pinned (never evicted) until the session closes.
     """
 
     def __init__(
@@ -44,6 +45,7 @@ class Session:
         leaf: Any,
         plan: tuple[tuple[int, int], ...] = (),
         logits: Optional[mx.array] = None,
+        miss_reason: Optional[str] = None,
     ):
         self._owner = owner
         self.namespace = namespace
@@ -51,6 +53,7 @@ class Session:
         self.cached = cached
         self.caches: Optional[list] = caches
         self.logits = logits
+        self.miss_reason = miss_reason  # why less was restored than could have been (kvtrie.misses); None: nothing lost
         self.capture_at = tuple(p for p, _ in plan)
         self._reasons = dict(plan)
         self._captures: dict[int, tuple[tuple[Any, ...], Optional[mx.array]]] = {}

@@ -66,6 +66,7 @@ class TieredStorage:
         self.kv_bytes = 0
         self.snapshot_bytes = 0
         self.snapshots = 0  # nodes where a hybrid model can restore
+        self.kept: dict[int, int] = {}  # node id -> user pins ending there (`hold`): its snapshot stays, it never blocks
 
     # --- structure ---------------------------------------------------------------------------
 
@@ -143,8 +144,8 @@ class TieredStorage:
         """Drop the recurrent snapshot (and logits) at an interior node's end; its KV stays."""
         data = node.payload
         self.policy.forget(node)
-        if data.layers is None or not data.has_snapshot:
-            return
+        if data.layers is None or not data.has_snapshot or node.id in self.kept:
+            return  # (a pinned prefix's own snapshot is what makes it restorable)
         had = data.has_state
         self.account(data, -1)
         if self.disk is not None:
@@ -219,13 +220,16 @@ class TieredStorage:
 
     def reindex(self, *nodes: Node) -> None:
         """Re-enter nodes into the orders. A pinned node never moves or goes, but a speculative
-        snapshot on it may still be dropped: the session holds its own live state."""
+        snapshot on it may still be dropped (the session holds its own live state), unless a
+        user pin ends there; a leaf a user pin holds never blocks (it is not about to go)."""
         for node in nodes:
             self.pager.unindex(node)
             if node.parent is not None:
                 if node.pins:
-                    droppable = node.payload.tier != DISK and self.policy.speculative(node)
-                    self.pager.index(node, droppable, movable=False, blocks=self.policy.admits and node.is_leaf)
+                    kept = node.id in self.kept
+                    droppable = not kept and node.payload.tier != DISK and self.policy.speculative(node)
+                    blocks = self.policy.admits and node.is_leaf and not kept
+                    self.pager.index(node, droppable, movable=False, blocks=blocks)
                 else:
                     self.pager.index(node, self._evictable(node))
                 self.policy.rekey(node)
@@ -431,6 +435,42 @@ class TieredStorage:
             if reindex:
                 self.reindex(node)
             node = node.parent
+
+    def hold(self, node: Node, delta: int) -> None:
+        """A user pin ending at `node` starts (+1) or ends (-1): its path is pinned like an open
+        session's, and `node`'s snapshot stays."""
+        held = self.kept.get(node.id, 0) + delta
+        if held:
+            self.kept[node.id] = held
+        else:
+            self.kept.pop(node.id, None)
+        self.pin(node, delta)
+
+    def clear_below(self, node: Node) -> int:
+        """Remove `node` and its descendants but what open sessions pin (those and their paths
+        stay: pins reach every ancestor), keeping the trie a radix trie around what went.
+        Returns the tokens removed."""
+        dropped = 0
+        stack = [node]
+        while stack:
+            top = stack.pop()
+            if top.pins:  # an open session uses it: keep it, look below
+                stack.extend(top.children.values())
+                continue
+            parent = top.parent
+            order, below = [], [top]
+            while below:
+                m = below.pop()
+                order.append(m)
+                below.extend(m.children.values())
+            for m in reversed(order):  # leaves first
+                dropped += len(m.tokens)
+                self.forget(m)
+            self.restructured(parent)
+            if not parent.is_root and len(parent.children) == 1 and not parent.payload.has_snapshot:
+                self._merge(parent)  # (refused where pinned)
+        self.counters.cleared_tokens += dropped
+        return dropped
 
     def touch(self, nodes: Sequence[Node], reused: bool = False) -> None:
         """`nodes` were written or (`reused`) restored from: they are used now; a reuse also tells

@@ -92,6 +92,9 @@ def _identity_merge(upper: Any, lower: Any) -> Any:
     return lower
 
 
+# shared by every trie: a node's id is unique in the process (the orders, pins and records key
+# nodes by it, across namespaces)
+_NODE_IDS = itertools.count()
 _TOKEN_MAX = int(np.iinfo(TOKEN_DTYPE).max)
 _TOKEN_CODE = next(code for code in "ilh" if array.array(code).itemsize == np.dtype(TOKEN_DTYPE).itemsize)
 
@@ -145,7 +148,7 @@ class Trie:
     """
 
     def __init__(self, split_payload: SplitFn = _identity_split, merge_payload: MergeFn = _identity_merge):
-        self._ids = itertools.count()
+        self._ids = _NODE_IDS
         self.root = Node(next(self._ids), np.zeros(0, dtype=TOKEN_DTYPE), 0, None, None)
         self._split_payload = split_payload
         self._merge_payload = merge_payload

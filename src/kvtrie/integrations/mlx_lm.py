@@ -1,4 +1,5 @@
-"""kvtrie for mlx-lm: any mlx-lm model's caches, its `generate_step`, a drop-in `LRUPromptCache`, prompt-cache files.
+"""kvtrie for mlx-lm: any mlx-lm model's caches, its `generate_step`, a prefill without generating,
+a drop-in `LRUPromptCache`, prompt-cache files.
 
 Install with `pip install 'kvtrie[mlx-lm]'`. mlx-lm is imported lazily, so importing
 this module never fails; the functions that need it say so if it is missing.
@@ -10,11 +11,14 @@ import json
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Optional
 
+import attrs
 import mlx.core as mx
 import numpy as np
 
 from ..cache import PrefixCache
+from ..errors import PinError
 from ..layers import WINDOW, leaves
+from ..pins import check_ttl
 from ..trie import as_token_array
 
 
@@ -90,6 +94,56 @@ def generate_step(
             held = len(tokens) if held is None else held
             if generated and session.cached <= held <= len(tokens):
                 session.commit(tokens[:held])
+
+
+@attrs.frozen
+class Prefilled:
+    """What `prefill` did: `added` tokens computed and stored (the rest of the prompt was stored
+    already), `pinned` tokens pinned (0 without `pin=True`, or when the budgets refused the pin:
+    `pin_error` says why)."""
+
+    added: int
+    pinned: int = 0
+    pin_error: Optional[str] = None
+
+
+def prefill(
+    prompt: Sequence[int],
+    model: Any,
+    prefix_cache: PrefixCache,
+    *,
+    namespace: Optional[str] = None,
+    capture_hints: Sequence[int] = (),
+    prefill_step_size: int = 2048,
+    pin: bool = False,
+    ttl: Optional[float] = None,
+) -> Prefilled:
+    """Compute and store the state of `prompt` without generating: restore what is stored, run
+    the model over the rest in chunks of `prefill_step_size` (taking the recurrent snapshots the
+    session plans on the way), commit; with `pin=True` pin it (`PrefixCache.pin`, `ttl`) before
+    its session lets go of it, so the eviction policy never sees it unpinned."""
+    if isinstance(prefill_step_size, bool) or not isinstance(prefill_step_size, int) or prefill_step_size < 1:
+        raise ValueError(f"prefill_step_size must be a positive int, got {prefill_step_size!r}")
+    arr = as_token_array(prompt)
+    if pin:
+        check_ttl(ttl)  # (before any work)
+    with prefix_cache.begin(arr, namespace=namespace, capture_hints=capture_hints) as session:
+        caches = session.caches
+        done = session.cached
+        for point in (*session.capture_at, len(arr)):
+            for lo in range(done, point, prefill_step_size):
+                model(mx.array(arr[lo : min(lo + prefill_step_size, point)], dtype=mx.int32)[None], cache=caches)
+                mx.eval([c.state for c in leaves(caches)])
+            if point < len(arr):
+                session.capture(point)
+            done = point
+        added = session.commit(arr)
+        if not pin:
+            return Prefilled(added)
+        try:
+            return Prefilled(added, prefix_cache.pin(arr, namespace=namespace, ttl=ttl))
+        except PinError as exc:
+            return Prefilled(added, 0, str(exc))
 
 
 class TriePromptCache:
