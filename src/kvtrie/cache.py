@@ -697,17 +697,23 @@ class PrefixCache:
         evaluate(p for _, _, layers in out for p in layers)
         return out
 
-    def store(self, tokens: Sequence[int], caches: list, *, namespace: Optional[str] = None) -> int:
+    def store(self, tokens: Sequence[int], caches: list, *, namespace: Optional[str] = None,
+              then: Optional[Callable[[], Any]] = None) -> int:
         """Store the state `caches` hold for `tokens` (computed elsewhere: a file, another server).
 
         Like a session's commit: the caches must hold `len(tokens)` positions; they are
-        copied, never kept. Returns the number of tokens added.
+        copied, never kept. Returns the number of tokens added. `then()`, if given, runs after
+        the commit while the stored path is still held (e.g. to `pin` part of it before the
+        budgets are enforced on it).
         """
         arr = as_token_array(tokens)
         ns = self._namespace if namespace is None else self._check_namespace(namespace)
         session = Session(self, ns, arr, 0, None, None)
         try:
-            return self._commit(session, arr, caches)
+            added = self._commit(session, arr, caches)
+            if then is not None:
+                then()
+            return added
         finally:
             self._close(session)
 

@@ -32,9 +32,10 @@ from typing import Any, Optional, Sequence
 import attrs
 
 from .control import Controller, with_jobs
-from .integrations.mlx_lm import TriePromptCache, cache_offset
-from .misses import MISS_REASONS
 from .heap import exec_with_huge_pages, huge_pages, return_large_frees, rss_bytes
+from .integrations.mlx_lm import TriePromptCache, cache_offset
+from .keepalive import KeepAlive
+from .misses import MISS_REASONS
 from .models.fingerprint import model_fingerprint
 
 logger = logging.getLogger("kvtrie.serve")
@@ -118,6 +119,7 @@ class ServerPromptCache(TriePromptCache):
         self._breakpoints: dict[tuple[int, ...], tuple[tuple[int, ...], tuple[str, ...]]] = {}
         self.breakpoint_requests = 0
         self.breakpoints = 0
+        self.keep_alive = KeepAlive()  # breakpoints kept for their TTL once stored
         self.requests = 0
         self.prompt_tokens = 0
         self.cached_tokens = 0
@@ -228,8 +230,9 @@ class ServerPromptCache(TriePromptCache):
 
     def note_breakpoints(self, tokens: Sequence[int], positions: Sequence[int], ttls: Sequence[str]) -> None:
         """Record a request's cache breakpoints: offsets in its prompt `tokens` where blocks marked with
-        `cache_control` end, each with its TTL ("5m" or "1h"). For now kept per prompt (the last 64,
-        `breakpoints_for`) and counted in the stats; later, capture points and keep-alive promises."""
+        `cache_control` end, each with its TTL ("5m" or "1h"). Kept per prompt (the last 64,
+        `breakpoints_for`), counted in the stats, and a keep-alive promise: once stored, each prefix
+        up to a breakpoint is pinned for its TTL unless the budget cannot hold it (`KeepAlive`)."""
         positions, ttls = tuple(int(p) for p in positions), tuple(ttls)
         if len(positions) != len(ttls):
             raise ValueError(f"one TTL per breakpoint: {len(positions)} positions, {len(ttls)} TTLs")
@@ -244,6 +247,7 @@ class ServerPromptCache(TriePromptCache):
                 self._breakpoints.pop(next(iter(self._breakpoints)))
             self.breakpoint_requests += 1
             self.breakpoints += len(positions)
+        self.keep_alive.note(tokens, positions, ttls)
 
     def breakpoints_for(self, tokens: Sequence[int]) -> tuple[tuple[int, ...], tuple[str, ...]]:
         """The breakpoints noted for the prompt `tokens`: (positions, TTLs), empty when none were."""
@@ -255,9 +259,15 @@ class ServerPromptCache(TriePromptCache):
         held = cache_offset(prompt_cache)
         tokens = list(tokens)[: len(tokens) if held is None else held]
         if tokens:
-            pc.store(tokens, prompt_cache)
+            pc.store(tokens, prompt_cache, then=lambda: self._keep(pc, tokens))
         if self.options.max_sequences is not None:
             pc.shrink(max_sequences=self.options.max_sequences)
+
+    def _keep(self, pc: Any, tokens: list[int]) -> None:
+        try:  # pinned while the store still holds the path, so the budget's enforcement spares it
+            self.keep_alive.stored(pc, tokens)
+        except Exception:  # never fail a request over a keep-alive pin
+            logger.exception("keeping a cache breakpoint failed")
 
     # --- what the endpoints show -----------------------------------------------------------
 
@@ -272,6 +282,7 @@ class ServerPromptCache(TriePromptCache):
                 "restore_ms_mean": 1e3 * self.restore_seconds / self.requests if self.requests else 0.0,
                 "breakpoint_requests": self.breakpoint_requests,  # requests with cache_control breakpoints
                 "breakpoints": self.breakpoints,
+                **self.keep_alive.stats(),
                 "miss_reasons": dict(self.miss_reasons),  # requests per reason they restored less (kvtrie.misses)
             }
         models = {json.dumps(list(k) if isinstance(k, tuple) else k): pc.stats() for k, pc in list(self._tries.items())}
@@ -306,8 +317,11 @@ def metrics_text(cache: ServerPromptCache) -> bytes:
 
     class Collector:
         def collect(self):
-            for name in ("requests", "prompt_tokens", "cached_tokens"):
+            for name in ("requests", "prompt_tokens", "cached_tokens", "breakpoints_kept", "breakpoints_given_way",
+                         "breakpoints_unkept"):
                 yield CounterMetricFamily(f"kvtrie_{name}", f"{name.replace('_', ' ')} since the server started", value=stats[name])
+            yield GaugeMetricFamily("kvtrie_breakpoints_held", "cache breakpoints pinned for their TTL now",
+                                    value=stats["breakpoints_held"])
             yield GaugeMetricFamily("kvtrie_hit_rate", "cached tokens / prompt tokens", value=stats["hit_rate"])
             misses = CounterMetricFamily("kvtrie_misses", "requests that restored less than they could, per reason",
                                          labels=["reason"])
