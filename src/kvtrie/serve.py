@@ -1,11 +1,13 @@
 """`kvtrie serve`: mlx_lm.server with its prompt cache on kvtrie, bounded in bytes, observable.
 
-It runs mlx-lm's own server (every flag of `mlx_lm.server` works) with three parts swapped in:
+It runs mlx-lm's own server (every flag of `mlx_lm.server` works) with four parts swapped in:
 the prompt cache (`ServerPromptCache`: a `TriePromptCache` with device + host budgets that
 always hold, an optional disk tier, one log line per request), the batch generator (which,
-for hybrid models, also stops the prefill at the point where a prompt leaves the trie, so the
-recurrent state there is stored) and the HTTP handler (`GET /kvtrie/stats`, `GET /metrics`, and
-Anthropic's `POST /v1/messages` and `/v1/messages/count_tokens`, see `serve_messages`).
+for hybrid models, also stops the prefill where a prompt leaves the trie and at its
+`cache_control` breakpoints, so the recurrent state there is stored), the single-request path
+(`serve_single`: seeded requests, `--kv-bits`, a draft model; the same stops) and the HTTP
+handler (`GET /kvtrie/stats`, `GET /metrics`, and Anthropic's `POST /v1/messages` and
+`/v1/messages/count_tokens`, see `serve_messages`).
 SIGTERM and Ctrl-C stop the server and flush the cache to its disk tier.
 
 `--prompt-cache-bytes B` bounds everything kvtrie holds in memory (its ledger: stored payloads,
@@ -18,6 +20,7 @@ mmap threshold is fixed at start), so the process's resident memory follows the 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -29,6 +32,7 @@ from typing import Any, Optional, Sequence
 
 import attrs
 
+from . import serve_single
 from .integrations.mlx_lm import TriePromptCache, cache_offset
 from .heap import exec_with_huge_pages, huge_pages, return_large_frees, rss_bytes
 from .models.fingerprint import model_fingerprint
@@ -96,8 +100,8 @@ class ServeOptions:
 
 class ServerPromptCache(TriePromptCache):
     """The server's prompt cache: one PrefixCache per loaded model, bounded in bytes, with a
-    log line per request and a hit-rate record; `split_points` tells the batch generator where
-    a hybrid model's prefill should stop to store its state."""
+    log line per request and a hit-rate record; `split_points` tells the batch generator and the
+    single path where a hybrid model's prefill should stop to store its state."""
 
     def __init__(self, options: ServeOptions, model_provider: Any):
         super().__init__(
@@ -124,8 +128,9 @@ class ServerPromptCache(TriePromptCache):
     def _fresh_caches(self, model_key: Any) -> list:
         from mlx_lm.models.cache import make_prompt_cache
 
-        model = self._model_for(model_key)
-        return make_prompt_cache(model)
+        model, draft = self._model_for(model_key), self._provider.draft_model
+        # with a draft model, its caches follow the main model's in one list (as speculative decoding takes them)
+        return make_prompt_cache(model) + (make_prompt_cache(draft) if draft is not None else [])
 
     def _model_for(self, model_key: Any) -> Any:
         provider = self._provider
@@ -140,7 +145,7 @@ class ServerPromptCache(TriePromptCache):
 
             kwargs = dict(self._kwargs, recycle_bytes=self.options.recycle_bytes, mlx_cache_bytes=self.options.mlx_cache_limit)
             if self.options.disk_dir is not None or self.options.shared_url is not None:
-                kwargs["fingerprint"] = model_fingerprint(self._model_for(model))
+                kwargs["fingerprint"] = self._fingerprint(model)
             if self.options.shared_url is not None:
                 kwargs.update(shared_url=self.options.shared_url, shared_block_tokens=self.options.shared_block_tokens)
             if self.options.disk_dir is not None:
@@ -155,6 +160,11 @@ class ServerPromptCache(TriePromptCache):
             # `trim_to` (called with the total) keeps the sum within it
             pc = self._tries[model] = PrefixCache(lambda: self._fresh_caches(model), **kwargs)
         return pc
+
+    def _fingerprint(self, model_key: Any) -> str:
+        """The loaded model's fingerprint (with a draft model: of both, as their caches are stored together)."""
+        main, draft = model_fingerprint(self._model_for(model_key)), self._provider.draft_model
+        return main if draft is None else hashlib.sha256(f"{main}+{model_fingerprint(draft)}".encode()).hexdigest()
 
     # --- mlx-lm's prompt-cache interface -------------------------------------------------
 
@@ -180,8 +190,10 @@ class ServerPromptCache(TriePromptCache):
             self.restore_seconds += seconds
             if pc.recurrent_layers:
                 # a hybrid model's state is stored only where the prefill stops: stop where the
-                # prompt leaves the trie (a branch point), the batch generator splits there
-                branch = tuple(p for p in branches if cached < p < len(tokens) - 1)
+                # prompt leaves the trie (a branch point) and at its cache breakpoints; the
+                # batch generator and the single path split there
+                marks = self._breakpoints.get(tuple(tokens), ((), ()))[0]
+                branch = tuple(sorted({p for p in (*branches, *marks) if cached < p < len(tokens) - 1}))
                 if branch:
                     self._splits[tuple(tokens)] = branch
                     while len(self._splits) > 64:
@@ -208,8 +220,8 @@ class ServerPromptCache(TriePromptCache):
 
     def note_breakpoints(self, tokens: Sequence[int], positions: Sequence[int], ttls: Sequence[str]) -> None:
         """Record a request's cache breakpoints: offsets in its prompt `tokens` where blocks marked with
-        `cache_control` end, each with its TTL ("5m" or "1h"). For now kept per prompt (the last 64,
-        `breakpoints_for`) and counted in the stats; later, capture points and keep-alive promises."""
+        `cache_control` end, each with its TTL ("5m" or "1h"). Kept per prompt (the last 64, `breakpoints_for`)
+        and counted in the stats; on a hybrid model they are capture points (`split_points`)."""
         positions, ttls = tuple(int(p) for p in positions), tuple(ttls)
         if len(positions) != len(ttls):
             raise ValueError(f"one TTL per breakpoint: {len(positions)} positions, {len(ttls)} TTLs")
@@ -231,13 +243,19 @@ class ServerPromptCache(TriePromptCache):
             return self._breakpoints.get(tuple(tokens), ((), ()))
 
     def insert_cache(self, model: Any, tokens: Sequence[int], prompt_cache: list, *, cache_type: str = "assistant") -> None:
-        pc = self._trie(model)
-        held = cache_offset(prompt_cache)
-        tokens = list(tokens)[: len(tokens) if held is None else held]
-        if tokens:
-            pc.store(tokens, prompt_cache)
-        if self.options.max_sequences is not None:
-            pc.shrink(max_sequences=self.options.max_sequences)
+        """Store what `prompt_cache` holds of `tokens`; never raises (a failed store is logged)."""
+        try:
+            pc = self._trie(model)
+            prompt_cache = serve_single.dequantized(prompt_cache)  # --kv-bits: stored as the KVCaches kvtrie holds
+            serve_single.settle_offsets(prompt_cache)
+            held = cache_offset(prompt_cache)
+            tokens = list(tokens)[: len(tokens) if held is None else held]
+            if tokens:
+                pc.store(tokens, prompt_cache)
+            if self.options.max_sequences is not None:
+                pc.shrink(max_sequences=self.options.max_sequences)
+        except Exception:  # never fail a request over a cache store
+            logger.exception("storing %d tokens in the prompt cache failed", len(tokens))
 
     # --- what the endpoints show -----------------------------------------------------------
 
@@ -508,8 +526,8 @@ def options_from(args: argparse.Namespace) -> ServeOptions:
 
 
 def run(host: str, port: int, model_provider: Any, server_class: Optional[type] = None, handler_class: Optional[type] = None) -> None:
-    """mlx_lm.server.run with kvtrie's prompt cache, batch generator and handler; stops cleanly
-    on SIGTERM / Ctrl-C, flushing the cache."""
+    """mlx_lm.server.run with kvtrie's prompt cache, batch generator, single path and handler;
+    stops cleanly on SIGTERM / Ctrl-C, flushing the cache."""
     import mlx.core as mx
     import mlx_lm.server as server
 
@@ -521,6 +539,7 @@ def run(host: str, port: int, model_provider: Any, server_class: Optional[type] 
     cache = ServerPromptCache(options, model_provider)
     server.BatchGenerator = make_batch_generator(_original_batch_generator(server), cache)
     generator = server.ResponseGenerator(model_provider, cache)
+    serve_single.install(server, generator, cache)
     handler = make_handler(handler_class or server.APIHandler, cache)
     logger.info(
         "kvtrie serve: prompt cache %d B (device %d, host %d; MLX's buffer cache at most %d of it), "
@@ -540,6 +559,7 @@ def run(host: str, port: int, model_provider: Any, server_class: Optional[type] 
         generator.stop_and_join()
     finally:
         signal.signal(signal.SIGTERM, previous)
+        serve_single.uninstall(server)
         cache.close()
         logger.info("kvtrie serve: stopped, cache flushed")
 
