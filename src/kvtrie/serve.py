@@ -1,13 +1,15 @@
 """`kvtrie serve`: mlx_lm.server with its prompt cache on kvtrie, bounded in bytes, observable.
 
-It runs mlx-lm's own server (every flag of `mlx_lm.server` works) with three parts swapped in:
+It runs mlx-lm's own server (every flag of `mlx_lm.server` works) with four parts swapped in:
 the prompt cache (`ServerPromptCache`: a `TriePromptCache` with device + host budgets that
 always hold, an optional disk tier, one log line per request), the batch generator (which,
-for hybrid models, also stops the prefill at the point where a prompt leaves the trie, so the
-recurrent state there is stored) and the HTTP handler (`GET /kvtrie/stats`, `GET /metrics`, and
-Anthropic's `POST /v1/messages` and `/v1/messages/count_tokens`, see `serve_messages`; cache
-control: `POST /kvtrie/prefill`, `POST|DELETE /kvtrie/pin`, `DELETE /kvtrie/cache`, see
-`kvtrie.control`). Each request's log line says why it restored less than it could (`, miss: evicted`).
+for hybrid models, also stops the prefill where a prompt leaves the trie and at its
+`cache_control` breakpoints, so the recurrent state there is stored), the single-request path
+(`serve_single`: seeded requests, `--kv-bits`, a draft model; the same stops) and the HTTP
+handler (`GET /kvtrie/stats`, `GET /metrics`, Anthropic's `POST /v1/messages` and
+`/v1/messages/count_tokens`, see `serve_messages`; cache control: `POST /kvtrie/prefill`,
+`POST|DELETE /kvtrie/pin`, `DELETE /kvtrie/cache`, see `kvtrie.control`). Each request's log
+line says why it restored less than it could (`, miss: evicted`).
 SIGTERM and Ctrl-C stop the server and flush the cache to its disk tier.
 
 `--prompt-cache-bytes B` bounds everything kvtrie holds in memory (its ledger: stored payloads,
@@ -20,6 +22,7 @@ mmap threshold is fixed at start), so the process's resident memory follows the 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -31,6 +34,7 @@ from typing import Any, Optional, Sequence
 
 import attrs
 
+from . import serve_single
 from .control import Controller, with_jobs
 from .heap import exec_with_huge_pages, huge_pages, return_large_frees, rss_bytes
 from .integrations.mlx_lm import TriePromptCache, cache_offset
@@ -101,8 +105,8 @@ class ServeOptions:
 
 class ServerPromptCache(TriePromptCache):
     """The server's prompt cache: one PrefixCache per loaded model, bounded in bytes, with a
-    log line per request and a hit-rate record; `split_points` tells the batch generator where
-    a hybrid model's prefill should stop to store its state."""
+    log line per request and a hit-rate record; `split_points` tells the batch generator and the
+    single path where a hybrid model's prefill should stop to store its state."""
 
     def __init__(self, options: ServeOptions, model_provider: Any):
         super().__init__(
@@ -131,8 +135,9 @@ class ServerPromptCache(TriePromptCache):
     def _fresh_caches(self, model_key: Any) -> list:
         from mlx_lm.models.cache import make_prompt_cache
 
-        model = self._model_for(model_key)
-        return make_prompt_cache(model)
+        model, draft = self._model_for(model_key), self._provider.draft_model
+        # with a draft model, its caches follow the main model's in one list (as speculative decoding takes them)
+        return make_prompt_cache(model) + (make_prompt_cache(draft) if draft is not None else [])
 
     def _model_for(self, model_key: Any) -> Any:
         provider = self._provider
@@ -147,7 +152,7 @@ class ServerPromptCache(TriePromptCache):
 
             kwargs = dict(self._kwargs, recycle_bytes=self.options.recycle_bytes, mlx_cache_bytes=self.options.mlx_cache_limit)
             if self.options.disk_dir is not None or self.options.shared_url is not None:
-                kwargs["fingerprint"] = model_fingerprint(self._model_for(model))
+                kwargs["fingerprint"] = self._fingerprint(model)
             if self.options.shared_url is not None:
                 kwargs.update(shared_url=self.options.shared_url, shared_block_tokens=self.options.shared_block_tokens)
             if self.options.disk_dir is not None:
@@ -162,6 +167,11 @@ class ServerPromptCache(TriePromptCache):
             # `trim_to` (called with the total) keeps the sum within it
             pc = self._tries[model] = PrefixCache(lambda: self._fresh_caches(model), **kwargs)
         return pc
+
+    def _fingerprint(self, model_key: Any) -> str:
+        """The loaded model's fingerprint (with a draft model: of both, as their caches are stored together)."""
+        main, draft = model_fingerprint(self._model_for(model_key)), self._provider.draft_model
+        return main if draft is None else hashlib.sha256(f"{main}+{model_fingerprint(draft)}".encode()).hexdigest()
 
     # --- mlx-lm's prompt-cache interface -------------------------------------------------
 
@@ -189,8 +199,10 @@ class ServerPromptCache(TriePromptCache):
                 self.miss_reasons[reason] += 1
             if pc.recurrent_layers:
                 # a hybrid model's state is stored only where the prefill stops: stop where the
-                # prompt leaves the trie (a branch point), the batch generator splits there
-                branch = tuple(p for p in branches if cached < p < len(tokens) - 1)
+                # prompt leaves the trie (a branch point) and at its cache breakpoints; the
+                # batch generator and the single path split there
+                marks = self._breakpoints.get(tuple(tokens), ((), ()))[0]
+                branch = tuple(sorted({p for p in (*branches, *marks) if cached < p < len(tokens) - 1}))
                 if branch:
                     self._splits[tuple(tokens)] = branch
                     while len(self._splits) > 64:
@@ -231,8 +243,9 @@ class ServerPromptCache(TriePromptCache):
     def note_breakpoints(self, tokens: Sequence[int], positions: Sequence[int], ttls: Sequence[str]) -> None:
         """Record a request's cache breakpoints: offsets in its prompt `tokens` where blocks marked with
         `cache_control` end, each with its TTL ("5m" or "1h"). Kept per prompt (the last 64,
-        `breakpoints_for`), counted in the stats, and a keep-alive promise: once stored, each prefix
-        up to a breakpoint is pinned for its TTL unless the budget cannot hold it (`KeepAlive`)."""
+        `breakpoints_for`), counted in the stats; on a hybrid model they are capture points
+        (`split_points`), and each is a keep-alive promise: once stored, each prefix up to a
+        breakpoint is pinned for its TTL unless the budget cannot hold it (`KeepAlive`)."""
         positions, ttls = tuple(int(p) for p in positions), tuple(ttls)
         if len(positions) != len(ttls):
             raise ValueError(f"one TTL per breakpoint: {len(positions)} positions, {len(ttls)} TTLs")
@@ -255,13 +268,19 @@ class ServerPromptCache(TriePromptCache):
             return self._breakpoints.get(tuple(tokens), ((), ()))
 
     def insert_cache(self, model: Any, tokens: Sequence[int], prompt_cache: list, *, cache_type: str = "assistant") -> None:
-        pc = self._trie(model)
-        held = cache_offset(prompt_cache)
-        tokens = list(tokens)[: len(tokens) if held is None else held]
-        if tokens:
-            pc.store(tokens, prompt_cache, then=lambda: self._keep(pc, tokens))
-        if self.options.max_sequences is not None:
-            pc.shrink(max_sequences=self.options.max_sequences)
+        """Store what `prompt_cache` holds of `tokens`; never raises (a failed store is logged)."""
+        try:
+            pc = self._trie(model)
+            prompt_cache = serve_single.dequantized(prompt_cache)  # --kv-bits: stored as the KVCaches kvtrie holds
+            serve_single.settle_offsets(prompt_cache)
+            held = cache_offset(prompt_cache)
+            tokens = list(tokens)[: len(tokens) if held is None else held]
+            if tokens:
+                pc.store(tokens, prompt_cache, then=lambda: self._keep(pc, tokens))
+            if self.options.max_sequences is not None:
+                pc.shrink(max_sequences=self.options.max_sequences)
+        except Exception:  # never fail a request over a cache store
+            logger.exception("storing %d tokens in the prompt cache failed", len(tokens))
 
     def _keep(self, pc: Any, tokens: list[int]) -> None:
         try:  # pinned while the store still holds the path, so the budget's enforcement spares it
@@ -555,8 +574,8 @@ def options_from(args: argparse.Namespace) -> ServeOptions:
 
 
 def run(host: str, port: int, model_provider: Any, server_class: Optional[type] = None, handler_class: Optional[type] = None) -> None:
-    """mlx_lm.server.run with kvtrie's prompt cache, batch generator and handler; stops cleanly
-    on SIGTERM / Ctrl-C, flushing the cache."""
+    """mlx_lm.server.run with kvtrie's prompt cache, batch generator, single path and handler;
+    stops cleanly on SIGTERM / Ctrl-C, flushing the cache."""
     import mlx.core as mx
     import mlx_lm.server as server
 
@@ -568,6 +587,7 @@ def run(host: str, port: int, model_provider: Any, server_class: Optional[type] 
     cache = ServerPromptCache(options, model_provider)
     server.BatchGenerator = make_batch_generator(_original_batch_generator(server), cache)
     generator = with_jobs(server.ResponseGenerator)(model_provider, cache)
+    serve_single.install(server, generator, cache)
     handler = make_handler(handler_class or server.APIHandler, cache)
     logger.info(
         "kvtrie serve: prompt cache %d B (device %d, host %d; MLX's buffer cache at most %d of it), "
@@ -587,6 +607,7 @@ def run(host: str, port: int, model_provider: Any, server_class: Optional[type] 
         generator.stop_and_join()
     finally:
         signal.signal(signal.SIGTERM, previous)
+        serve_single.uninstall(server)
         cache.close()
         logger.info("kvtrie serve: stopped, cache flushed")
 
