@@ -361,7 +361,8 @@ def server(tmp_path_factory):
     model_dir = make_model_dir(root / "llama-tools", "llama", tools=True)
     port = free_port()
     cmd = [sys.executable, "-m", "kvtrie.serve", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
-           "--max-tokens", "8", "--prompt-cache-bytes", "64M"]
+           "--max-tokens", "8", "--prompt-cache-bytes", "64M",
+           "--no-next-turn"]  # the cache holds exactly what requests stored (next turns: tests/test_next_turn.py)
     with ServerProcess(cmd, port, log_path=root / "server.log") as srv:
         srv.model_dir = model_dir
         yield srv

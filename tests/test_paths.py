@@ -50,9 +50,10 @@ def model_dirs(tmp_path_factory):
 
 
 def kvtrie_serve(model_dir: Path, log_dir: Path, *flags: str, name: str) -> ServerProcess:
+    # the paths' own plans compared: next-turn jobs (background, timing-dependent) left out
     port = free_port()
     cmd = [sys.executable, "-m", "kvtrie.serve", "--model", str(model_dir), "--host", "127.0.0.1",
-           "--port", str(port), "--max-tokens", "8", "--prompt-cache-bytes", "64M", *flags]
+           "--port", str(port), "--max-tokens", "8", "--prompt-cache-bytes", "64M", "--no-next-turn", *flags]
     return ServerProcess(cmd, port, log_path=log_dir / f"{name}.log")
 
 

@@ -115,7 +115,9 @@ def test_chat_clients_hit_what_an_exact_prefix_cache_would(model_dirs, tmp_path,
     hybrid model, which restores only where a state was stored, close to it and never more."""
     d = model_dirs[arch]
     stored, log = [], []
-    with kvtrie_serve(d, tmp_path, "--prompt-cache-bytes", "64M") as srv:
+    # (what the server generated and stored; the next turn computed in the background restores more:
+    # tests/test_next_turn.py)
+    with kvtrie_serve(d, tmp_path, "--prompt-cache-bytes", "64M", "--no-next-turn") as srv:
         converse(srv.url, d, [0, 1, 2], 3, stored, log)
         stats = get_json(srv.url, "/kvtrie/stats")
         metrics = urllib.request.urlopen(srv.url + "/metrics", timeout=30).read().decode()

@@ -10,6 +10,8 @@ handler (`GET /kvtrie/stats`, `GET /metrics`, Anthropic's `POST /v1/messages` an
 `/v1/messages/count_tokens`, see `serve_messages`; cache control: `POST /kvtrie/prefill`,
 `POST|DELETE /kvtrie/pin`, `DELETE /kvtrie/cache`, see `kvtrie.control`). Each request's log
 line says why it restored less than it could (`, miss: evicted`).
+After each chat reply the conversation's next turn (the reply as the chat template renders it back)
+is prefilled in the background while the server is idle (`kvtrie.next_turn`, `--no-next-turn`).
 SIGTERM and Ctrl-C stop the server and flush the cache to its disk tier.
 
 `--prompt-cache-bytes B` bounds everything kvtrie holds in memory (its ledger: stored payloads,
@@ -41,6 +43,7 @@ from .integrations.mlx_lm import TriePromptCache, cache_offset
 from .keepalive import KeepAlive
 from .misses import MISS_REASONS
 from .models.fingerprint import model_fingerprint
+from .next_turn import with_next_turn
 
 logger = logging.getLogger("kvtrie.serve")
 
@@ -77,6 +80,7 @@ class ServeOptions:
     shared_block_tokens: int = 256
     recycle_bytes: Optional[int] = None  # freed live caches kept for the next restores (None: what B leaves)
     mlx_cache_bytes: Optional[int] = None  # MLX's buffer cache, at most (None: an eighth of B)
+    next_turn: bool = True  # compute each conversation's next turn in the background (kvtrie.next_turn)
 
     def __attrs_post_init__(self) -> None:
         if self.cache_bytes < 0 or not 0 <= self.host_bytes <= self.cache_bytes:
@@ -129,6 +133,7 @@ class ServerPromptCache(TriePromptCache):
         self.cached_tokens = 0
         self.restore_seconds = 0.0
         self.miss_reasons = dict.fromkeys(MISS_REASONS, 0)
+        self.next_turn: Any = None  # the server's kvtrie.next_turn.NextTurn, told of every prompt served
 
     # --- building the per-model caches -----------------------------------------------------
 
@@ -177,6 +182,8 @@ class ServerPromptCache(TriePromptCache):
 
     def fetch_nearest_cache(self, model: Any, tokens: Sequence[int]) -> tuple[Optional[list], list[int]]:
         tokens = list(tokens)
+        if self.next_turn is not None:
+            self.next_turn.saw_prompt(tokens)
         tic = time.perf_counter()
         pc = self._trie(model) if tokens else None
         if pc is None:
@@ -304,6 +311,9 @@ class ServerPromptCache(TriePromptCache):
                 **self.keep_alive.stats(),
                 "miss_reasons": dict(self.miss_reasons),  # requests per reason they restored less (kvtrie.misses)
             }
+        jobs = self.next_turn
+        totals.update(jobs.stats() if jobs is not None else
+                      {"next_turn_jobs": 0, "next_turn_tokens": 0, "next_turn_cancelled": 0, "next_turn_pending": 0})
         models = {json.dumps(list(k) if isinstance(k, tuple) else k): pc.stats() for k, pc in list(self._tries.items())}
         return {
             **totals,
@@ -337,11 +347,12 @@ def metrics_text(cache: ServerPromptCache) -> bytes:
     class Collector:
         def collect(self):
             for name in ("requests", "prompt_tokens", "cached_tokens", "breakpoints_kept", "breakpoints_given_way",
-                         "breakpoints_unkept"):
+                         "breakpoints_unkept", "next_turn_jobs", "next_turn_tokens", "next_turn_cancelled"):
                 yield CounterMetricFamily(f"kvtrie_{name}", f"{name.replace('_', ' ')} since the server started", value=stats[name])
             yield GaugeMetricFamily("kvtrie_breakpoints_held", "cache breakpoints pinned for their TTL now",
                                     value=stats["breakpoints_held"])
             yield GaugeMetricFamily("kvtrie_hit_rate", "cached tokens / prompt tokens", value=stats["hit_rate"])
+            yield GaugeMetricFamily("kvtrie_next_turn_pending", "next-turn jobs waiting or running", value=stats["next_turn_pending"])
             misses = CounterMetricFamily("kvtrie_misses", "requests that restored less than they could, per reason",
                                          labels=["reason"])
             for reason, count in stats["miss_reasons"].items():
@@ -511,6 +522,9 @@ in B: the model's weights, and the requests being served (their own caches and a
 --prompt-cache-size no longer throttles sequences that share storage; given explicitly it
 caps the number of stored sequences (trie leaves). Also: GET /kvtrie/stats, GET /metrics,
 POST /kvtrie/prefill, POST|DELETE /kvtrie/pin, DELETE /kvtrie/cache.
+After each chat reply, the conversation as its next request will render it (the reply
+re-rendered by the chat template) is prefilled in the background when the server is idle
+(--no-next-turn turns that off).
 Where glibc and the kernel allow it, the server restarts itself at once with malloc on
 transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1): fresh buffers fault in
 2 MiB at a time, 4-6x faster; KVTRIE_HUGE_PAGES=0 in the environment turns that off."""
@@ -534,6 +548,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--recycle-bytes", type=_size, default=None,
                        help="at most this much of freed live caches kept (within B) for the next restores to write "
                             "into: a restore then skips MLX's zero fill (default: what B leaves; 0 turns it off)")
+    group.add_argument("--no-next-turn", action="store_true",
+                       help="do not compute a conversation's next turn in the background after each chat reply "
+                            "(the reply as the client sends it back, re-rendered by the chat template)")
     group.add_argument("--mlx-cache-bytes", type=_size, default=None,
                        help=f"at most this much of freed buffers MLX keeps for reuse (within B; default "
                             f"{int(MLX_CACHE_SHARE * 100)}%% of B)")
@@ -570,6 +587,7 @@ def options_from(args: argparse.Namespace) -> ServeOptions:
         shared_block_tokens=args.shared_block_tokens,
         recycle_bytes=args.recycle_bytes,
         mlx_cache_bytes=args.mlx_cache_bytes,
+        next_turn=not getattr(args, "no_next_turn", False),
     )
 
 
@@ -586,7 +604,7 @@ def run(host: str, port: int, model_provider: Any, server_class: Optional[type] 
     return_large_frees(MMAP_THRESHOLD)
     cache = ServerPromptCache(options, model_provider)
     server.BatchGenerator = make_batch_generator(_original_batch_generator(server), cache)
-    generator = with_jobs(server.ResponseGenerator)(model_provider, cache)
+    generator = with_jobs(with_next_turn(server.ResponseGenerator, cache, enabled=options.next_turn))(model_provider, cache)
     serve_single.install(server, generator, cache)
     handler = make_handler(handler_class or server.APIHandler, cache)
     logger.info(
