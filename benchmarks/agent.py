@@ -44,6 +44,11 @@ endpoints: `/v1/chat/completions` (usage `prompt_tokens_details.cached_tokens`) 
 last message's last block, as Claude Code sends them); mlx_lm.server has only the first.
 Both servers run unbounded: `--prompt-cache-bytes 8G --prompt-cache-size 1000000`.
 
+The servers of one comparison (per model: kvtrie on each endpoint and mlx-lm; the four runs of
+the reasoning variant) run side by side: each request of the plan goes to every one of them in
+turn, one request at a time, the first to go rotating, so load from outside the benchmark (2
+shared cores) falls on all of them alike. Each keeps its own conversation (its own replies).
+
 Measured per (model, server, endpoint): hit rate = sum of cached / sum of prompt tokens; the
 oracle's (an infinite store of every earlier prompt + the ids generated for it, longest common
 prefix, at most len(prompt) - 1); TTFT p50/p95 (time from sending to the first content or
@@ -649,8 +654,21 @@ def openai_tools(tools) -> list[dict]:
             for t in tools]
 
 
-def render(model_dir: Path, messages: list[dict], tools: list[dict]) -> list[int]:
-    """The prompt ids the servers compute (mlx-lm parses a tool call's JSON arguments first)."""
+_RENDERED: dict[str, list[int]] = {}
+
+
+def render(model_dir: Path, messages: list[dict], tools: list[dict] | None) -> list[int]:
+    """The prompt ids the servers compute (mlx-lm parses a tool call's JSON arguments first);
+    the last few are remembered, since servers side by side are sent the same conversation."""
+    key = hashlib.sha256(json.dumps([str(model_dir), messages, tools]).encode()).hexdigest()
+    if key not in _RENDERED:
+        while len(_RENDERED) >= 16:
+            _RENDERED.pop(next(iter(_RENDERED)))
+        _RENDERED[key] = _render(model_dir, messages, tools)
+    return list(_RENDERED[key])
+
+
+def _render(model_dir: Path, messages: list[dict], tools: list[dict] | None) -> list[int]:
     msgs = copy.deepcopy(messages)
     for m in msgs:
         for call in m.get("tool_calls") or []:
@@ -785,49 +803,50 @@ def server_blas(pid: int) -> str:
     return f"OpenBLAS ({min(libs)}, preloaded)" if libs else "the mlx wheel's bundled BLAS"
 
 
-def drive(plan: Plan, url: str, model_dir: Path, endpoint: str, reasoning: bool, max_tokens: int, on_request) -> list[dict]:
-    """Send the plan's requests in order, one at a time, each reply fed back into its agent's history."""
-    tok = fast_tokenizer()
-    tools = openai_tools(plan.tools)
-    sent: dict[str, list[list[dict]]] = {name: [] for name in plan.agents}
-    replies: dict[str, str] = {}
-    stored: list[np.ndarray] = []
-    records = []
-    for i, (name, turn) in enumerate(plan.schedule):
-        agent = plan.agents[name]
+class Conversation:
+    """One target's side of the plan: every agent's messages and replies, what was stored."""
+
+    def __init__(self, plan: Plan, model_dir: Path, endpoint: str, reasoning: bool, max_tokens: int):
+        self.plan, self.model_dir, self.endpoint, self.reasoning, self.max_tokens = plan, model_dir, endpoint, reasoning, max_tokens
+        self.tools = openai_tools(plan.tools)
+        self.sent: dict[str, list[list[dict]]] = {name: [] for name in plan.agents}
+        self.replies: dict[str, str] = {}
+        self.stored: list[np.ndarray] = []  # prompt + completion ids of every request (the oracle's store)
+
+    def step(self, url: str, i: int) -> dict:
+        """Send the plan's request `i` (the earlier ones are sent) and feed its reply back."""
+        name, turn = self.plan.schedule[i]
+        agent = self.plan.agents[name]
         if turn == 0:
             if agent.fork is None:
                 msgs = [{"role": "user", "content": [{"type": "text", "text": agent.task}]}]
             else:
                 parent, j = agent.fork
-                msgs = copy.deepcopy(sent[parent][j])
+                msgs = copy.deepcopy(self.sent[parent][j])
                 msgs[-1]["content"].append({"type": "text", "text": agent.task})
         else:
             action = agent.actions[turn - 1]
-            msgs = sent[name][-1] + [assistant_message(replies[name], action, reasoning), user_message(action)]
-        sent[name].append(msgs)
-        oa = openai_messages(plan.system, msgs)
-        prompt = render(model_dir, oa, tools)
-        oracle = oracle_cached(stored, prompt)
-        if endpoint == "openai":
-            r = stream_openai(url, oa, tools, max_tokens)
+            msgs = self.sent[name][-1] + [assistant_message(self.replies[name], action, self.reasoning), user_message(action)]
+        self.sent[name].append(msgs)
+        oa = openai_messages(self.plan.system, msgs)
+        prompt = render(self.model_dir, oa, self.tools)
+        oracle = oracle_cached(self.stored, prompt)
+        if self.endpoint == "openai":
+            r = stream_openai(url, oa, self.tools, self.max_tokens)
         else:
-            r = stream_anthropic(url, anthropic_body(plan, msgs, max_tokens))
+            r = stream_anthropic(url, anthropic_body(self.plan, msgs, self.max_tokens))
         if r["prompt_tokens"] != len(prompt):
             raise RuntimeError(f"request {i} ({name} #{turn}): the server counted {r['prompt_tokens']} prompt tokens, "
                                f"the client's render {len(prompt)}")
         reply = r["reasoning"] + r["text"]  # (the reasoning variant's replies are all reasoning)
         if reply and not reply.startswith(" "):
             reply = " " + reply  # the streaming detokenizer drops a reply's leading space
-        replies[name] = reply
-        ids = tok.encode(reply, add_special_tokens=False).ids
-        stored.append(np.asarray(prompt + ids, np.int64))
-        record = {"index": i, "agent": name, "turn": turn, "prompt": len(prompt), "cached": r["cached_tokens"],
-                  "oracle": oracle, "ttft_s": r["ttft_s"], "latency_s": r["latency_s"],
-                  "completion": r["completion_tokens"], "reply_ids_match": len(ids) == r["completion_tokens"]}
-        records.append(record)
-        on_request(i, record)
-    return records
+        self.replies[name] = reply
+        ids = fast_tokenizer().encode(reply, add_special_tokens=False).ids
+        self.stored.append(np.asarray(prompt + ids, np.int64))
+        return {"index": i, "agent": name, "turn": turn, "prompt": len(prompt), "cached": r["cached_tokens"],
+                "oracle": oracle, "ttft_s": r["ttft_s"], "latency_s": r["latency_s"],
+                "completion": r["completion_tokens"], "reply_ids_match": len(ids) == r["completion_tokens"]}
 
 
 def pct(values, q: float) -> float:
@@ -855,50 +874,94 @@ def summary(records: list[dict]) -> dict:
             "reply_ids_mismatches": sum(not r["reply_ids_match"] for r in records)}
 
 
-def run_cell(server: str, endpoint: str, model_dir: Path, plan: Plan, args, logs: Path, bar, reasoning: bool,
-             label: str) -> dict:
-    port = free_port()
-    proc = ServerProcess(server_cmd(server, model_dir, port), port, timeout=180.0, log_path=logs / f"{label}.log")
-    out: dict[str, Any] = {"server": server, "endpoint": endpoint, "reasoning": reasoning}
-    sampler: RssSampler | None = None
+class Runner:
+    """A server on one endpoint, its process, its RSS sampler and its side of the conversation."""
+
+    def __init__(self, server: str, endpoint: str, model_dir: Path, plan: Plan, args, logs: Path, reasoning: bool,
+                 label: str):
+        self.server, self.label = server, label
+        self.conv = Conversation(plan, model_dir, endpoint, reasoning, args.max_tokens)
+        port = free_port()
+        self.proc = ServerProcess(server_cmd(server, model_dir, port), port, timeout=180.0, log_path=logs / f"{label}.log")
+        self.out: dict[str, Any] = {"server": server, "endpoint": endpoint, "reasoning": reasoning}
+        self.records: list[dict] = []
+        self.sampler: RssSampler | None = None
+        self.reset = False
+
+    @property
+    def failed(self) -> bool:
+        return "error" in self.out
+
+    def fail(self, e: BaseException) -> None:
+        self.out["error"] = f"{type(e).__name__}: {e}"[:2000]
+        self.out["log_tail"] = self.proc.log_tail(30)
+        self.close()
+
+    def start(self) -> None:
+        try:
+            self.proc.start()
+            self.out["startup_s"] = self.proc.startup_s
+            chat(self.proc.url, [{"role": "user", "content": "Hello! Is the server ready?"}], 4, timeout=REQUEST_TIMEOUT)
+            pid = listening_pid(self.proc.port, self.proc.pid)
+            if pid is None:
+                raise RuntimeError(f"no process of the server's tree (pid {self.proc.pid}) listens on port {self.proc.port}")
+            self.out["server_blas"] = server_blas(pid)
+            self.sampler = RssSampler(pid, period=0.1)
+            time.sleep(0.3)
+            self.out["rss_baseline_bytes"] = self.sampler.rss()
+            self.reset = self.sampler.reset_peak()
+            self.sampler.start()
+        except Exception as e:  # noqa: BLE001 (recorded and printed; the other runs go on)
+            self.fail(e)
+
+    def step(self, i: int) -> None:
+        try:
+            self.records.append(self.conv.step(self.proc.url, i))
+            self.sampler.mark(i)
+        except Exception as e:  # noqa: BLE001
+            self.fail(e)
+
+    def finish(self) -> dict:
+        if not self.failed:
+            try:
+                self.sampler.stop()
+                peak = max(self.sampler.peak, self.sampler.hwm() if self.reset else 0)
+                self.out.update(rss_peak_bytes=peak, rss_growth_bytes=peak - self.out["rss_baseline_bytes"],
+                                rss_end_bytes=self.sampler.rss())
+                if self.server == "kvtrie":
+                    with urllib.request.urlopen(self.proc.url + "/kvtrie/stats", timeout=30) as r:
+                        self.out["stats"] = json.loads(r.read())
+            except Exception as e:  # noqa: BLE001
+                self.fail(e)
+        if self.records:
+            self.out.update(summary(self.records))
+            self.out["busy_s"] = sum(r["latency_s"] for r in self.records)
+        self.out["records"] = self.records
+        self.close()
+        return self.out
+
+    def close(self) -> None:
+        if self.sampler is not None:
+            self.sampler.stop()
+        self.proc.stop()
+
+
+def run_group(runners: list[Runner], plan: Plan, bar) -> list[dict]:
+    """Servers side by side: each request of the plan goes to every server in turn, one at a time,
+    the first to go rotating, so load from outside falls on all of them alike."""
     try:
-        proc.start()
-        out["startup_s"] = proc.startup_s
-        chat(proc.url, [{"role": "user", "content": "Hello! Is the server ready?"}], 4, timeout=REQUEST_TIMEOUT)
-        pid = listening_pid(port, proc.pid)
-        if pid is None:
-            raise RuntimeError(f"no process of the server's tree (pid {proc.pid}) listens on port {port}")
-        out["server_blas"] = server_blas(pid)
-        sampler = RssSampler(pid, period=0.1)
-        time.sleep(0.3)
-        baseline = sampler.rss()
-        reset = sampler.reset_peak()
-        sampler.start()
-
-        def on_request(i: int, record: dict) -> None:
-            sampler.mark(i)
-            bar.update()
-
-        t = time.perf_counter()
-        records = drive(plan, proc.url, model_dir, endpoint, reasoning, args.max_tokens, on_request)
-        out["wall_s"] = time.perf_counter() - t
-        sampler.stop()
-        peak = max(sampler.peak, sampler.hwm() if reset else 0)
-        out.update(summary(records))
-        out.update(rss_baseline_bytes=baseline, rss_peak_bytes=peak, rss_growth_bytes=peak - baseline,
-                   rss_end_bytes=sampler.rss())
-        if server == "kvtrie":
-            with urllib.request.urlopen(proc.url + "/kvtrie/stats", timeout=30) as r:
-                out["stats"] = json.loads(r.read())
-        out["records"] = records
-    except Exception as e:  # noqa: BLE001 (recorded and printed; the other runs go on)
-        out["error"] = f"{type(e).__name__}: {e}"[:2000]
-        out["log_tail"] = proc.log_tail(30)
+        for r in runners:
+            r.start()
+        for i in range(len(plan)):
+            k = i % len(runners)
+            for r in runners[k:] + runners[:k]:
+                if not r.failed:
+                    bar.set_postfix_str(r.label)
+                    r.step(i)
+                bar.update()
     finally:
-        if sampler is not None:
-            sampler.stop()
-        proc.stop()
-    return out
+        outs = [r.finish() for r in runners]
+    return outs
 
 
 def plan_args(args) -> dict:
@@ -926,18 +989,16 @@ def run(args: argparse.Namespace) -> dict:
         logs.mkdir(parents=True, exist_ok=True)
         for arch in args.models:
             model_dir = make_model_dir(tmp / arch, arch, seed=args.seed)
-            cells = results["models"][arch] = {}
-            for server, endpoint in CELLS:
-                bar.set_postfix_str(f"{arch}: {server} {endpoint}")
-                cells[f"{server} {endpoint}"] = run_cell(server, endpoint, model_dir, plan, args, logs, bar, False,
-                                                         f"{arch}-{server}-{endpoint}")
+            runners = [Runner(server, endpoint, model_dir, plan, args, logs, False, f"{arch}-{server}-{endpoint}")
+                       for server, endpoint in CELLS]
+            outs = run_group(runners, plan, bar)
+            results["models"][arch] = {f"{server} {endpoint}": out for (server, endpoint), out in zip(CELLS, outs)}
             if arch == "qwen3_next" and reasoning_cells:
-                for kind in REASONING:
-                    rdir = template_dir(model_dir, tmp / f"{arch}-{kind}", reasoning_template(kind))
-                    for server in ("kvtrie", "mlx-lm"):
-                        bar.set_postfix_str(f"{arch} reasoning {kind}: {server}")
-                        results["reasoning"].setdefault(kind, {})[server] = run_cell(
-                            server, "openai", rdir, plan, args, logs, bar, True, f"{arch}-{kind}-{server}")
+                dirs = {kind: template_dir(model_dir, tmp / f"{arch}-{kind}", reasoning_template(kind)) for kind in REASONING}
+                runners = [Runner(server, "openai", dirs[kind], plan, args, logs, True, f"{arch}-{kind}-{server}")
+                           for kind, server in reasoning_cells]
+                for (kind, server), out in zip(reasoning_cells, run_group(runners, plan, bar)):
+                    results["reasoning"].setdefault(kind, {})[server] = out
     bar.close()
     results["targets"] = targets(results)
     return results
@@ -980,7 +1041,7 @@ def _fmt(v: Any, spec: str) -> str:
 
 
 HEAD = (f"{'hit%':>5} {'oracle%':>7} {'xoracle':>7} {'computed':>8} {'TTFT p50':>9} {'p95 ms':>7} {'lat p50':>7} "
-        f"{'RSS +MiB':>8} {'wall s':>6}")
+        f"{'RSS +MiB':>8} {'busy s':>6}")
 
 
 def _row(label: str, c: dict, next_turn: bool = False) -> str:
@@ -990,7 +1051,7 @@ def _row(label: str, c: dict, next_turn: bool = False) -> str:
     return (f"{label} {100 * c['hit_rate']:>5.1f} {100 * c['oracle_hit_rate']:>7.1f} {c['vs_oracle']:>7.3f} "
             f"{_fmt(c.get(f'{key}computed_p50'), '8.0f'):>8} "
             f"{_fmt(c.get(f'{key}ttft_p50_ms'), '9.0f'):>9} {_fmt(c.get(f'{key}ttft_p95_ms'), '7.0f'):>7} "
-            f"{_fmt(c.get('latency_p50_ms'), '7.0f'):>7} {c.get('rss_growth_bytes', 0) / MiB:>8.1f} {c['wall_s']:>6.1f}")
+            f"{_fmt(c.get('latency_p50_ms'), '7.0f'):>7} {c.get('rss_growth_bytes', 0) / MiB:>8.1f} {c['busy_s']:>6.1f}")
 
 
 def _notes(c: dict, indent: int) -> list[str]:
@@ -1033,7 +1094,7 @@ def print_tables(results: dict) -> None:
                 for line in _notes(c, 12):
                     print(line)
     print("computed = p50 of prompt - cached tokens per request; RSS +MiB = the server's peak RSS over its "
-          "post-warm-up baseline")
+          "post-warm-up baseline; busy s = the sum of its requests' latencies")
     print("\ntargets:")
     for t in results["targets"]:
         print(f"  {t['verdict']:<11} {t['target']}: {_fmt(t['measured'], '.3f')} (goal {t['goal']})")
