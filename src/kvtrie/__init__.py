@@ -2,7 +2,7 @@
 
 from .cache import PrefixCache
 from .session import Session
-from .errors import CacheMismatchError, PinError, SessionError
+from .errors import CacheMismatchError, PinError, SessionError, UnsafeDirectoryError
 from .trie import Trie
 
 __all__ = ["PrefixCache", "Session", "Trie", "SessionError", "CacheMismatchError", "PinError"]

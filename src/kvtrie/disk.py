@@ -40,6 +40,7 @@ import numpy as np
 import xxhash
 
 from .arrays import LINE, MLX_LINE_OFFSET, HostArray, HostPool
+from .errors import UnsafeDirectoryError
 from .recurrent import RecurrentPayload
 from .snapshot import KVPayload
 
@@ -222,12 +223,33 @@ class WriteJob:
     copies: bool = False  # the arrays are copies made for the writer (given back to the pool after)
 
 
+DIR_MODE = 0o700  # a new disk-tier directory: its owner's alone
+RECORD_MODE = 0o600
+
+
+def private_directory(directory: str | os.PathLike) -> Path:
+    """`directory`, created 0700 where it is missing; one that other users can write to is refused
+    (`UnsafeDirectoryError`): they could plant well-formed records that kvtrie would restore as state."""
+    path = Path(directory)
+    if not path.exists():
+        path.mkdir(parents=True, mode=DIR_MODE)
+        os.chmod(path, DIR_MODE)  # (mkdir's mode passes through the umask)
+    st = path.stat()
+    if not path.is_dir():
+        raise UnsafeDirectoryError(f"disk tier: {path} is not a directory")
+    if st.st_mode & 0o022:
+        raise UnsafeDirectoryError(
+            f"disk tier: {path} is writable by other users (mode {st.st_mode & 0o777:o}); records planted there "
+            f"would be restored as state. Use a directory only you can write to (chmod go-w {path}, or a new one)"
+        )
+    return path
+
+
 class DiskStore:
     """A directory of payload files and an index, with a background writer."""
 
     def __init__(self, directory: str | os.PathLike, queue_size: int = 16):
-        self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir = private_directory(directory)
         self._jobs: queue.Queue[Optional[WriteJob | str]] = queue.Queue(maxsize=queue_size)
         self.done: queue.SimpleQueue[tuple[WriteJob, Optional[str], Optional[BaseException]]] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._write_loop, name="kvtrie-disk-writer", daemon=True)
@@ -243,7 +265,8 @@ class DiskStore:
 
     def _atomic_write(self, target: Path, data: bytes) -> None:
         tmp = target.with_name(target.name + ".tmp")
-        with open(tmp, "wb") as f:
+        # records are the process's alone: 0600 whatever the umask (prompts can be read back from them)
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, RECORD_MODE), "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

@@ -11,3 +11,7 @@ class CacheMismatchError(ValueError):
 
 class PinError(ValueError):
     """A pin was refused: the pinned bytes would pass a tier's budget."""
+
+
+class UnsafeDirectoryError(ValueError):
+    """A disk-tier directory other users could write to (they could plant records kvtrie would restore)."""

@@ -38,6 +38,8 @@ import attrs
 
 from . import serve_single
 from .control import Controller, with_jobs
+from .disk import private_directory
+from .errors import UnsafeDirectoryError
 from .heap import exec_with_huge_pages, huge_pages, return_large_frees, rss_bytes
 from .integrations.mlx_lm import TriePromptCache, cache_offset
 from .keepalive import KeepAlive
@@ -598,6 +600,11 @@ def run(host: str, port: int, model_provider: Any, server_class: Optional[type] 
     import mlx_lm.server as server
 
     options = options_from(model_provider.cli_args)
+    if options.disk_dir is not None:
+        try:  # refused at start, not at the first write: created 0700, never one others can write to
+            private_directory(options.disk_dir)
+        except (UnsafeDirectoryError, OSError) as exc:
+            raise SystemExit(f"kvtrie serve: --disk-dir: {exc}") from None
     # MLX keeps freed buffers for reuse up to a limit the PrefixCache sets within B (its ledger
     # counts them); blocks past 1 MiB that anyone frees go back to the operating system at once
     mx.set_cache_limit(options.mlx_cache_limit)
