@@ -44,7 +44,7 @@ from .pins import Pin, Pins, check_ttl, held_bytes
 from .policy import POLICIES, REASON_NAMES, END, PlanRequest, WorthPolicy
 from .arrays import HostArray, on_cpu, to_device
 from .session import Session
-from .shared import SharedTier
+from .shared import SharedTier, secret_bytes
 from .recycle import Recycler
 from .snapshot import KVPayload, Piece, capture_tokens, evaluate, lays_out_in_numpy, stitch
 from .storage import TieredStorage
@@ -91,6 +91,9 @@ class PrefixCache:
     `shared_block_tokens` tokens (and snapshots), and a request whose local restore is shorter
     than what the shared tier holds brings the rest from there into the local tiers. Any
     Redis failure is a miss (`stats()["shared_errors"]`), never an error or a wrong state.
+    `shared_secret` (bytes or str) authenticates the shared tier: values carry a keyed MAC and
+    keys derive from the secret, so only processes with the same secret share blocks; a value
+    that fails its MAC is a miss (`stats()["shared_rejected"]`). Values are not encrypted.
 
     The live caches of the last `hot_sessions` committed sessions are kept after they
     close: a request that continues one of those sequences takes them over as they are,
@@ -139,9 +142,14 @@ class PrefixCache:
         shared_url: Optional[str] = None,
         shared_block_tokens: int = 256,
         shared_timeout: float = 0.25,
+        shared_secret: Optional[bytes | str] = None,
         recycle_bytes: Optional[int] = None,
         mlx_cache_bytes: Optional[int] = None,
     ):
+        if shared_secret is not None:  # before anything is built
+            shared_secret = secret_bytes(shared_secret)
+            if shared_url is None:
+                raise ValueError("shared_secret needs shared_url (it authenticates the shared tier)")
         if not callable(make_cache):
             raise TypeError(f"make_cache must be callable (a model's make_cache), got {type(make_cache).__name__}")
         if snapshot_interval is not None:
@@ -229,7 +237,7 @@ class PrefixCache:
             self._shared = SharedTier(
                 shared_url, fingerprint=fingerprint, layout=[f"{t}:{k}" for t, k in zip(self._layer_types, self._kinds)],
                 kinds=self._kinds, block_tokens=shared_block_tokens, timeout=float(shared_timeout),
-                ledger=ledger,
+                ledger=ledger, secret=shared_secret,
             )
         self._stop_persisting = threading.Event()
         self._persister: Optional[threading.Thread] = None

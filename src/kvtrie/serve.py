@@ -80,6 +80,7 @@ class ServeOptions:
     persist_seconds: float = 2.0  # a stored sequence is on disk this long after (plus the write)
     shared_url: Optional[str] = None  # a Redis shared by servers (redis://, rediss://, a cluster node)
     shared_block_tokens: int = 256
+    shared_secret: Optional[bytes] = attrs.field(default=None, repr=False)  # authenticates the shared tier
     recycle_bytes: Optional[int] = None  # freed live caches kept for the next restores (None: what B leaves)
     mlx_cache_bytes: Optional[int] = None  # MLX's buffer cache, at most (None: an eighth of B)
     next_turn: bool = True  # compute each conversation's next turn in the background (kvtrie.next_turn)
@@ -161,7 +162,8 @@ class ServerPromptCache(TriePromptCache):
             if self.options.disk_dir is not None or self.options.shared_url is not None:
                 kwargs["fingerprint"] = self._fingerprint(model)
             if self.options.shared_url is not None:
-                kwargs.update(shared_url=self.options.shared_url, shared_block_tokens=self.options.shared_block_tokens)
+                kwargs.update(shared_url=self.options.shared_url, shared_block_tokens=self.options.shared_block_tokens,
+                              shared_secret=self.options.shared_secret)
             if self.options.disk_dir is not None:
                 fingerprint = kwargs["fingerprint"]
                 kwargs.update(
@@ -544,6 +546,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "rediss://, a password in the URL, or any node of a Redis Cluster")
     group.add_argument("--shared-block-tokens", type=int, default=256,
                        help="tokens per shared block (every server sharing a Redis must use the same)")
+    group.add_argument("--shared-secret-file", default=None,
+                       help="a file holding a secret (its bytes, less a trailing newline) that authenticates the "
+                            "shared tier: values carry a keyed MAC and keys derive from it, so only servers with the "
+                            "same secret share blocks (values are not encrypted)")
     group.add_argument("--persist-seconds", type=float, default=2.0,
                        help="with --disk-dir: what was stored this many seconds ago is on disk, so a server killed "
                             "at any moment (kill -9 included) restarts warm with it (default 2)")
@@ -587,10 +593,29 @@ def options_from(args: argparse.Namespace) -> ServeOptions:
         persist_seconds=args.persist_seconds,
         shared_url=args.shared_url,
         shared_block_tokens=args.shared_block_tokens,
+        shared_secret=read_secret(getattr(args, "shared_secret_file", None), args.shared_url),
         recycle_bytes=args.recycle_bytes,
         mlx_cache_bytes=args.mlx_cache_bytes,
         next_turn=not getattr(args, "no_next_turn", False),
     )
+
+
+def read_secret(path: Optional[str], shared_url: Optional[str] = None) -> Optional[bytes]:
+    """The secret in `--shared-secret-file` (its bytes less one trailing newline), None without
+    one; an unreadable or empty file ends the server at start with a clear message."""
+    if path is None:
+        return None
+    if shared_url is None:
+        raise SystemExit("kvtrie serve: --shared-secret-file needs --shared-url (it authenticates the shared tier)")
+    try:
+        with open(path, "rb") as f:
+            secret = f.read()
+    except OSError as exc:
+        raise SystemExit(f"kvtrie serve: --shared-secret-file: cannot read {path}: {exc}") from None
+    secret = secret[:-2] if secret.endswith(b"\r\n") else secret[:-1] if secret.endswith(b"\n") else secret
+    if not secret:
+        raise SystemExit(f"kvtrie serve: --shared-secret-file: {path} is empty")
+    return secret
 
 
 def run(host: str, port: int, model_provider: Any, server_class: Optional[type] = None, handler_class: Optional[type] = None) -> None:

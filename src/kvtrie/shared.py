@@ -14,6 +14,14 @@ the format version, the fingerprint, the layout, the cache signature and what th
 covers (the tensors' dtypes and shapes are in its own header). A value that fails any check
 is a miss from there on, never state.
 
+With a secret (`secret=`, `PrefixCache(shared_secret=...)`) the tier is authenticated: every
+value is `b"KVT2"`, a 32-byte keyed BLAKE2b MAC over the magic and the body, and the same
+safetensors body; the MAC key and a key salt both derive from the secret (BLAKE2b, each with
+its own label), and the salt goes into the hash chain's root, so processes with another secret
+or none use other keys and share nothing. A value that fails its MAC (forged, damaged, written
+with another secret or none) is a miss, counted in `rejected` (and `errors`), never state.
+Values are not encrypted: whoever reads the Redis reads them.
+
 Publishing runs on a background thread behind a bounded queue (a full queue drops the job,
 counted); it sends only keys Redis lacks, and what it sent is checked again after a minute,
 so each block crosses the wire once and a flushed or restarted Redis is refilled. Reads are
@@ -26,6 +34,7 @@ backs off (0.5 s doubling to 5 s) before trying again. Eviction is Redis's own
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 import queue
 import struct
@@ -49,7 +58,36 @@ from .snapshot import TOKEN_AXIS, KVPayload
 
 logger = logging.getLogger("kvtrie")
 
-MAGIC = b"KVT1"
+MAGIC = b"KVT1"  # + CRC-32 (4 bytes) + body: no secret
+MAGIC_MAC = b"KVT2"  # + keyed BLAKE2b (32 bytes) over magic + body, + body: with a secret
+MAC_SIZE = 32
+
+
+def secret_bytes(secret: Any) -> bytes:
+    """A shared secret as bytes (str as UTF-8): TypeError for another type, ValueError if empty."""
+    if isinstance(secret, str):
+        secret = secret.encode()
+    elif isinstance(secret, (bytearray, memoryview)):
+        secret = bytes(secret)
+    elif not isinstance(secret, bytes):
+        raise TypeError(f"shared_secret must be bytes or str, got {type(secret).__name__}")
+    if not secret:
+        raise ValueError("shared_secret must not be empty")
+    return secret
+
+
+def derive(secret: bytes) -> tuple[bytes, bytes]:
+    """(the MAC key, 64 bytes; the key salt, 16 bytes) of a secret, each from its own label."""
+    mac_key = hashlib.blake2b(b"kvtrie|shared|mac|" + secret, digest_size=64).digest()
+    salt = hashlib.blake2b(b"kvtrie|shared|keys|" + secret, digest_size=16).digest()
+    return mac_key, salt
+
+
+def mac(mac_key: bytes, body: Any) -> bytes:
+    """The MAC of a value's magic + body."""
+    h = hashlib.blake2b(MAGIC_MAC, key=mac_key, digest_size=MAC_SIZE)
+    h.update(body)
+    return h.digest()
 
 
 class SharedError(Exception):
@@ -119,11 +157,17 @@ class SharedTier:
         queue_size: int = 64,
         client: Any = None,
         ledger: Optional[Ledger] = None,
+        secret: Optional[bytes] = None,
     ):
         if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"shared_url must be a redis://, rediss:// or unix:// URL, got {url!r}")
         if isinstance(block_tokens, bool) or not isinstance(block_tokens, int) or block_tokens <= 0:
             raise ValueError(f"shared_block_tokens must be a positive int, got {block_tokens!r}")
+        self._mac_key: Optional[bytes] = None
+        self._salt = b""
+        if secret is not None:
+            self._mac_key, self._salt = derive(secret_bytes(secret))
+        self._header = 4 + (MAC_SIZE if self._mac_key is not None else 4)
         self.url = url
         self._ledger = ledger
         self.fingerprint = fingerprint
@@ -135,6 +179,7 @@ class SharedTier:
         self.errors = 0
         self.published = 0
         self.dropped = 0
+        self.rejected = 0  # values that failed their MAC (with a secret) or checksum
         self.restores = 0
         self.tokens = 0
         self._client = client
@@ -151,6 +196,8 @@ class SharedTier:
 
     def _root(self, namespace: str) -> bytes:
         h = hashlib.blake2b(digest_size=16)
+        if self._salt:  # with a secret: keys nobody without it (or with another) computes
+            h.update(b"kvtrie|salt|" + self._salt + b"|")
         h.update(f"kvtrie|{FORMAT}|{self.fingerprint}|{self.layout}|{namespace}|{self.block}".encode())
         return h.digest()
 
@@ -295,10 +342,12 @@ class SharedTier:
         restore makes the only copy), the partial first block and the tail copied compact."""
         b = self.block
         runs: list[tuple[int, int, tuple[Any, ...]]] = []
-        good = _check_all(values)  # the checksums, on two threads (zlib releases the GIL)
+        good = _check_all(values, self._check)  # on two threads (zlib and hashlib release the GIL)
         if good < len(values):
             self.errors += 1
-            logger.warning("shared tier %s: a value fails its checksum: a miss from there", self.url)
+            self.rejected += 1
+            logger.warning("shared tier %s: a value fails its %s: a miss from there", self.url,
+                           "MAC" if self._mac_key is not None else "checksum")
             if with_state or good == 0 or (good * b + first * b) <= have:
                 return None
             need, values, target = need[:good], values[:good], (first + good) * b
@@ -327,9 +376,10 @@ class SharedTier:
         return SharedHit(target, tuple(runs), states)
 
     def _decode(self, value: bytes, kind: str, start: int, length: int, checked: bool = False) -> tuple[tuple, Any, dict]:
-        if not _intact(value, checked):
-            raise SharedError(f"a {kind} value is not a kvtrie value or fails its checksum")
-        body = memoryview(value)[8:]
+        if not (_framed(value, self._magic, self._header) if checked else self._check(value)):
+            self.rejected += 1
+            raise SharedError(f"a {kind} value is not a kvtrie value or fails its checksum or MAC")
+        body = memoryview(value)[self._header :]
         try:
             layers, logits, record = decode(body)
         except Exception as exc:
@@ -421,7 +471,21 @@ class SharedTier:
         record = {"fingerprint": self.fingerprint, "layout": self.layout, "signature": self.signature,
                   "kind": kind, "start": start, "length": length}
         body = encode(layers, None, record)
+        if self._mac_key is not None:
+            return MAGIC_MAC + mac(self._mac_key, body) + body
         return MAGIC + struct.pack(">I", zlib.crc32(body)) + body
+
+    @property
+    def _magic(self) -> bytes:
+        return MAGIC_MAC if self._mac_key is not None else MAGIC
+
+    def _check(self, value: Any) -> bool:
+        """Whether a value is this tier's kind (its magic) and passes its MAC or checksum."""
+        if self._mac_key is None:
+            return _crc_ok(value)
+        if not _framed(value, MAGIC_MAC, self._header):
+            return False
+        return hmac.compare_digest(mac(self._mac_key, memoryview(value)[self._header :]), bytes(value[4 : self._header]))
 
     def _publish_loop(self) -> None:
         while True:
@@ -474,7 +538,7 @@ class SharedTier:
 
     def stats(self) -> dict[str, int]:
         return {"shared_restores": self.restores, "shared_tokens": self.tokens, "shared_published": self.published,
-                "shared_dropped": self.dropped, "shared_errors": self.errors}
+                "shared_dropped": self.dropped, "shared_errors": self.errors, "shared_rejected": self.rejected}
 
 
 _CHECKERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvtrie-shared-check")
@@ -487,17 +551,15 @@ def _crc_ok(value: Any) -> bool:
     return zlib.crc32(memoryview(value)[8:]) == crc
 
 
-def _check_all(values: Sequence[Any]) -> int:
-    """How many leading values pass their checksums (large ones checked in parallel)."""
+def _check_all(values: Sequence[Any], check: Any = _crc_ok) -> int:
+    """How many leading values pass `check` (large ones checked in parallel)."""
     big = sum(len(v) for v in values if isinstance(v, (bytes, bytearray))) >= 8 << 20
-    results = list(_CHECKERS.map(_crc_ok, values)) if big and len(values) > 1 else [_crc_ok(v) for v in values]
+    results = list(_CHECKERS.map(check, values)) if big and len(values) > 1 else [check(v) for v in values]
     return next((i for i, ok in enumerate(results) if not ok), len(results))
 
 
-def _intact(value: Any, checked: bool) -> bool:
-    if checked:
-        return isinstance(value, (bytes, bytearray)) and len(value) >= 8 and value[:4] == MAGIC
-    return _crc_ok(value)
+def _framed(value: Any, magic: bytes, header: int) -> bool:
+    return isinstance(value, (bytes, bytearray)) and len(value) >= header and value[:4] == magic
 
 
 def _text(x: Any) -> str:
