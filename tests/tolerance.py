@@ -12,8 +12,10 @@ ATOL = 1e-5 if _CPU else 5e-5
 # its arithmetic (one step per token, or chunks of the chunked rule, cut anywhere) differ at
 # the noise floor: against a correctly rounded rule, logits of the tiny Qwen3-Next model are
 # off by 1.5e-5 (20 tokens) to 5.8e-5 (1,000 tokens) whichever order runs, and a random
-# hypothesis draw has put warm and cold 1.24e-4 apart (one logit of 261, magnitude 1.16).
-RECURRENT_ATOL = 2e-4
+# hypothesis draw has put warm and cold 1.24e-4 apart (one logit of 261, magnitude 1.16), another
+# 3.0e-4 with nothing restored at all (a 2-token prompt whose warm prefill was cut at the snapshot
+# plan's points, the cold one not: 20 of 261 logits past 2e-4). A wrong state is off by 1e-1 and more.
+RECURRENT_ATOL = 5e-4
 
 
 def atol_for(model) -> float:
