@@ -27,7 +27,8 @@ from serving import (  # noqa: E402
 )
 from test_serve import SYSTEM, get_json, kvtrie_serve  # noqa: E402
 
-from kvtrie.next_turn import common_prefix, next_turn_prefix  # noqa: E402
+from kvtrie.next_turn import next_turn_prefix  # noqa: E402
+from kvtrie.trie import common_prefix  # noqa: E402
 
 # ChatML as Qwen3 renders it without thinking: the generation prompt opens an empty think block,
 # and assistant turns before the last user message are rendered without anything up to "</think>"

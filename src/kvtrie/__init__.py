@@ -5,4 +5,4 @@ from .session import Session
 from .errors import CacheMismatchError, PinError, SessionError, UnsafeDirectoryError
 from .trie import Trie
 
-__all__ = ["PrefixCache", "Session", "Trie", "SessionError", "CacheMismatchError", "PinError"]
+__all__ = ["PrefixCache", "Session", "Trie", "SessionError", "CacheMismatchError", "PinError", "UnsafeDirectoryError"]

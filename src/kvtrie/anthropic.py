@@ -52,6 +52,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import attrs
 
+from .trie import common_prefix
+
 logger = logging.getLogger("kvtrie.anthropic")
 
 TTLS = ("5m", "1h")
@@ -479,14 +481,6 @@ def chat_view(request: MessagesRequest) -> ChatView:
 Render = Callable[[list, Optional[list], bool], Sequence[int]]
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 def _cut(request: MessagesRequest, bp: Breakpoint) -> list:
     """The requests whose renders differ from `request`'s right after breakpoint `bp`."""
     if bp.kind == "tool":
@@ -522,7 +516,7 @@ def breakpoint_positions(request: MessagesRequest, prompt: Sequence[int], render
             ends, error = [], None
             for cut in _cut(request, bp):
                 try:
-                    ends.append(_common_prefix(prompt, _render_cut(cut, render)))
+                    ends.append(common_prefix(prompt, _render_cut(cut, render)))
                 except Exception as exc:
                     error = exc
             if not ends:

@@ -35,7 +35,7 @@ from .errors import CacheMismatchError, PinError, SessionError
 from .layers import KV, STATE, WINDOW, leaves, rule_for
 from .history import History
 from .misses import (
-    BLOCK, EVICTED, NEW_PREFIX, NO_SNAPSHOT, NOT_CACHED, OTHER_NAMESPACE, WINDOW_HOLE, Recent, common_prefix, wanted,
+    BLOCK, EVICTED, NEW_PREFIX, NO_SNAPSHOT, NOT_CACHED, OTHER_NAMESPACE, WINDOW_HOLE, Recent, wanted,
 )
 from .ledger import HOT, IN_FLIGHT, MLX_CACHE, POOL, RECYCLED, Ledger
 from .nodedata import NodeData
@@ -48,7 +48,7 @@ from .shared import SharedTier, secret_bytes
 from .recycle import Recycler
 from .snapshot import KVPayload, Piece, capture_tokens, evaluate, lays_out_in_numpy, stitch
 from .storage import TieredStorage
-from .trie import Match, Node, as_token_array
+from .trie import Match, Node, as_token_array, common_prefix
 from .window import Recorder, record, recorder_of, restorable, restorable_max
 
 logger = logging.getLogger("kvtrie")

@@ -23,7 +23,6 @@ most one pass over its tokens. Pure Python + numpy: never imports mlx.
 from __future__ import annotations
 
 from collections import deque
-from typing import Optional
 
 import numpy as np
 
@@ -37,12 +36,6 @@ MISS_REASONS = (NEW_PREFIX, EVICTED, NO_SNAPSHOT, WINDOW_HOLE, OTHER_NAMESPACE, 
 
 BLOCK = 32  # tokens per remembered block: how finely `evicted` is told (and what counts as "more")
 
-
-def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
-    """Length of the longest common prefix of two token arrays."""
-    n = min(len(a), len(b))
-    diff = np.flatnonzero(a[:n] != b[:n])
-    return int(diff[0]) if len(diff) else n
 
 
 class Recent:

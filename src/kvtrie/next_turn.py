@@ -47,19 +47,13 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import attrs
 import numpy as np
 
+from .trie import common_prefix
+
 logger = logging.getLogger("kvtrie.serve")
 
 MAX_PENDING = 8  # replies waiting for their job (the oldest go first past this)
 RECENT_PROMPTS = 16  # prompts remembered to tell whether a waiting reply's conversation moved on
 PROBES = ("A", "Z")  # two next messages that differ in their first character
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """The length of the longest common prefix of two token sequences."""
-    n = min(len(a), len(b))
-    x, y = np.asarray(a[:n]), np.asarray(b[:n])
-    diff = np.flatnonzero(x != y)
-    return int(diff[0]) if len(diff) else n
 
 
 @attrs.frozen

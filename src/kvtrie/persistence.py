@@ -30,7 +30,7 @@ from .ledger import DISK, HOST, IN_FLIGHT, Ledger
 from .nodedata import LayerPayload, Logits, NodeData, Segment, everything
 from .paging import release
 from .snapshot import merge_kv, split_kv
-from .trie import Node, Trie
+from .trie import Node, Trie, common_prefix
 
 logger = logging.getLogger("kvtrie")
 
@@ -509,7 +509,7 @@ class DiskTier:
             child = node.children.get(int(tokens[i]))
             if child is None:
                 break
-            common = _common(child.tokens, tokens[i:])
+            common = common_prefix(child.tokens, tokens[i:])
             if common < len(child.tokens):
                 node = host.split(trie, child, child.start + common)
                 i += common
@@ -553,12 +553,6 @@ class DiskTier:
         data.reasons |= int(record["reasons"])
         self._host.account(data, +1)
         self._refile((), [stem])
-
-
-def _common(a: np.ndarray, b: np.ndarray) -> int:
-    n = min(len(a), len(b))
-    diff = np.flatnonzero(a[:n] != b[:n])
-    return int(diff[0]) if len(diff) else n
 
 
 def _writer_array(a: AnyArray) -> HostArray:

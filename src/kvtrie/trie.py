@@ -16,6 +16,13 @@ from typing import Any, Optional
 import attrs
 import numpy as np
 
+
+def common_prefix(a: Any, b: Any) -> int:
+    """Length of the longest common prefix of two token sequences (lists or arrays)."""
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if len(diff) else n
+
 TOKEN_DTYPE = np.int32
 
 SplitFn = Callable[[Any, int], tuple[Any, Any]]
