@@ -23,7 +23,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Optional
 
 import mlx.core as mx
@@ -48,6 +48,7 @@ from .shared import SharedTier, secret_bytes
 from .recycle import Recycler
 from .snapshot import KVPayload, Piece, capture_tokens, evaluate, lays_out_in_numpy, stitch
 from .storage import TieredStorage
+from .tenants import share_function
 from .trie import Match, Node, as_token_array, common_prefix
 from .window import Recorder, record, recorder_of, restorable, restorable_max
 
@@ -120,6 +121,14 @@ class PrefixCache:
     within the budgets), `unpin` ends that, `clear()` drops everything, a namespace or a prefix,
     `lookup(tokens)` says how much is restorable. Each session's `miss_reason` says why it
     restored less than it could have (`kvtrie.misses`), counted in `stats()["miss_reasons"]`.
+
+    Tenants: a namespace's tenant is what precedes its first "/" (`kvtrie.tenants`: a server's
+    tenant "alice" and her salted requests, "alice/salt:..."). `tenant_bytes` (an int for every
+    tenant, or a mapping by tenant name with "*" for the others) is each tenant's fair share of
+    memory (device + host payloads): while some tier is over its budget, the payloads of a tenant
+    past its share move down and go first, so one tenant's burst cannot flush the others. Shares
+    are not reservations: a tenant may use memory nobody else needs. `stats()["tenants"]` has each
+    tenant's payload bytes per tier.
     """
 
     def __init__(
@@ -145,7 +154,9 @@ class PrefixCache:
         shared_secret: Optional[bytes | str] = None,
         recycle_bytes: Optional[int] = None,
         mlx_cache_bytes: Optional[int] = None,
+        tenant_bytes: Optional[int | Mapping[str, int]] = None,
     ):
+        shares = share_function(tenant_bytes)  # (checked before anything is built)
         if shared_secret is not None:  # before anything is built
             shared_secret = secret_bytes(shared_secret)
             if shared_url is None:
@@ -196,6 +207,7 @@ class PrefixCache:
         policy = self._policy
         pager = Pager(device_bytes, host_bytes, disk_bytes, key=policy.key, ledger=ledger, deadline=policy.deadline,
                       now=lambda: policy.now)
+        pager.set_shares(shares)
         self._policy.bounded = pager.bounded
         self._storage = TieredStorage(
             self._kinds,
@@ -1121,6 +1133,10 @@ class PrefixCache:
                 "recycle_misses": self._recycler.misses,
                 "recycle_bytes": self._recycler.kept_bytes,
                 **self._ledger_stats(),
+                "tenants": {  # payload bytes per tenant (a namespace's part before its first "/") and tier
+                    tenant: {f"{tier}_bytes": n for tier, n in held.items()}
+                    for tenant, held in storage.pager.tenant_bytes.items() if any(held.values())
+                },
             }
 
     def _ledger_stats(self) -> dict[str, Any]:

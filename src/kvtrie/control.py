@@ -33,6 +33,7 @@ import attrs
 
 from .errors import PinError
 from .integrations.mlx_lm import prefill
+from .tenants import namespace_for
 from .trie import as_token_array
 
 logger = logging.getLogger("kvtrie.serve")
@@ -237,7 +238,7 @@ class Controller:
                 if path in KNOWN_PATHS:
                     raise ControlError(405, "invalid_request_error", f"{method} is not allowed on {path}")
                 raise ControlError(404, "not_found_error", f"no endpoint {method} {path}")
-            body = read_body(handler)
+            body = scoped(handler, read_body(handler))
             result = getattr(self, op)(handler.response_generator, body)
             reply(handler, 200, result)
         except ControlError as exc:
@@ -305,6 +306,23 @@ class Controller:
             return {"tokens_dropped": pc.clear(namespace=namespace, prefix=tokens)}
 
         return submit(generator, run)
+
+
+def scoped(handler: Any, body: dict) -> dict:
+    """`body` with the namespace its caller may act on: a tenant's own (and its `cache_salt`'s);
+    an admin key, or any caller of a server without API keys, names any namespace (none: the
+    default one, or for a clear, every namespace)."""
+    caller = getattr(handler, "kvtrie_caller", None)
+    salt = body.get("cache_salt")
+    if caller is None or caller.admin:
+        if salt is None:
+            return body
+        namespace = _check(body, "namespace", (str,), "a string")
+        return {**body, "namespace": namespace_for(namespace, salt) if namespace else handler.kvtrie_namespace}
+    if body.get("namespace") is not None:
+        raise ControlError(403, "permission_error", 'a tenant acts on its own namespace only: leave out "namespace" '
+                                                    '(a "cache_salt" separates caches within it)')
+    return {**body, "namespace": handler.kvtrie_namespace}
 
 
 def read_body(handler: Any) -> dict:

@@ -32,6 +32,7 @@ class _Kept:
     cache: Any  # the PrefixCache holding the pin
     tokens: np.ndarray
     expires: float
+    namespace: str = "default"
 
 
 @attrs.define(slots=True, eq=False)
@@ -39,24 +40,24 @@ class KeepAlive:
     """Breakpoints noted per prompt, then pinned as their prefixes are stored (see the module docstring)."""
 
     clock: Callable[[], float] = time.monotonic
-    _pending: dict = attrs.field(factory=dict, init=False)  # prompt tuple -> [(position, ttl seconds), ...] not yet stored
-    _pinned: dict = attrs.field(factory=dict, init=False)  # (id(cache), prefix bytes) -> _Kept
+    _pending: dict = attrs.field(factory=dict, init=False)  # (namespace, prompt tuple) -> [(position, ttl seconds), ...] not yet stored
+    _pinned: dict = attrs.field(factory=dict, init=False)  # (id(cache), namespace, prefix bytes) -> _Kept
     _lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
     kept: int = attrs.field(default=0, init=False)  # breakpoint prefixes pinned (renewals included)
     given_way: int = attrs.field(default=0, init=False)  # keep-alive pins ended early to make room for newer ones
     unkept: int = attrs.field(default=0, init=False)  # breakpoints the budget could not hold at all
 
-    def note(self, prompt: Sequence[int], positions: Sequence[int], ttls: Sequence[str]) -> None:
-        """Remember `prompt`'s breakpoints (offsets, each with "5m" or "1h") until they are stored."""
+    def note(self, prompt: Sequence[int], positions: Sequence[int], ttls: Sequence[str], namespace: str = "default") -> None:
+        """Remember `prompt`'s breakpoints (offsets, each with "5m" or "1h") until they are stored in `namespace`."""
         marks = sorted((int(p), TTL_SECONDS[t]) for p, t in zip(positions, ttls) if int(p) > 0)
         if not marks:
             return
         with self._lock:
-            self._pending[tuple(prompt)] = marks
+            self._pending[(namespace, tuple(prompt))] = marks
             while len(self._pending) > PENDING:
                 self._pending.pop(next(iter(self._pending)))
 
-    def stored(self, cache: Any, tokens: Sequence[int]) -> int:
+    def stored(self, cache: Any, tokens: Sequence[int], namespace: str = "default") -> int:
         """`tokens` were just stored in `cache` (call it while the store still holds them:
         `PrefixCache.store(..., then=)`): pin every noted breakpoint prefix they now cover; returns
         how many were pinned. Where the budget cannot hold a new one, the keep-alive pins that
@@ -64,23 +65,24 @@ class KeepAlive:
         n = len(tokens)
         with self._lock:
             due = []
-            for prompt, marks in list(self._pending.items()):
+            for key, marks in list(self._pending.items()):
+                ns, prompt = key
                 ready = [(p, ttl) for p, ttl in marks if p <= n]
-                if not ready or prompt[0] != tokens[0] or not _same(prompt, tokens, ready[-1][0]):
+                if ns != namespace or not ready or prompt[0] != tokens[0] or not _same(prompt, tokens, ready[-1][0]):
                     continue
                 due += ready
                 rest = [(p, ttl) for p, ttl in marks if p > n]
                 if rest:
-                    self._pending[prompt] = rest
+                    self._pending[key] = rest
                 else:
-                    del self._pending[prompt]
+                    del self._pending[key]
             if not due:
                 return 0
             arr = np.asarray(tokens, dtype=np.int64)
-            return sum(self._pin(cache, arr[:p], ttl) for p, ttl in due)
+            return sum(self._pin(cache, arr[:p], ttl, namespace) for p, ttl in due)
 
-    def _pin(self, cache: Any, prefix: np.ndarray, ttl: float) -> int:
-        key = (id(cache), prefix.tobytes())
+    def _pin(self, cache: Any, prefix: np.ndarray, ttl: float, namespace: str) -> int:
+        key = (id(cache), namespace, prefix.tobytes())
         now = self.clock()
         self._pinned = {k: v for k, v in self._pinned.items() if v.expires > now}
         # a recurrent model restores only where a snapshot is: any pinned part will do there
@@ -88,15 +90,15 @@ class KeepAlive:
         released: list[_Kept] = []
         while True:
             try:
-                got = cache.pin(prefix, ttl=ttl)
+                got = cache.pin(prefix, ttl=ttl, namespace=namespace)
             except PinError:
                 got = -1
             if got >= enough:
-                self._pinned[key] = _Kept(cache, prefix, now + ttl)
+                self._pinned[key] = _Kept(cache, prefix, now + ttl, namespace)
                 self.kept += 1
                 return 1
             if got > 0:
-                cache.unpin(prefix)  # a part only: make room and take it whole
+                cache.unpin(prefix, namespace=namespace)  # a part only: make room and take it whole
             victims = sorted((v.expires, k) for k, v in self._pinned.items() if v.cache is cache and k != key)
             if not victims:
                 self.unkept += 1
@@ -105,15 +107,15 @@ class KeepAlive:
                     self._restore(old)
                 return 0
             old = self._pinned.pop(victims[0][1])
-            cache.unpin(old.tokens)
+            cache.unpin(old.tokens, namespace=old.namespace)
             released.append(old)
             self.given_way += 1
 
     def _restore(self, old: _Kept) -> None:
         left = old.expires - self.clock()
         try:
-            if left > 0 and old.cache.pin(old.tokens, ttl=left) > 0:
-                self._pinned[(id(old.cache), old.tokens.tobytes())] = old
+            if left > 0 and old.cache.pin(old.tokens, ttl=left, namespace=old.namespace) > 0:
+                self._pinned[(id(old.cache), old.namespace, old.tokens.tobytes())] = old
                 self.given_way -= 1
         except PinError:
             pass

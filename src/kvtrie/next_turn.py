@@ -68,6 +68,7 @@ class Reply:
     model_key: Any
     prompt: tuple = ()  # the request's prompt ids
     seq: int = 0  # the prompts seen before it completed
+    namespace: str = "default"  # the request's cache namespace (its tenant's)
 
 
 class ReplyText:
@@ -145,6 +146,7 @@ class Task:
     base: int
     pc: Any
     model_key: Any
+    namespace: str = "default"
     session: Any = None
     done: int = 0
     prefilled: int = 0
@@ -162,7 +164,7 @@ class NextTurn:
         self.chunk_delay = float(os.environ.get("KVTRIE_NEXT_TURN_CHUNK_DELAY", 0) or 0) if chunk_delay is None else chunk_delay
         self._lock = threading.Lock()
         self._pending: deque[Reply] = deque()
-        self._recent: deque[tuple[int, np.ndarray]] = deque(maxlen=RECENT_PROMPTS)
+        self._recent: deque[tuple[int, str, np.ndarray]] = deque(maxlen=RECENT_PROMPTS)
         self._seq = 0
         self._task: Optional[Task] = None
         self._starting = False  # a reply taken from the queue, its job not yet made
@@ -204,6 +206,7 @@ class NextTurn:
                     messages=copy.deepcopy(request.messages), assistant=text.message(request.tools),
                     tools=copy.deepcopy(request.tools), template_kwargs=copy.deepcopy(args.chat_template_kwargs),
                     role_mapping=request.role_mapping, model_key=provider.model_key, prompt=tuple(ctx.prompt),
+                    namespace=getattr(args, "kvtrie_namespace", "default"),
                 ))
             except Exception:
                 logger.exception("next turn: cannot queue this reply")
@@ -217,14 +220,14 @@ class NextTurn:
 
     # --- the generation thread ---------------------------------------------------------------
 
-    def saw_prompt(self, tokens: Sequence[int]) -> None:
-        """A request with prompt `tokens` is being served: cancel the job of its conversation."""
+    def saw_prompt(self, tokens: Sequence[int], namespace: str = "default") -> None:
+        """A request with prompt `tokens` is being served in `namespace`: cancel the job of its conversation."""
         arr = np.asarray(tokens)
         with self._lock:
             self._seq += 1
-            self._recent.append((self._seq, arr))
+            self._recent.append((self._seq, namespace, arr))
         task = self._task
-        if task is None or common_prefix(arr, task.tokens) <= task.base:
+        if task is None or task.namespace != namespace or common_prefix(arr, task.tokens) <= task.base:
             return
         self.cancelled += 1
         logger.info("next turn: cancelled by a request of the conversation, %d of %d tokens stored",
@@ -264,19 +267,19 @@ class NextTurn:
                 return
             reply = self._pending.popleft()
             self._starting = True
-            recent = [p for s, p in self._recent if s > reply.seq]
+            recent = [p for s, ns, p in self._recent if s > reply.seq and ns == reply.namespace]
         if reply.model_key != provider.model_key or provider.tokenizer is None:
             return
         tokens = np.asarray(next_turn_prefix(self._renderer(provider, reply), reply.messages, reply.assistant))
         pc = self.cache.prefix_cache(provider.model_key)
-        if pc.lookup(tokens) >= len(tokens):
+        if pc.lookup(tokens, namespace=reply.namespace) >= len(tokens):
             return
         base = common_prefix(reply.prompt, tokens)  # (a request sharing more is the conversation's next)
         if any(common_prefix(p, tokens) > base for p in recent):  # the conversation went on already
             self.cancelled += 1
             return
         self.jobs += 1
-        self._task = Task(tokens, base, pc, provider.model_key)
+        self._task = Task(tokens, base, pc, provider.model_key, reply.namespace)
 
     def _renderer(self, provider: Any, reply: Reply) -> Callable[[list, bool], list]:
         tokenizer = provider.tokenizer
@@ -306,7 +309,7 @@ class NextTurn:
             self._drop()
             return
         if task.session is None:
-            task.session = task.pc.begin(task.tokens)
+            task.session = task.pc.begin(task.tokens, namespace=task.namespace)
             task.done = task.session.cached
             task.points = [p for p in task.session.capture_at if p > task.done] + [n]
         session, point = task.session, task.points[0]

@@ -42,6 +42,7 @@ class NodeData:
     expect: float = 0.0  # the interval the policy expected at its last use (its order's key)
     segments: tuple["Segment", ...] = ()  # the records holding the edge's positions, in order
     state_file: Optional[str] = None  # the record holding the snapshot (and logits) at the end
+    tenant: str = "default"  # whose namespace holds it (`tenants.tenant_of`): byte shares are per tenant
 
     @property
     def nbytes(self) -> int:

@@ -92,6 +92,13 @@ class Pager:
         self._nodes: dict[int, Any] = {}
         self._keys: dict[int, tuple[str, tuple, bool, bool, Optional[tuple]]] = {}
         self._blocking: set[int] = set()
+        # fair shares (`set_shares`): each tenant's payload bytes per tier, and its own orders,
+        # so a tenant past its share of memory is the one whose payloads move and go first
+        self.tenant_bytes: dict[str, dict[str, int]] = {}
+        self._shares: Optional[Callable[[str], Optional[int]]] = None
+        self._tenant_movable: dict[tuple[str, str], SortedList] = {}
+        self._tenant_evictable: dict[tuple[str, str], SortedList] = {}
+        self._tenant_of: dict[int, str] = {}  # node id -> the tenant it was indexed under
 
     @property
     def device_budget(self) -> Optional[int]:
@@ -105,6 +112,45 @@ class Pager:
     def bounded(self) -> bool:
         """Some tier has a budget."""
         return any(b is not None for b in self.budgets.values())
+
+    # --- fair shares ---------------------------------------------------------------------
+
+    def set_shares(self, share: Optional[Callable[[str], Optional[int]]]) -> None:
+        """`share(tenant)`: the bytes of memory (device + host payloads) a tenant may hold before
+        its own payloads move down and go first (None: no share); None turns shares off. Set before
+        anything is indexed."""
+        if self._nodes:
+            raise RuntimeError("set_shares before anything is stored")
+        self._shares = share
+
+    def tenant_held(self, tenant: str, tier: str, delta: int) -> None:
+        """Count `delta` payload bytes of `tenant` in `tier` (the storage calls it as it accounts)."""
+        held = self.tenant_bytes.get(tenant)
+        if held is None:
+            held = self.tenant_bytes[tenant] = {DEVICE: 0, HOST: 0, DISK: 0}
+        held[tier] += delta
+
+    def over_share(self) -> list[str]:
+        """Tenants holding more memory than their share, the furthest over first."""
+        if self._shares is None:
+            return []
+        over = []
+        for tenant, held in self.tenant_bytes.items():
+            share = self._shares(tenant)
+            if share is not None and held[DEVICE] + held[HOST] > share:
+                over.append((held[DEVICE] + held[HOST] - share, tenant))
+        return [t for _, t in sorted(over, reverse=True)]
+
+    def _first_over_share(self, orders: dict[tuple[str, str], SortedList], tier: str) -> tuple[Optional[Any], int]:
+        """The first candidate of `tier` (not an open session's leaf) of a tenant past its share,
+        and the bytes of those tenants' open sessions' leaves passed over (they go at close)."""
+        waiting = 0
+        for tenant in self.over_share():
+            for key in orders.get((tier, tenant), ()):
+                if key[-1] not in self._blocking:
+                    return self._nodes[key[-1]], waiting
+                waiting += self._nodes[key[-1]].payload.nbytes
+        return None, waiting
 
     # --- indexing: call `unindex` before changing a node, `index` after ------------------
 
@@ -135,6 +181,12 @@ class Pager:
                 self._dead_evictable[tier].add(dead)
         self._nodes[node.id] = node
         self._keys[node.id] = (tier, key, evictable, movable, dead)
+        if self._shares is not None:
+            tenant = self._tenant_of[node.id] = node.payload.tenant
+            if movable:
+                self._tenant_movable.setdefault((tier, tenant), SortedList()).add(key)
+            if evictable:
+                self._tenant_evictable.setdefault((tier, tenant), SortedList()).add(key)
 
     def unindex(self, node: Any) -> None:
         self._blocking.discard(node.id)
@@ -142,6 +194,12 @@ class Pager:
         if entry is None:
             return
         tier, key, evictable, movable, dead = entry
+        if self._shares is not None:
+            tenant = self._tenant_of.pop(node.id)
+            if movable:
+                self._tenant_movable[(tier, tenant)].remove(key)
+            if evictable:
+                self._tenant_evictable[(tier, tenant)].remove(key)
         if movable:
             self._movable[tier].remove(key)
             if dead is not None:
@@ -171,18 +229,31 @@ class Pager:
         return None, ahead
 
     def next_move(self, tier: str) -> Optional[Any]:
-        """The first unpinned node of `tier` in the policy's order (one presumed dead first), or None."""
+        """The first unpinned node of `tier` in the policy's order (one presumed dead first), or None.
+        A tenant past its share moves its own first."""
+        if self._shares is not None:
+            node = self._first_over_share(self._tenant_movable, tier)[0]
+            if node is not None:
+                return node
         return self._first(self._movable[tier], self._dead_movable[tier])[0]
 
     def next_eviction(self, tier: str = HOST) -> Optional[Any]:
         """The first evictable node of `tier` in the policy's order (one presumed dead first), or None."""
-        return self._first(self._evictable[tier], self._dead_evictable[tier])[0]
+        return self.eviction(tier)[0]
 
     def eviction(self, tier: str) -> tuple[Optional[Any], int]:
         """`next_eviction`, and the bytes of the open sessions' own new leaves that come before it
         in the order (blocking): they go once their sessions close, so up to that many bytes past
-        the budget wait for them instead of pushing out what is worth more."""
-        return self._first(self._evictable[tier], self._dead_evictable[tier])
+        the budget wait for them instead of pushing out what is worth more. A tenant past its
+        share loses its own first."""
+        if self._shares is None:
+            return self._first(self._evictable[tier], self._dead_evictable[tier])
+        node, waiting = self._first_over_share(self._tenant_evictable, tier)
+        if node is not None:
+            return node, 0
+        # (a tenant past its share whose open sessions' leaves are all it has: those bytes wait for them too)
+        node, ahead = self._first(self._evictable[tier], self._dead_evictable[tier])
+        return node, ahead + waiting
 
     def next_page_out(self) -> Optional[Any]:
         return self.next_move(DEVICE)

@@ -41,6 +41,9 @@ class TrieHost(Protocol):
     def trie(self, namespace: str, create: bool = False) -> Optional[Trie]:
         """The namespace's trie (made if `create`)."""
 
+    def tenant_of_trie(self, trie: Trie) -> str:
+        """The tenant whose namespace `trie` is."""
+
     def namespace_of(self, node: Node) -> str:
         """The namespace whose trie holds `node`."""
 
@@ -519,7 +522,7 @@ class DiskTier:
             n = len(tokens)
             per_token = int(record["kv_nbytes"]) // n
             data = NodeData(None, self.kinds, DISK, DiskRef(per_token * (n - i), 0, not self.hybrid, False),
-                            reasons=int(record["reasons"]))
+                            reasons=int(record["reasons"]), tenant=host.tenant_of_trie(trie))
             data.segments = (Segment(stem, i, n - i),)
             child = trie.add_child(node, tokens[i:], data)
             child.last_used = int(record.get("last_used", 0))

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import logging
 import os
@@ -43,9 +44,11 @@ from .errors import UnsafeDirectoryError
 from .heap import exec_with_huge_pages, huge_pages, return_large_frees, rss_bytes
 from .integrations.mlx_lm import TriePromptCache, cache_offset
 from .keepalive import KeepAlive
-from .misses import MISS_REASONS
+from .misses import MISS_REASONS, NEW_PREFIX, OTHER_NAMESPACE
 from .models.fingerprint import model_fingerprint
 from .next_turn import with_next_turn
+from .serve_tenants import Gate, Tagged, namespace_of_caches, send_error, with_tenants
+from .tenants import DEFAULT_TENANT, KeysFileError, Tenants, tenant_of
 
 logger = logging.getLogger("kvtrie.serve")
 
@@ -84,6 +87,8 @@ class ServeOptions:
     recycle_bytes: Optional[int] = None  # freed live caches kept for the next restores (None: what B leaves)
     mlx_cache_bytes: Optional[int] = None  # MLX's buffer cache, at most (None: an eighth of B)
     next_turn: bool = True  # compute each conversation's next turn in the background (kvtrie.next_turn)
+    tenants: Optional[Tenants] = attrs.field(default=None, repr=False)  # --api-keys: who may ask, each its namespace
+    tenant_bytes: Any = None  # --tenant-bytes: each tenant's fair share of memory (bytes, or {tenant: bytes, "*": ...})
 
     def __attrs_post_init__(self) -> None:
         if self.cache_bytes < 0 or not 0 <= self.host_bytes <= self.cache_bytes:
@@ -108,6 +113,38 @@ class ServeOptions:
         """What MLX's buffer cache may keep: the flag, or an eighth of B (within the device share)."""
         share = int(self.cache_bytes * MLX_CACHE_SHARE) if self.mlx_cache_bytes is None else self.mlx_cache_bytes
         return min(share, self.device_bytes)
+
+
+@attrs.define(slots=True)
+class TenantFigures:
+    """One tenant's requests on this server: how many, their prompt tokens, the tokens restored,
+    and the reasons they restored less than they could."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    miss_reasons: dict = attrs.field(factory=lambda: dict.fromkeys(MISS_REASONS, 0))
+
+    def count(self, prompt_tokens: int, cached_tokens: int, reason: Optional[str]) -> None:
+        self.requests += 1
+        self.prompt_tokens += prompt_tokens
+        self.cached_tokens += cached_tokens
+        if reason is not None:
+            self.miss_reasons[reason] += 1
+
+    def as_dict(self, *, own_view: bool = False) -> dict[str, Any]:
+        """The figures; `own_view`: as the tenant itself may see them, where another namespace's
+        holding a prefix is not told apart from a new one (that would say what others sent)."""
+        reasons = dict(self.miss_reasons)
+        if own_view:
+            reasons[NEW_PREFIX] += reasons.pop(OTHER_NAMESPACE)
+        return {
+            "requests": self.requests,
+            "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
+            "hit_rate": self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0,
+            "miss_reasons": reasons,
+        }
 
 
 class ServerPromptCache(TriePromptCache):
@@ -136,6 +173,8 @@ class ServerPromptCache(TriePromptCache):
         self.cached_tokens = 0
         self.restore_seconds = 0.0
         self.miss_reasons = dict.fromkeys(MISS_REASONS, 0)
+        self.tenants: dict[str, TenantFigures] = {}  # per tenant: requests, tokens, hits, miss reasons
+        self.active_namespace = DEFAULT_TENANT  # the namespace of the request the generation thread serves
         self.next_turn: Any = None  # the server's kvtrie.next_turn.NextTurn, told of every prompt served
 
     # --- building the per-model caches -----------------------------------------------------
@@ -158,7 +197,8 @@ class ServerPromptCache(TriePromptCache):
         if pc is None:
             from .cache import PrefixCache
 
-            kwargs = dict(self._kwargs, recycle_bytes=self.options.recycle_bytes, mlx_cache_bytes=self.options.mlx_cache_limit)
+            kwargs = dict(self._kwargs, recycle_bytes=self.options.recycle_bytes, mlx_cache_bytes=self.options.mlx_cache_limit,
+                          tenant_bytes=self.options.tenant_bytes)
             if self.options.disk_dir is not None or self.options.shared_url is not None:
                 kwargs["fingerprint"] = self._fingerprint(model)
             if self.options.shared_url is not None:
@@ -184,16 +224,22 @@ class ServerPromptCache(TriePromptCache):
 
     # --- mlx-lm's prompt-cache interface -------------------------------------------------
 
+    def serving(self, namespace: str) -> None:
+        """The generation thread takes a request of `namespace` (its tenant's, salted or not):
+        what it fetches, and stores without a tagged cache, is that namespace's."""
+        self.active_namespace = namespace
+
     def fetch_nearest_cache(self, model: Any, tokens: Sequence[int]) -> tuple[Optional[list], list[int]]:
         tokens = list(tokens)
+        ns = self.active_namespace
         if self.next_turn is not None:
-            self.next_turn.saw_prompt(tokens)
+            self.next_turn.saw_prompt(tokens, ns)
         tic = time.perf_counter()
         pc = self._trie(model) if tokens else None
         if pc is None:
             return None, tokens
         before = pc.stats()
-        with pc.begin(tokens) as session:
+        with pc.begin(tokens, namespace=ns) as session:
             cached, caches, branches, reason = session.cached, session.caches, session.branch_points, session.miss_reason
         seconds = time.perf_counter() - tic
         after = pc.stats()
@@ -208,19 +254,21 @@ class ServerPromptCache(TriePromptCache):
             self.restore_seconds += seconds
             if reason is not None:
                 self.miss_reasons[reason] += 1
+            self.tenants.setdefault(tenant_of(ns), TenantFigures()).count(len(tokens), cached, reason)
             if pc.recurrent_layers:
                 # a hybrid model's state is stored only where the prefill stops: stop where the
                 # prompt leaves the trie (a branch point) and at its cache breakpoints; the
                 # batch generator and the single path split there
-                marks = self._breakpoints.get(tuple(tokens), ((), ()))[0]
+                marks = self._breakpoints.get((ns, tuple(tokens)), ((), ()))[0]
                 branch = tuple(sorted({p for p in (*branches, *marks) if cached < p < len(tokens) - 1}))
                 if branch:
-                    self._splits[tuple(tokens)] = branch
+                    self._splits[(ns, tuple(tokens))] = branch
                     while len(self._splits) > 64:
                         self._splits.pop(next(iter(self._splits)))
         logger.info(
-            "request: %d prompt tokens, %d cached (%s), restore %.2f ms%s",
+            "request: %d prompt tokens, %d cached (%s), restore %.2f ms%s%s",
             len(tokens), cached, tier if cached else "miss", seconds * 1e3, f", miss: {reason}" if reason else "",
+            f", namespace {ns}" if ns != DEFAULT_TENANT else "",
         )
         if not cached and not any(k == "window" for k in pc.layer_kinds):
             return None, tokens
@@ -247,11 +295,13 @@ class ServerPromptCache(TriePromptCache):
                 pc.shrink(max_sequences=n_sequences)
 
     def split_points(self, tokens: Sequence[int]) -> tuple[int, ...]:
-        """Absolute offsets where the prefill of `tokens` should stop to store its state (taken once)."""
+        """Absolute offsets where the prefill of `tokens` (the request being served) should stop to
+        store its state (taken once)."""
         with self._lock:
-            return self._splits.pop(tuple(tokens), ())
+            return self._splits.pop((self.active_namespace, tuple(tokens)), ())
 
-    def note_breakpoints(self, tokens: Sequence[int], positions: Sequence[int], ttls: Sequence[str]) -> None:
+    def note_breakpoints(self, tokens: Sequence[int], positions: Sequence[int], ttls: Sequence[str],
+                         namespace: str = DEFAULT_TENANT) -> None:
         """Record a request's cache breakpoints: offsets in its prompt `tokens` where blocks marked with
         `cache_control` end, each with its TTL ("5m" or "1h"). Kept per prompt (the last 64,
         `breakpoints_for`), counted in the stats; on a hybrid model they are capture points
@@ -266,20 +316,22 @@ class ServerPromptCache(TriePromptCache):
         if not positions:
             return
         with self._lock:
-            self._breakpoints[tuple(tokens)] = (positions, ttls)
+            self._breakpoints[(namespace, tuple(tokens))] = (positions, ttls)
             while len(self._breakpoints) > 64:
                 self._breakpoints.pop(next(iter(self._breakpoints)))
             self.breakpoint_requests += 1
             self.breakpoints += len(positions)
-        self.keep_alive.note(tokens, positions, ttls)
+        self.keep_alive.note(tokens, positions, ttls, namespace)
 
-    def breakpoints_for(self, tokens: Sequence[int]) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    def breakpoints_for(self, tokens: Sequence[int], namespace: str = DEFAULT_TENANT) -> tuple[tuple[int, ...], tuple[str, ...]]:
         """The breakpoints noted for the prompt `tokens`: (positions, TTLs), empty when none were."""
         with self._lock:
-            return self._breakpoints.get(tuple(tokens), ((), ()))
+            return self._breakpoints.get((namespace, tuple(tokens)), ((), ()))
 
     def insert_cache(self, model: Any, tokens: Sequence[int], prompt_cache: list, *, cache_type: str = "assistant") -> None:
-        """Store what `prompt_cache` holds of `tokens`; never raises (a failed store is logged)."""
+        """Store what `prompt_cache` holds of `tokens` in its request's namespace (the one it is
+        tagged with, else the request being served); never raises (a failed store is logged)."""
+        ns = namespace_of_caches(prompt_cache) or self.active_namespace
         try:
             pc = self._trie(model)
             prompt_cache = serve_single.dequantized(prompt_cache)  # --kv-bits: stored as the KVCaches kvtrie holds
@@ -287,15 +339,15 @@ class ServerPromptCache(TriePromptCache):
             held = cache_offset(prompt_cache)
             tokens = list(tokens)[: len(tokens) if held is None else held]
             if tokens:
-                pc.store(tokens, prompt_cache, then=lambda: self._keep(pc, tokens))
+                pc.store(tokens, prompt_cache, namespace=ns, then=lambda: self._keep(pc, tokens, ns))
             if self.options.max_sequences is not None:
                 pc.shrink(max_sequences=self.options.max_sequences)
         except Exception:  # never fail a request over a cache store
             logger.exception("storing %d tokens in the prompt cache failed", len(tokens))
 
-    def _keep(self, pc: Any, tokens: list[int]) -> None:
+    def _keep(self, pc: Any, tokens: list[int], namespace: str) -> None:
         try:  # pinned while the store still holds the path, so the budget's enforcement spares it
-            self.keep_alive.stored(pc, tokens)
+            self.keep_alive.stored(pc, tokens, namespace)
         except Exception:  # never fail a request over a keep-alive pin
             logger.exception("keeping a cache breakpoint failed")
 
@@ -321,6 +373,7 @@ class ServerPromptCache(TriePromptCache):
         models = {json.dumps(list(k) if isinstance(k, tuple) else k): pc.stats() for k, pc in list(self._tries.items())}
         return {
             **totals,
+            "tenants": self._tenant_stats(models),
             "held_bytes": sum(m["held_bytes"] for m in models.values()),  # everything kvtrie holds, within B
             "huge_pages": huge_pages(),
             "process_resident_bytes": rss_bytes(),  # the whole server: + weights, requests in flight, Python
@@ -334,6 +387,25 @@ class ServerPromptCache(TriePromptCache):
             },
             "models": models,
         }
+
+    def _tenant_stats(self, models: dict[str, Any], only: Optional[str] = None) -> dict[str, Any]:
+        """Per tenant: its requests' figures and the bytes its namespaces hold, per tier."""
+        with self._lock:
+            figures = {name: f.as_dict(own_view=only is not None) for name, f in self.tenants.items()
+                       if only is None or name == only}
+        for s in models.values():
+            for name, held in s.get("tenants", {}).items():
+                if only is None or name == only:
+                    entry = figures.setdefault(name, TenantFigures().as_dict(own_view=only is not None))
+                    for key, value in held.items():
+                        entry[key] = entry.get(key, 0) + value
+        return figures
+
+    def tenant_stats(self, tenant: str) -> dict[str, Any]:
+        """What one tenant may see: its own figures and bytes, and the server's budgets."""
+        models = {json.dumps(list(k) if isinstance(k, tuple) else k): pc.stats() for k, pc in list(self._tries.items())}
+        own = self._tenant_stats(models, only=tenant).get(tenant, TenantFigures().as_dict(own_view=True))
+        return {"tenant": tenant, **own, "budgets": {"prompt_cache_bytes": self.options.cache_bytes}}
 
     def close(self) -> None:
         """Flush every model's cache (to its disk tier, where there is one)."""
@@ -362,6 +434,7 @@ def metrics_text(cache: ServerPromptCache) -> bytes:
             for reason, count in stats["miss_reasons"].items():
                 misses.add_metric([reason], count)
             yield misses
+            yield from tenant_metrics(stats["tenants"])
             yield GaugeMetricFamily("kvtrie_held_bytes", "bytes kvtrie holds in memory (bounded by --prompt-cache-bytes)",
                                     value=stats["held_bytes"])
             yield GaugeMetricFamily("kvtrie_process_resident_bytes", "the server process's resident memory (RSS)",
@@ -395,6 +468,23 @@ def metrics_text(cache: ServerPromptCache) -> bytes:
     return generate_latest(registry)
 
 
+def tenant_metrics(tenants: dict[str, Any]) -> list:
+    """Per-tenant metric families: requests, prompt and cached tokens, hit rate, bytes per tier."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    counters = {name: CounterMetricFamily(f"kvtrie_tenant_{name}", f"{name.replace('_', ' ')} per tenant", labels=["tenant"])
+                for name in ("requests", "prompt_tokens", "cached_tokens")}
+    hit = GaugeMetricFamily("kvtrie_tenant_hit_rate", "cached tokens / prompt tokens per tenant", labels=["tenant"])
+    held = GaugeMetricFamily("kvtrie_tenant_bytes", "payload bytes per tenant and tier", labels=["tenant", "tier"])
+    for tenant, figures in tenants.items():
+        for name, family in counters.items():
+            family.add_metric([tenant], figures.get(name, 0))
+        hit.add_metric([tenant], figures.get("hit_rate", 0.0))
+        for tier in ("device", "host", "disk"):
+            held.add_metric([tenant, tier], figures.get(f"{tier}_bytes", 0))
+    return [*counters.values(), hit, held]
+
+
 _GAUGES = {
     "nodes", "tokens_stored", "sequences", "snapshots", "device_bytes", "host_bytes", "disk_bytes",
     "kv_bytes", "snapshot_bytes", "recycle_bytes", "held_bytes", "held_device_bytes", "held_host_bytes",
@@ -407,11 +497,14 @@ def make_handler(base: type, cache: ServerPromptCache) -> type:
     Anthropic Messages API (`POST /v1/messages`, `POST /v1/messages/count_tokens`) and the cache
     control endpoints (`kvtrie.control`: prefill, pin, clear)."""
     control = Controller(cache)
+    gate = Gate(cache.options.tenants)
 
     class Handler(base):
         def do_POST(self):  # noqa: N802 (http.server's name)
             from . import serve_messages
 
+            if gate.admit(self, peek_body(self)) is None:
+                return
             count_only = serve_messages.ROUTES.get(self.path.split("?", 1)[0])
             if count_only is not None:
                 serve_messages.serve(self, cache, count_only=count_only)
@@ -419,13 +512,20 @@ def make_handler(base: type, cache: ServerPromptCache) -> type:
                 super().do_POST()
 
         def do_DELETE(self):  # noqa: N802
-            control.route(self, "DELETE")
+            if gate.admit(self, peek_body(self)) is not None:
+                control.route(self, "DELETE")
 
         def do_GET(self):  # noqa: N802 (http.server's name)
+            caller = gate.admit(self)
+            if caller is None:
+                return
             path = self.path.split("?", 1)[0]
             if path == "/kvtrie/stats":
-                body, kind = json.dumps(cache.stats()).encode(), "application/json"
+                stats = cache.stats() if caller.admin else cache.tenant_stats(caller.name)
+                body, kind = json.dumps(stats).encode(), "application/json"
             elif path == "/metrics":
+                if not caller.admin:
+                    return send_error(self, 403, "permission_error", "/metrics shows every tenant: it needs an admin key")
                 body, kind = metrics_text(cache), "text/plain; version=0.0.4; charset=utf-8"
             else:
                 return super().do_GET()
@@ -438,6 +538,23 @@ def make_handler(base: type, cache: ServerPromptCache) -> type:
     return Handler
 
 
+def peek_body(handler: Any) -> Any:
+    """The request's JSON body (None where it has none or it is not JSON), read once: the handler's
+    own readers find it again in `rfile`."""
+    try:
+        n = int(handler.headers.get("Content-Length") or 0)
+    except ValueError:
+        return None
+    if n <= 0:
+        return None
+    raw = handler.rfile.read(n)
+    handler.rfile = io.BytesIO(raw)
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
 def make_batch_generator(base: type, cache: ServerPromptCache) -> type:
     """mlx-lm's BatchGenerator that also stops a prompt's prefill at the points `cache` asks for
     (where a hybrid model's prompt leaves the trie) and stores the state there, without telling
@@ -447,7 +564,14 @@ def make_batch_generator(base: type, cache: ServerPromptCache) -> type:
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self._kvtrie_splits: dict[int, list[int]] = {}  # uid -> segment ends to store quietly
+            self._kvtrie_namespaces: dict[int, str] = {}  # uid -> its request's namespace
             self._kvtrie_model_key = cache._provider.model_key
+
+        def remove(self, uids, *args, **kwargs):
+            out = super().remove(uids, *args, **kwargs)
+            for uid in uids:
+                self._kvtrie_namespaces.pop(uid, None)
+            return out
 
         def insert_segments(self, segments, max_tokens=None, caches=None, all_tokens=None, **kwargs):
             extra: list[list[int]] = []
@@ -471,13 +595,27 @@ def make_batch_generator(base: type, cache: ServerPromptCache) -> type:
                 new_segments.append(pieces)
                 extra.append(ends)
             uids = super().insert_segments(new_segments, max_tokens, caches, all_tokens, **kwargs)
+            for uid in uids:  # (inserted as the generation thread takes the request: its namespace is the one served)
+                self._kvtrie_namespaces[uid] = cache.active_namespace
             for uid, ends in zip(uids, extra):
                 if ends:
                     self._kvtrie_splits[uid] = [0, set(ends)]
             return uids
 
+        def extract_cache(self, uids):
+            extracted = super().extract_cache(uids)
+            return {uid: (self._kvtrie_tag(uid, c), tokens) for uid, (c, tokens) in extracted.items()}
+
+        def _kvtrie_tag(self, uid: int, caches: Any) -> Any:
+            namespace = self._kvtrie_namespaces.get(uid)
+            return caches if namespace is None or caches is None else Tagged.of(caches, namespace)
+
         def _next(self):
             prompt_responses, generation_responses = super()._next()
+            for r in generation_responses:  # a finished request's cache is stored in its own namespace
+                if r.finish_reason is not None:
+                    r.prompt_cache = self._kvtrie_tag(r.uid, r.prompt_cache)
+                    self._kvtrie_namespaces.pop(r.uid, None)
             for r in prompt_responses:
                 entry = self._kvtrie_splits.get(r.uid)
                 if entry is None or not r.end_of_segment or r.end_of_prompt:
@@ -559,6 +697,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-next-turn", action="store_true",
                        help="do not compute a conversation's next turn in the background after each chat reply "
                             "(the reply as the client sends it back, re-rendered by the chat template)")
+    group.add_argument("--api-keys", default=None, metavar="FILE",
+                       help="a file of `KEY TENANT [admin]` lines: every /v1/* and /kvtrie/* request then needs "
+                            "`Authorization: Bearer KEY` or `x-api-key: KEY` (401 without), and each tenant's cache is "
+                            "its own namespace on every tier (memory, disk, the shared tier); /health stays open; "
+                            "only admin keys see every tenant in /kvtrie/stats and read /metrics")
+    group.add_argument("--tenant-bytes", default=None, metavar="SHARE|FILE",
+                       help="each tenant's fair share of memory: a size (512M), a percentage of --prompt-cache-bytes "
+                            "(25%%), or a file of `TENANT SHARE` lines (`*` for the others); when memory is full, a "
+                            "tenant past its share loses its own payloads first (shares are not reservations)")
     group.add_argument("--mlx-cache-bytes", type=_size, default=None,
                        help=f"at most this much of freed buffers MLX keeps for reuse (within B; default "
                             f"{int(MLX_CACHE_SHARE * 100)}%% of B)")
@@ -597,7 +744,56 @@ def options_from(args: argparse.Namespace) -> ServeOptions:
         recycle_bytes=args.recycle_bytes,
         mlx_cache_bytes=args.mlx_cache_bytes,
         next_turn=not getattr(args, "no_next_turn", False),
+        tenants=read_api_keys(getattr(args, "api_keys", None)),
+        tenant_bytes=tenant_shares(getattr(args, "tenant_bytes", None), total),
     )
+
+
+def tenant_shares(value: Optional[str], total: int) -> Any:
+    """`--tenant-bytes`: a size (`512M`), a percentage of B (`25%`), or a file of `TENANT SHARE`
+    lines (`*` for every tenant not named) -> what `PrefixCache(tenant_bytes=)` takes."""
+    if value is None:
+        return None
+
+    def share(text: str, where: str) -> int:
+        text = text.strip()
+        try:
+            if text.endswith("%"):
+                pct = float(text[:-1])
+                if not 0 <= pct <= 100:
+                    raise ValueError
+                return int(total * pct / 100)
+            return _size(text)
+        except (ValueError, argparse.ArgumentTypeError):
+            raise SystemExit(f"kvtrie serve: --tenant-bytes: {where}: not a share: {text!r} "
+                             "(a size such as 512M, or a percentage of --prompt-cache-bytes such as 25%)") from None
+
+    if not os.path.isfile(value):
+        return share(value, "the value")
+    shares: dict[str, int] = {}
+    with open(value, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            fields = line.split("#", 1)[0].split()
+            if not fields:
+                continue
+            if len(fields) != 2:
+                raise SystemExit(f"kvtrie serve: --tenant-bytes: {value}, line {number}: expected `TENANT SHARE`")
+            shares[fields[0]] = share(fields[1], f"{value}, line {number}")
+    return shares
+
+
+def read_api_keys(path: Optional[str]) -> Optional[Tenants]:
+    """The tenants of `--api-keys` (None without one); a file that cannot be used ends the server at start."""
+    if path is None:
+        return None
+    try:
+        tenants = Tenants.load(path)
+    except KeysFileError as exc:
+        raise SystemExit(f"kvtrie serve: --api-keys: {exc}") from None
+    mode = os.stat(path).st_mode
+    if mode & 0o077:
+        logger.warning("kvtrie serve: --api-keys %s can be read by other users (chmod 600 it)", path)
+    return tenants
 
 
 def read_secret(path: Optional[str], shared_url: Optional[str] = None) -> Optional[bytes]:
@@ -636,7 +832,8 @@ def run(host: str, port: int, model_provider: Any, server_class: Optional[type] 
     return_large_frees(MMAP_THRESHOLD)
     cache = ServerPromptCache(options, model_provider)
     server.BatchGenerator = make_batch_generator(_original_batch_generator(server), cache)
-    generator = with_jobs(with_next_turn(server.ResponseGenerator, cache, enabled=options.next_turn))(model_provider, cache)
+    generator_class = with_tenants(server.ResponseGenerator, cache)
+    generator = with_jobs(with_next_turn(generator_class, cache, enabled=options.next_turn))(model_provider, cache)
     serve_single.install(server, generator, cache)
     handler = make_handler(handler_class or server.APIHandler, cache)
     logger.info(

@@ -81,7 +81,8 @@ def serve(handler: Any, cache: Any, *, count_only: bool) -> None:
         return send_error(handler, 500, "api_error", f"the server could not prepare the request: {exc}")
     if count_only:
         return send_json(handler, 200, api.count_tokens_body(len(prompt)))
-    cache.note_breakpoints(prompt, [p for p, _ in breakpoints], [t for _, t in breakpoints])
+    cache.note_breakpoints(prompt, [p for p, _ in breakpoints], [t for _, t in breakpoints],
+                           getattr(handler, "kvtrie_namespace", "default"))
     _generate(handler, request, prompt, breakpoints)
 
 

@@ -32,6 +32,7 @@ from .persistence import DiskTier
 from .policy import WorthPolicy
 from .recurrent import RecurrentPayload
 from .snapshot import evaluate, merge_kv, split_kv
+from .tenants import DEFAULT_TENANT, tenant_of
 from .trie import Match, Node, Trie
 
 logger = logging.getLogger("kvtrie")
@@ -67,6 +68,7 @@ class TieredStorage:
         self.snapshot_bytes = 0
         self.snapshots = 0  # nodes where a hybrid model can restore
         self.kept: dict[int, int] = {}  # node id -> user pins ending there (`hold`): its snapshot stays, it never blocks
+        self._tenants: dict[int, str] = {}  # a trie's root id -> the tenant of its namespace
 
     # --- structure ---------------------------------------------------------------------------
 
@@ -74,6 +76,7 @@ class TieredStorage:
         trie = self.tries.get(namespace)
         if trie is None and create:
             trie = self.tries[namespace] = Trie(self._split_data, self._merge_data)
+            self._tenants[trie.root.id] = tenant_of(namespace)
         return trie
 
     def walk(self) -> Iterator[tuple[str, Node, int]]:
@@ -86,6 +89,7 @@ class TieredStorage:
 
     def add(self, trie: Trie, parent: Node, tokens: np.ndarray, data: NodeData) -> Node:
         """Hang a new device-tier node under `parent` and account for it."""
+        data.tenant = self.tenant_of_trie(trie)
         node = trie.add_child(parent, tokens, data)
         self.account(data, +1)
         if data.layers and node.end > node.start:
@@ -172,7 +176,7 @@ class TieredStorage:
             ref = data.disk
             return (
                 NodeData(None, self.kinds, DISK, DiskRef(per_token * k, 0, not self.hybrid, False), base=data.base,
-                         interval=data.interval, expect=data.expect, segments=top),
+                         interval=data.interval, expect=data.expect, segments=top, tenant=data.tenant),
                 attrs.evolve(data, disk=DiskRef(ref.nbytes - per_token * k, ref.snapshot_nbytes, ref.has_state, ref.has_snapshot), segments=bottom),
             )
         upper: list[LayerPayload] = []
@@ -188,7 +192,7 @@ class TieredStorage:
         release([p for p, kind in zip(data.layers, self.kinds) if kind != STATE], self.pool)
         return (
             NodeData(tuple(upper), self.kinds, data.tier, base=data.base, interval=data.interval, expect=data.expect,
-                     segments=top),
+                     segments=top, tenant=data.tenant),
             attrs.evolve(data, layers=tuple(lower), segments=bottom),
         )
 
@@ -412,6 +416,7 @@ class TieredStorage:
         """Add (+1) or remove (-1) a payload's bytes in its tier's and its kind's counters."""
         nbytes, snap = data.nbytes, data.snapshot_nbytes
         self.pager.bytes[data.tier] += sign * nbytes
+        self.pager.tenant_held(data.tenant, data.tier, sign * nbytes)
         if data.tier == HOST:
             self.host_peak = max(self.host_peak, self.pager.bytes[HOST])
         self.snapshot_bytes += sign * snap
@@ -489,6 +494,10 @@ class TieredStorage:
         while root.parent is not None:
             root = root.parent
         return next(t for t in self.tries.values() if t.root is root)
+
+    def tenant_of_trie(self, trie: Trie) -> str:
+        """The tenant whose namespace `trie` is."""
+        return self._tenants.get(trie.root.id, DEFAULT_TENANT)
 
     def namespace_of(self, node: Node) -> str:
         """The namespace whose trie holds `node`."""
