@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 OPENBLAS := /usr/lib/x86_64-linux-gnu/libopenblas.so.0
 BENCH_STAMP := $(VENV)/.bench-stamp
 
-.PHONY: demo test bench clean redis
+.PHONY: demo test bench clean redis package-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,5 +55,21 @@ bench: $(BENCH_STAMP) redis
 	LD_PRELOAD=$$(test -e $(OPENBLAS) && echo $(OPENBLAS)) $(PY) benchmarks/agent.py
 	LD_PRELOAD=$$(test -e $(OPENBLAS) && echo $(OPENBLAS)) $(PY) benchmarks/shared.py
 
+# The wheel and the sdist build with no deprecation warning, and each installs into a fresh
+# venv where `kvtrie serve --help` runs (CI runs this before the tests).
+PKG_VENV := build/pkg-venv
+package-check: $(STAMP)
+	rm -rf dist $(PKG_VENV) && mkdir -p build
+	$(PY) -m pip install -q build
+	$(PY) -m build --outdir dist . > build/package.log 2>&1 || { cat build/package.log; exit 1; }
+	! grep -i "deprecat" build/package.log
+	for artifact in dist/*.whl dist/*.tar.gz; do \
+		rm -rf $(PKG_VENV) && $(PYTHON) -m venv $(PKG_VENV) && \
+		$(PKG_VENV)/bin/pip install -q "$$artifact[serve]" 2>&1 | grep -v "^WARNING: Location" ; \
+		KVTRIE_HUGE_PAGES=0 $(PKG_VENV)/bin/kvtrie serve --help | grep -q -- --api-keys || exit 1; \
+		$(PKG_VENV)/bin/python -c "import kvtrie, importlib.metadata as m; assert m.version('kvtrie') == kvtrie.__version__" || exit 1; \
+		echo "$$artifact: installs, kvtrie serve --help runs"; \
+	done
+
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .hypothesis

@@ -38,6 +38,7 @@ from typing import Any, Optional, Sequence
 import attrs
 
 from . import serve_single
+from .compat import UntestedDependencyError, check_mlx_lm
 from .control import Controller, with_jobs
 from .disk import private_directory
 from .errors import UnsafeDirectoryError
@@ -866,6 +867,10 @@ def _original_batch_generator(server: Any) -> type:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """`kvtrie serve [mlx_lm.server flags] [kvtrie flags]`."""
+    try:  # before anything of mlx-lm's is imported: a release it is not tested with is refused by name
+        check_mlx_lm()
+    except UntestedDependencyError as exc:
+        raise SystemExit(f"kvtrie serve: {exc}") from None
     import mlx_lm.server as server
 
     saved = server.argparse, server.run, sys.argv
