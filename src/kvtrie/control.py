@@ -10,8 +10,9 @@ A prefix is `{"messages": [...]}` (rendered with the model's chat template exact
 `--chat-template-args`; `"add_generation_prompt"`, default true as there), `{"prompt": "..."}`
 (encoded as `/v1/completions` does) or `{"tokens": [ids]}`; `"namespace"` picks the trie
 namespace (chat requests use the default one). Errors are `{"error": {"message", "type"}}`:
-400 for bad input, 404 for an unknown path, 405 for a wrong method, 409 for a pin the
-budgets refuse, 503 when the generation thread is down.
+400 for bad input (a prefill past `--max-prompt-tokens` or with token ids outside the
+vocabulary included), 404 for an unknown path, 405 for a wrong method, 409 for a pin the
+budgets refuse, 503 when the generation thread is down. Bodies are read by `kvtrie.guard`.
 
 Every operation runs on mlx-lm's generation thread, between its batch steps (a job in its
 request queue; `with_jobs` makes the generator run them): the model and tokenizer are used by
@@ -31,6 +32,7 @@ from typing import Any, Callable, Optional
 
 import attrs
 
+from . import guard
 from .errors import PinError
 from .integrations.mlx_lm import prefill
 from .tenants import namespace_for
@@ -108,11 +110,16 @@ def parse_target(body: dict, *, required: bool = True) -> Optional[Target]:
         except (TypeError, ValueError) as exc:
             raise bad_request(f'"tokens": {exc}') from None
     generation = _check(body, "add_generation_prompt", (bool,), "true or false")
+    kwargs = _check(body, "chat_template_kwargs", (dict,), "an object")
+    try:
+        guard.check_template_kwargs(kwargs, "chat_template_kwargs")
+    except guard.Rejected as exc:
+        raise bad_request(exc.message) from None
     return Target(
         messages=messages, prompt=prompt, tokens=tokens, namespace=namespace,
         add_generation_prompt=True if generation is None else generation,
         tools=_check(body, "tools", (list,), "a list of tools") or None,
-        chat_template_kwargs=_check(body, "chat_template_kwargs", (dict,), "an object"),
+        chat_template_kwargs=kwargs,
         role_mapping=_check(body, "role_mapping", (dict,), "an object"),
     )
 
@@ -221,10 +228,11 @@ def loaded_model(provider: Any) -> tuple[Any, Any]:
 
 class Controller:
     """The control endpoints of one server: `cache` is its ServerPromptCache (`prefix_cache(key)`,
-    `prefix_caches()`, `trim_sequences(pc)`)."""
+    `prefix_caches()`, `trim_sequences(pc)`); `limits` (kvtrie.guard's) bound what a prefill computes."""
 
-    def __init__(self, cache: Any):
+    def __init__(self, cache: Any, limits: Optional[guard.Limits] = None):
         self.cache = cache
+        self.limits = limits
 
     def route(self, handler: Any, method: str) -> bool:
         """Answer `handler`'s request if it is a control endpoint (True), else leave it (False).
@@ -245,15 +253,21 @@ class Controller:
             reply(handler, exc.status, {"error": {"message": exc.message, "type": exc.kind}})
         except (TypeError, ValueError) as exc:  # the cache's own checks
             reply(handler, 400, {"error": {"message": str(exc), "type": "invalid_request_error"}})
+        except Exception as exc:  # never a dropped connection
+            logger.exception("%s %s failed", method, path)
+            reply(handler, 500, {"error": {"message": f"{type(exc).__name__}: {exc}", "type": "server_error"}})
         return True
 
     def prefill(self, generator: Any, body: dict) -> dict:
         request = parse_prefill(body)
         target = request.target
+        if target.tokens is not None:
+            self._check_prompt(target.tokens, "tokens")
 
         def run(provider: Any) -> dict:
             model, tokenizer = loaded_model(provider)
             tokens = render(target, tokenizer, provider.cli_args)
+            self._check_prompt(tokens, "messages" if target.messages is not None else "prompt")
             pc = self.cache.prefix_cache(provider.model_key)
             added = prefill(tokens, model, pc, namespace=target.namespace,
                             prefill_step_size=provider.cli_args.prefill_step_size,
@@ -267,6 +281,18 @@ class Controller:
             return out
 
         return submit(generator, run)
+
+    def _check_prompt(self, tokens: list, param: str) -> None:
+        """A prefix to compute: within --max-prompt-tokens, its ids within the vocabulary (an id past it
+        would be read out of bounds)."""
+        if self.limits is None:
+            return
+        try:
+            self.limits.check_prompt(len(tokens), param=param)
+            if param == "tokens":
+                self.limits.check_token_ids(tokens, param)
+        except guard.Rejected as exc:
+            raise bad_request(exc.message) from None
 
     def pin(self, generator: Any, body: dict) -> dict:
         target, ttl = parse_target(body), parse_ttl(body)
@@ -326,7 +352,10 @@ def scoped(handler: Any, body: dict) -> dict:
 
 
 def read_body(handler: Any) -> dict:
-    """The request's JSON object (an empty one for no body)."""
+    """The request's JSON object (an empty one for no body): as kvtrie.guard admitted it, else read here."""
+    admitted = getattr(handler, "kvtrie_body", None)
+    if admitted is not None:
+        return admitted
     length = handler.headers.get("Content-Length")
     try:
         raw = handler.rfile.read(int(length)) if length else b""

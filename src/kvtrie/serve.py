@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import logging
 import os
@@ -37,7 +36,7 @@ from typing import Any, Optional, Sequence
 
 import attrs
 
-from . import serve_single
+from . import guard, serve_single
 from .compat import UntestedDependencyError, check_mlx_lm
 from .control import Controller, with_jobs
 from .disk import private_directory
@@ -48,7 +47,7 @@ from .keepalive import KeepAlive
 from .misses import MISS_REASONS, NEW_PREFIX, OTHER_NAMESPACE
 from .models.fingerprint import model_fingerprint
 from .next_turn import with_next_turn
-from .serve_tenants import Gate, Tagged, namespace_of_caches, send_error, with_tenants
+from .serve_tenants import Gate, Tagged, namespace_of_caches, with_tenants
 from .tenants import DEFAULT_TENANT, KeysFileError, Tenants, tenant_of
 
 logger = logging.getLogger("kvtrie.serve")
@@ -90,6 +89,9 @@ class ServeOptions:
     next_turn: bool = True  # compute each conversation's next turn in the background (kvtrie.next_turn)
     tenants: Optional[Tenants] = attrs.field(default=None, repr=False)  # --api-keys: who may ask, each its namespace
     tenant_bytes: Any = None  # --tenant-bytes: each tenant's fair share of memory (bytes, or {tenant: bytes, "*": ...})
+    max_request_bytes: int = guard.MAX_REQUEST_BYTES  # a request body past this is a 413 (kvtrie.guard)
+    max_prompt_tokens: Optional[int] = None  # a prompt past this is a 400 (None: the model's context length)
+    request_timeout: float = guard.REQUEST_TIMEOUT  # seconds a client may stay silent while we read its request
 
     def __attrs_post_init__(self) -> None:
         if self.cache_bytes < 0 or not 0 <= self.host_bytes <= self.cache_bytes:
@@ -104,6 +106,12 @@ class ServeOptions:
             raise ValueError(f"--recycle-bytes must be >= 0, got {self.recycle_bytes}")
         if self.mlx_cache_bytes is not None and self.mlx_cache_bytes < 0:
             raise ValueError(f"--mlx-cache-bytes must be >= 0, got {self.mlx_cache_bytes}")
+        if not self.max_request_bytes > 0:
+            raise ValueError(f"--max-request-bytes must be > 0, got {self.max_request_bytes}")
+        if self.max_prompt_tokens is not None and not self.max_prompt_tokens > 0:
+            raise ValueError(f"--max-prompt-tokens must be > 0, got {self.max_prompt_tokens}")
+        if not 0 < self.request_timeout < float("inf"):
+            raise ValueError(f"--request-timeout must be a number of seconds > 0, got {self.request_timeout}")
 
     @property
     def device_bytes(self) -> int:
@@ -493,18 +501,21 @@ _GAUGES = {
 }
 
 
-def make_handler(base: type, cache: ServerPromptCache) -> type:
+def make_handler(base: type, cache: ServerPromptCache, limits: Optional[guard.Limits] = None) -> type:
     """mlx-lm's APIHandler with `GET /kvtrie/stats` (JSON), `GET /metrics` (Prometheus) and the
     Anthropic Messages API (`POST /v1/messages`, `POST /v1/messages/count_tokens`) and the cache
     control endpoints (`kvtrie.control`: prefill, pin, clear)."""
-    control = Controller(cache)
-    gate = Gate(cache.options.tenants)
+    limits = limits or guard.Limits.for_server(cache.options, cache._provider)  # (request bodies: kvtrie.guard)
+    control = Controller(cache, limits)
+    gate = Gate(cache.options.tenants)  # (who asks: kvtrie.serve_tenants)
 
     class Handler(base):
+        timeout = cache.options.request_timeout  # (the socket's: a client silent this long is dropped)
+
         def do_POST(self):  # noqa: N802 (http.server's name)
             from . import serve_messages
 
-            if gate.admit(self, peek_body(self)) is None:
+            if gate.admit(self, lambda: guard.admit(self, limits)) is None:  # a key, then the body, then its salt
                 return
             count_only = serve_messages.ROUTES.get(self.path.split("?", 1)[0])
             if count_only is not None:
@@ -513,8 +524,15 @@ def make_handler(base: type, cache: ServerPromptCache) -> type:
                 super().do_POST()
 
         def do_DELETE(self):  # noqa: N802
-            if gate.admit(self, peek_body(self)) is not None:
+            if gate.admit(self, lambda: guard.admit(self, limits)) is not None:
                 control.route(self, "DELETE")
+
+        def handle_completion(self, request, stop_words):
+            try:
+                super().handle_completion(request, stop_words)
+            except guard.Refusal as refusal:  # the generation thread refused the prompt (its length, the template)
+                exc = refusal.rejected
+                guard.send_error(self, exc.status, exc.message, param=exc.param, code=exc.code)
 
         def do_GET(self):  # noqa: N802 (http.server's name)
             caller = gate.admit(self)
@@ -526,7 +544,8 @@ def make_handler(base: type, cache: ServerPromptCache) -> type:
                 body, kind = json.dumps(stats).encode(), "application/json"
             elif path == "/metrics":
                 if not caller.admin:
-                    return send_error(self, 403, "permission_error", "/metrics shows every tenant: it needs an admin key")
+                    return guard.send_error(self, 403, "/metrics shows every tenant: it needs an admin key",
+                                            kind="permission_error")
                 body, kind = metrics_text(cache), "text/plain; version=0.0.4; charset=utf-8"
             else:
                 return super().do_GET()
@@ -537,23 +556,6 @@ def make_handler(base: type, cache: ServerPromptCache) -> type:
             self.wfile.write(body)
 
     return Handler
-
-
-def peek_body(handler: Any) -> Any:
-    """The request's JSON body (None where it has none or it is not JSON), read once: the handler's
-    own readers find it again in `rfile`."""
-    try:
-        n = int(handler.headers.get("Content-Length") or 0)
-    except ValueError:
-        return None
-    if n <= 0:
-        return None
-    raw = handler.rfile.read(n)
-    handler.rfile = io.BytesIO(raw)
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return None
 
 
 def make_batch_generator(base: type, cache: ServerPromptCache) -> type:
@@ -668,6 +670,10 @@ POST /kvtrie/prefill, POST|DELETE /kvtrie/pin, DELETE /kvtrie/cache.
 After each chat reply, the conversation as its next request will render it (the reply
 re-rendered by the chat template) is prefilled in the background when the server is idle
 (--no-next-turn turns that off).
+Every request body is checked before anything is computed: at most --max-request-bytes
+(413), valid UTF-8 JSON, each field mlx-lm reads of the right type and range (400 in the
+endpoint's error shape), a prompt of at most --max-prompt-tokens tokens (400); a client
+silent for --request-timeout seconds while sending is disconnected.
 Where glibc and the kernel allow it, the server restarts itself at once with malloc on
 transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1): fresh buffers fault in
 2 MiB at a time, 4-6x faster; KVTRIE_HUGE_PAGES=0 in the environment turns that off."""
@@ -710,6 +716,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--mlx-cache-bytes", type=_size, default=None,
                        help=f"at most this much of freed buffers MLX keeps for reuse (within B; default "
                             f"{int(MLX_CACHE_SHARE * 100)}%% of B)")
+    group.add_argument("--max-request-bytes", type=_size, default=guard.MAX_REQUEST_BYTES,
+                       help="a request body larger than this is refused with a 413, unread (default 32M)")
+    group.add_argument("--max-prompt-tokens", type=int, default=None,
+                       help="a prompt that renders to more tokens than this is refused with a 400 before it is "
+                            "computed (default: the model's context length, max_position_embeddings in its "
+                            f"config.json, else {guard.DEFAULT_PROMPT_TOKENS})")
+    group.add_argument("--request-timeout", type=float, default=guard.REQUEST_TIMEOUT,
+                       help="seconds a client may stay silent while sending its request before the connection "
+                            f"is closed (default {guard.REQUEST_TIMEOUT:g})")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -747,6 +762,9 @@ def options_from(args: argparse.Namespace) -> ServeOptions:
         next_turn=not getattr(args, "no_next_turn", False),
         tenants=read_api_keys(getattr(args, "api_keys", None)),
         tenant_bytes=tenant_shares(getattr(args, "tenant_bytes", None), total),
+        max_request_bytes=getattr(args, "max_request_bytes", guard.MAX_REQUEST_BYTES),
+        max_prompt_tokens=getattr(args, "max_prompt_tokens", None),
+        request_timeout=getattr(args, "request_timeout", guard.REQUEST_TIMEOUT),
     )
 
 
@@ -821,7 +839,10 @@ def run(host: str, port: int, model_provider: Any, server_class: Optional[type] 
     import mlx.core as mx
     import mlx_lm.server as server
 
-    options = options_from(model_provider.cli_args)
+    try:
+        options = options_from(model_provider.cli_args)
+    except ValueError as exc:
+        raise SystemExit(f"kvtrie serve: {exc}") from None
     if options.disk_dir is not None:
         try:  # refused at start, not at the first write: created 0700, never one others can write to
             private_directory(options.disk_dir)
@@ -833,10 +854,13 @@ def run(host: str, port: int, model_provider: Any, server_class: Optional[type] 
     return_large_frees(MMAP_THRESHOLD)
     cache = ServerPromptCache(options, model_provider)
     server.BatchGenerator = make_batch_generator(_original_batch_generator(server), cache)
-    generator_class = with_tenants(server.ResponseGenerator, cache)
+    limits = guard.Limits.for_server(options, model_provider)
+    generator_class = with_tenants(guard.with_prompt_limit(server.ResponseGenerator, limits), cache)
     generator = with_jobs(with_next_turn(generator_class, cache, enabled=options.next_turn))(model_provider, cache)
     serve_single.install(server, generator, cache)
-    handler = make_handler(handler_class or server.APIHandler, cache)
+    handler = make_handler(handler_class or server.APIHandler, cache, limits)
+    logger.info("kvtrie serve: request bodies at most %d B, prompts at most %d tokens, clients silent at most %g s "
+                "while sending", limits.max_request_bytes, limits.max_prompt_tokens, options.request_timeout)
     logger.info(
         "kvtrie serve: prompt cache %d B (device %d, host %d; MLX's buffer cache at most %d of it), "
         "huge pages %s%s",

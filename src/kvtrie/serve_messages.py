@@ -19,6 +19,7 @@ import time
 from typing import Any, Optional, Sequence
 
 from . import anthropic as api
+from . import guard
 
 logger = logging.getLogger("kvtrie.serve")
 
@@ -64,15 +65,22 @@ def chat_renderer(generator: Any, timeout: float = LOAD_WAIT_SECONDS) -> ChatRen
 
 def serve(handler: Any, cache: Any, *, count_only: bool) -> None:
     """Answer one Messages (or count_tokens) request on `handler` (mlx-lm's APIHandler).
-    Bad input gets a 400 in Anthropic's error shape before anything reaches the cache."""
+    Bad input gets a 400 in Anthropic's error shape before anything reaches the cache (the body
+    as `kvtrie.guard` admitted it, the prompt within its limits)."""
+    limits = getattr(handler, "kvtrie_limits", None)
     try:
         request = api.parse_request(_read_body(handler), count_only=count_only)
+        if limits is not None:
+            check_limits(request, limits)
         render = chat_renderer(handler.response_generator)
         view = api.chat_view(request)
         try:
             prompt = render(view.messages, view.tools, True)
         except Exception as exc:  # the template refuses the conversation (roles, order, content)
             raise api.RequestError(f"the model's chat template cannot render these messages: {exc}") from None
+        if limits is not None and not count_only and len(prompt) > limits.max_prompt_tokens:
+            raise api.RequestError(f"prompt is too long: {len(prompt)} tokens > {limits.max_prompt_tokens} maximum "
+                                   "(--max-prompt-tokens)")
         breakpoints = () if count_only else api.breakpoint_positions(request, prompt, render)
     except api.RequestError as exc:
         return send_error(handler, exc.status, exc.kind, str(exc))
@@ -103,7 +111,21 @@ def send_error(handler: Any, status: int, kind: str, message: str) -> None:
     send_json(handler, status, api.error_body(kind, message))
 
 
+def check_limits(request: api.MessagesRequest, limits: guard.Limits) -> None:
+    """What the model bounds: `max_tokens` within its context, `top_k` below its vocabulary (past
+    it mlx-lm's sampler raises on the generation thread, which dies)."""
+    if request.max_tokens is not None and request.max_tokens > limits.max_output_tokens:
+        raise api.RequestError(f"max_tokens: {request.max_tokens} > {limits.max_output_tokens}, the most this "
+                               "model can generate")
+    vocab = limits.model_info().vocab_size
+    if request.top_k is not None and vocab is not None and request.top_k >= vocab:
+        raise api.RequestError(f"top_k: expected an integer below the vocabulary size ({vocab}), got {request.top_k}")
+
+
 def _read_body(handler: Any) -> Any:
+    body = getattr(handler, "kvtrie_body", None)
+    if body is not None:  # (read once, within --max-request-bytes, by kvtrie.guard)
+        return body
     length = handler.headers.get("Content-Length")
     try:
         n = int(length)
@@ -173,6 +195,8 @@ def _generate(handler: Any, request: api.MessagesRequest, prompt: Sequence[int],
 
     try:
         ctx, responses = generator.generate(completion, args, progress_callback=progress)
+    except guard.Refusal as refusal:  # the generation thread refused the prompt
+        return send_error(handler, refusal.rejected.status, "invalid_request_error", refusal.rejected.message)
     except Exception as exc:
         logger.exception("messages: generation could not start")
         return send_error(handler, 500, "api_error", f"generation could not start: {exc}")

@@ -12,11 +12,11 @@ namespace (`Tagged`), so a store never lands in the namespace of whichever reque
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
+from .guard import send_error
 from .tenants import DEFAULT_TENANT, Tenant, Tenants, check_salt, namespace_for
 
 logger = logging.getLogger("kvtrie.serve")
@@ -58,12 +58,14 @@ class Gate:
     def enabled(self) -> bool:
         return self.tenants is not None
 
-    def admit(self, handler: Any, body: Any = None) -> Optional[Tenant]:
+    def admit(self, handler: Any, read_body: Optional[Callable[[], bool]] = None) -> Optional[Tenant]:
         """The caller of `handler`'s request, its namespace kept for this thread and on the handler
-        (`kvtrie_namespace`, `kvtrie_caller`); None after answering 401 (no known key) or 400 (a bad
-        `cache_salt`). `body` is the request's parsed JSON, where it has one."""
+        (`kvtrie_namespace`, `kvtrie_caller`); None once the request was answered: 401 without a
+        known key (checked first, before any body is read), or whatever `read_body()` answered
+        (False: it refused the body), or 400 for a bad `cache_salt` in the body it left in
+        `handler.kvtrie_body`."""
         _scope.namespace = DEFAULT_TENANT
-        handler.kvtrie_namespace, handler.kvtrie_caller = DEFAULT_TENANT, None
+        handler.kvtrie_namespace, handler.kvtrie_caller, handler.kvtrie_body = DEFAULT_TENANT, None, None
         path = handler.path.split("?", 1)[0]
         if self.tenants is None:
             caller = Tenant(DEFAULT_TENANT, admin=True)
@@ -73,42 +75,22 @@ class Gate:
             caller = self.tenants.authenticate(handler.headers)
             if caller is None:
                 self.refused += 1
-                send_error(handler, 401, "authentication_error",
-                           "a valid API key is required: send `Authorization: Bearer KEY` or `x-api-key: KEY`")
+                send_error(handler, 401, "a valid API key is required: send `Authorization: Bearer KEY` or "
+                                         "`x-api-key: KEY`", code="invalid_api_key",
+                           headers={"WWW-Authenticate": 'Bearer realm="kvtrie"'})
                 return None
+        if read_body is not None and not read_body():
+            return None
+        body = handler.kvtrie_body
         try:
             salt = check_salt(body.get("cache_salt")) if isinstance(body, dict) else None
         except (TypeError, ValueError) as exc:
-            send_error(handler, 400, "invalid_request_error", str(exc), param="cache_salt")
+            send_error(handler, 400, str(exc), param="cache_salt")
             return None
         namespace = namespace_for(caller.name if self.enabled else None, salt)
         _scope.namespace = handler.kvtrie_namespace = namespace
         handler.kvtrie_caller = caller
         return caller
-
-
-def send_error(handler: Any, status: int, kind: str, message: str, *, param: Optional[str] = None) -> None:
-    """An error in the endpoint's shape: Anthropic's under /v1/messages, kvtrie's under /kvtrie/,
-    OpenAI's elsewhere."""
-    path = handler.path.split("?", 1)[0]
-    if path.startswith("/v1/messages"):
-        from .anthropic import error_body
-
-        payload: dict = error_body(kind, message)
-    elif path.startswith("/kvtrie/"):
-        payload = {"error": {"message": message, "type": kind}}
-    else:
-        code = "invalid_api_key" if status == 401 else None
-        openai_kind = kind if kind != "authentication_error" else "invalid_request_error"
-        payload = {"error": {"message": message, "type": openai_kind, "param": param, "code": code}}
-    data = json.dumps(payload).encode()
-    handler.send_response(status)
-    handler.send_header("Content-Type", "application/json")
-    handler.send_header("Content-Length", str(len(data)))
-    if status == 401:
-        handler.send_header("WWW-Authenticate", 'Bearer realm="kvtrie"')
-    handler.end_headers()
-    handler.wfile.write(data)
 
 
 def with_tenants(base: type, cache: Any) -> type:
