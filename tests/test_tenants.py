@@ -166,6 +166,18 @@ def test_requests_without_a_known_key_get_401_in_the_endpoint_shape(setup):
             ask(server, "wrong-key-0123456789abcdef", "Where are the maps?")
         with pytest.raises(anthropic.AuthenticationError):
             ask_anthropic(server, "wrong-key-0123456789abcdef", "Where are the maps?")
+        # the key is checked before any body is read: a client without one that declares 30 MB gets
+        # its 401 at once, and the connection closes
+        import http.client
+        conn = http.client.HTTPConnection("127.0.0.1", int(server.url.rsplit(":", 1)[1]), timeout=10)
+        conn.putrequest("POST", "/v1/chat/completions")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(30 << 20))
+        conn.endheaders(b'{"messages": [')
+        reply = conn.getresponse()
+        assert reply.status == 401 and json.loads(reply.read())["error"]["code"] == "invalid_api_key"
+        assert reply.getheader("Connection") == "close"
+        conn.close()
         # nothing was served or stored on a refused request
         status, stats = request(server, "GET", "/kvtrie/stats", headers={"x-api-key": KEY_ADMIN})
         assert status == 200 and stats["requests"] == 0 and stats["tenants"] == {}

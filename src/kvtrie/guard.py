@@ -180,7 +180,7 @@ def send_error(handler: Any, status: int, message: str, *, param: Optional[str] 
         handler.close_connection = True
 
 
-def _linger(handler: Any) -> None:
+def linger(handler: Any) -> None:
     """After answering a request whose body was not read: stop sending, and read (and drop) what
     the client still sends for a moment, so that closing the connection does not reset it before
     the client has read the answer."""
@@ -436,7 +436,7 @@ def admit(handler: Any, limits: Limits) -> bool:
     except Rejected as exc:
         send_error(handler, exc.status, exc.message, param=exc.param, code=exc.code, close=exc.unread)
         if exc.unread:
-            _linger(handler)
+            linger(handler)
         return False
     except Disconnected as exc:
         logger.info("%s %s from %s: %s; connection closed", handler.command, p, handler.client_address[0], exc)

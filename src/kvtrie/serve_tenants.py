@@ -16,7 +16,7 @@ import logging
 import threading
 from typing import Any, Callable, Optional
 
-from .guard import send_error
+from .guard import linger, send_error
 from .tenants import DEFAULT_TENANT, Tenant, Tenants, check_salt, namespace_for
 
 logger = logging.getLogger("kvtrie.serve")
@@ -75,9 +75,12 @@ class Gate:
             caller = self.tenants.authenticate(handler.headers)
             if caller is None:
                 self.refused += 1
+                unread = (handler.headers.get("Content-Length") or "0").strip() not in ("", "0")
                 send_error(handler, 401, "a valid API key is required: send `Authorization: Bearer KEY` or "
                                          "`x-api-key: KEY`", code="invalid_api_key",
-                           headers={"WWW-Authenticate": 'Bearer realm="kvtrie"'})
+                           headers={"WWW-Authenticate": 'Bearer realm="kvtrie"'}, close=unread)
+                if unread:  # (its body is never read: the connection closes once the client has the answer)
+                    linger(handler)
                 return None
         if read_body is not None and not read_body():
             return None
