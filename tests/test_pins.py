@@ -347,6 +347,51 @@ def test_a_hybrid_pin_keeps_the_snapshot_at_its_end():
     assert cached == 49 and reason is None
 
 
+def test_a_commit_onto_a_pinned_path_makes_no_pin_give_way():
+    """The PinMachine's failing example, step by step (hybrid, plain LRU, every byte pinned): the
+    last request, `[1]`, splits the pinned edge `[1, 0]` and puts its end snapshot there, above
+    the end of the pin of `[1, 0, 0]`. That snapshot counted as pinned and could not go, so its
+    16 bytes made the oldest pin, `[0, 1, 1]`, give way with no budget shrunk, and its end
+    snapshot went (`lookup` said 2). A pin keeps its path's KV and its end's snapshot; the
+    snapshots above its end are the policy's to drop, like any other."""
+    model = FakeModel(kinds="KR", heads=2, dim=4)
+    pc, _ = make_cache(model, policy="lru", device_bytes=2048, host_bytes=0)
+    steps = [("default", [0, 1, 1]), ("other", [0, 0, 0, 0]), ("default", [0, 0, 0]), ("default", [2, 0, 0, 0, 0, 0]),
+             ("default", [1, 0, 0]), ("default", [0]), ("default", [3, 0, 0]), ("other", [0, 1, 0, 0, 0, 0, 0, 0]),
+             ("default", [1])]
+    pinned = []
+    for ns, tokens in steps:  # each one the PinMachine's pin_an_open_sessions_sequence
+        with pc.begin(tokens, namespace=ns) as s:
+            prefill_and_commit(model, s, tokens)
+            assert pc.pin(tokens, namespace=ns) == len(tokens)
+        pinned.append((ns, tokens))
+        for pns, p in pinned:
+            assert pc.lookup(p, namespace=pns) == len(p), "a pinned prefix stays restorable"
+        stats = pc.stats()
+        assert stats["pins"] == len(pinned) and stats["pins_dropped"] == 0
+        assert stats["held_device_bytes"] <= 2048
+    assert pc.stats()["pinned_bytes"] == 2048  # every byte pinned: the budget held by dropping snapshots only
+
+
+@pytest.mark.parametrize("policy", ["lru", "worth"])
+@pytest.mark.parametrize("host", [0, 4096])
+def test_a_snapshot_a_commit_puts_above_a_pins_end_goes_before_the_pin(policy, host):
+    """The device budget holds exactly the pinned `[1, 0, 0]`; a request for `[1]` splits its
+    path and snapshots its end there. Over the budget, a snapshot above the pin's end is dropped
+    (in the device tier too, where nothing else could move down to the host tier), never the pin."""
+    model = FakeModel(kinds="KR", heads=2, dim=4)
+    pc, _ = make_cache(model, policy=policy, device_bytes=224, host_bytes=host)
+    a = [1, 0, 0]
+    serve(pc, model, a)
+    assert pc.stats()["device_bytes"] == 224
+    assert pc.pin(a) == 3
+    serve(pc, model, [1])
+    stats = pc.stats()
+    assert stats["pins"] == 1 and stats["pins_dropped"] == 0
+    assert pc.lookup(a) == 3
+    assert stats["held_device_bytes"] <= 224 and {n.payload.tier for n in pinned_nodes(pc).values()} == {"device"}
+
+
 def test_clear_everything_a_namespace_or_a_prefix():
     model = FakeModel(layers=2)
     pc, _ = make_cache(model)

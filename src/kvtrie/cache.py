@@ -746,7 +746,8 @@ class PrefixCache:
 
         A pinned prefix stays in memory where it is (device or host; one on disk is read back
         first): it never moves down a tier and is never evicted, and for a hybrid model the
-        snapshot at its end stays, so it restores at once. Pinned bytes stay within the
+        snapshot at its end stays, so it restores at once (the snapshots above its end on its
+        path are the policy's to drop, like any other). Pinned bytes stay within the
         budgets: what a memory tier holds is within its budget, so a pin of it fits; a pin that
         would bring a prefix back from disk past a budget, or hold an open session's path past
         one, raises `PinError` and changes nothing. When `set_budgets` shrinks a budget below

@@ -69,6 +69,7 @@ class TieredStorage:
         self.snapshots = 0  # nodes where a hybrid model can restore
         self.kept: dict[int, int] = {}  # node id -> user pins ending there (`hold`): its snapshot stays, it never blocks
         self._tenants: dict[int, str] = {}  # a trie's root id -> the tenant of its namespace
+        self.held: dict[int, int] = {}  # node id -> user pins whose path passes through it (`hold`), ending there or below
 
     # --- structure ---------------------------------------------------------------------------
 
@@ -105,6 +106,8 @@ class TieredStorage:
         before = node.payload
         self.account(before, -1)
         upper = trie.split(node, at)
+        if node.id in self.held:  # (the upper part lies on the same pinned paths)
+            self.held[upper.id] = self.held[node.id]
         self.account(upper.payload, +1)
         self.account(node.payload, +1)
         if self.disk is not None:
@@ -225,13 +228,18 @@ class TieredStorage:
     def reindex(self, *nodes: Node) -> None:
         """Re-enter nodes into the orders. A pinned node never moves or goes, but a speculative
         snapshot on it may still be dropped (the session holds its own live state), unless a
-        user pin ends there; a leaf a user pin holds never blocks (it is not about to go)."""
+        user pin ends there; so may any snapshot on a user pin's path above its end (the pin
+        keeps that path's KV and its end's snapshot, nothing else: held for good, such a
+        snapshot would pass the budgets in the pin's name). A leaf a user pin holds never
+        blocks (it is not about to go)."""
         for node in nodes:
             self.pager.unindex(node)
             if node.parent is not None:
                 if node.pins:
                     kept = node.id in self.kept
-                    droppable = not kept and node.payload.tier != DISK and self.policy.speculative(node)
+                    droppable = not kept and node.payload.tier != DISK and (
+                        self.policy.speculative(node) or (self.hybrid and node.id in self.held and node.payload.has_snapshot)
+                    )
                     blocks = self.policy.admits and node.is_leaf and not kept
                     self.pager.index(node, droppable, movable=False, blocks=blocks)
                 else:
@@ -286,9 +294,10 @@ class TieredStorage:
     def enforce(self) -> None:
         """Move down and evict in the policy's order until every budget holds (or only pinned nodes are left).
 
-        Over a tier's budget its first unpinned node moves one tier down; over the last
-        tier's budget the first evictable node goes, and a node that waits for its children
-        (still in upper tiers) makes them move first.
+        Over a tier's budget its first unpinned node moves one tier down (where only pinned
+        nodes are left, the first snapshot that may go of theirs is dropped: see `reindex`);
+        over the last tier's budget the first evictable node goes, and a node that waits for
+        its children (still in upper tiers) makes them move first.
         """
         pager = self.pager
         if not any(pager.over(t) for t in pager.budgets):
@@ -311,9 +320,17 @@ class TieredStorage:
             for upper, lower in zip(chain, chain[1:]):
                 while pager.over(upper):
                     ledger.reclaim(upper)  # the cheap holders first: buffer caches, free pools, recycled, hot
-                    node = pager.next_move(upper) if pager.over(upper) else None
-                    if node is None:
+                    if not pager.over(upper):
                         break
+                    node = pager.next_move(upper)
+                    if node is None:  # only pinned payloads are left here: what may go of them is a snapshot
+                        node = pager.next_eviction(upper)  # (see `reindex`; they never move down a tier)
+                        if node is None:
+                            break
+                        self.policy.removed(node)
+                        self.evict(node)
+                        progress = True
+                        continue
                     self.policy.removed(node)
                     self._moved += node.payload.nbytes
                     self.move(node, lower)
@@ -443,12 +460,15 @@ class TieredStorage:
 
     def hold(self, node: Node, delta: int) -> None:
         """A user pin ending at `node` starts (+1) or ends (-1): its path is pinned like an open
-        session's, and `node`'s snapshot stays."""
-        held = self.kept.get(node.id, 0) + delta
-        if held:
-            self.kept[node.id] = held
-        else:
-            self.kept.pop(node.id, None)
+        session's, and `node`'s snapshot stays (the snapshots above it on its path may go: see
+        `reindex`)."""
+        for counts, nodes in ((self.kept, (node,)), (self.held, node.path())):
+            for n in nodes:
+                count = counts.get(n.id, 0) + delta
+                if count:
+                    counts[n.id] = count
+                else:
+                    counts.pop(n.id, None)
         self.pin(node, delta)
 
     def clear_below(self, node: Node) -> int:
