@@ -7,6 +7,13 @@ a snapshot has its own; a record nobody reads is deleted), which nodes no record
 ledger until drained), write-back (host -> disk: the memory goes once written) and fault-in
 (disk -> host), and at start-up rebuilds the tries from the records alone.
 
+A full or failing disk degrades the tier, never a request (`DiskHealth` in disk.py says when
+writes are tried): a write that fails is dropped (its copies' ledger charge settled, the node
+kept in memory and saved again later; one leaving memory comes back to the host tier, and the
+storage evicts it if it must); while degraded, nothing is queued and a node that would need a
+record to leave memory is evicted instead (`accepts`); a read that fails is a miss from that
+node down; unreadable records at start-up are skipped (deleted only when damaged).
+
 It edits the tries and the tier counters only through the storage that owns them, seen as a
 `TrieHost` (storage.py's `TieredStorage`); nothing here imports storage.py.
 """
@@ -24,7 +31,7 @@ import numpy as np
 
 from .arrays import AnyArray, HostArray, HostPool, numpy_view
 from .counters import Counters
-from .disk import DiskRef, DiskStore, PayloadCorrupt, WriteJob
+from .disk import DiskReadError, DiskRef, DiskStore, PayloadCorrupt, WriteJob, WriteSkipped
 from .layers import STATE
 from .ledger import DISK, HOST, IN_FLIGHT, Ledger
 from .nodedata import LayerPayload, Logits, NodeData, Segment, everything
@@ -173,11 +180,26 @@ class DiskTier:
             h.update(np.ascontiguousarray(n.tokens, dtype=np.int32).tobytes())
         return h.hexdigest()
 
+    @property
+    def degraded(self) -> bool:
+        """Writes failed and have not succeeded since (see `DiskHealth`)."""
+        return self.store.health.degraded
+
+    def accepts(self, node: Node) -> bool:
+        """Whether `node` can leave memory for the disk tier now: its records all exist (or one is
+        in flight), or writes are tried (the tier is healthy, or a retry is due)."""
+        return self.store.health.writable() or node.id in self._persisting or self.persisted(node)
+
+    def retry_now(self) -> None:
+        """Degraded: let the next write try now (at close)."""
+        self.store.health.retry_now()
+
     def persist(self) -> int:
         """Queue a record for every node whose payload no record holds yet (parents first, so a
         record's `parent` exists before it); returns how many were queued. Run every few
-        seconds by the facade, so a process killed at any moment loses at most that much."""
-        if not self._unsaved:
+        seconds by the facade, so a process killed at any moment loses at most that much.
+        While the tier is degraded (and no retry is due) nothing is queued: the nodes wait."""
+        if not self._unsaved or not self.store.health.writable():
             return 0
         nodes = sorted(self._unsaved.values(), key=lambda n: n.start)
         self._unsaved = {}
@@ -289,14 +311,21 @@ class DiskTier:
         node.payload = attrs.evolve(data, layers=None, logits=None)
         self._unsaved.pop(node.id, None)
 
-    def drain(self) -> None:
-        """Take in finished writes: the records are the nodes' from now on."""
+    def drain(self) -> int:
+        """Take in finished writes: the records are the nodes' from now on. A write that failed
+        (or was skipped while degraded) leaves its node in memory, to be saved again; returns how
+        many nodes came back to the host tier that way (the caller enforces the budgets)."""
         host = self._host
+        returned = 0
         while True:
             try:
                 job, name, error = self.store.done.get_nowait()
             except queue.Empty:
-                return
+                return returned
+            if isinstance(job, str):  # a delete failed (the file stays; a later start may load it: it is whole)
+                self._count_write_error()
+                logger.debug("deleting %s failed (%s)", job, error)
+                continue
             self._settle(job)
             if job.copies:
                 release(list(p for p in job.layers if p is not None) + ([Logits(job.logits)] if job.logits is not None else []), self.pool)
@@ -305,14 +334,18 @@ class DiskTier:
             if current:
                 del self._persisting[job.node_id]
             if error is not None:
-                self.counters.disk_errors += 1
-                logger.warning("writing a record to %s failed (%s)", self.store.dir, error)
-                if current and entry[2]:  # its memory was to go: keep the node where it was
+                if not isinstance(error, WriteSkipped):
+                    self._count_write_error()
+                    logger.debug("writing a record to %s failed (%s)", self.store.dir, error)
+                if current:
                     node = entry[0]
-                    host.account(node.payload, -1)
-                    node.payload = attrs.evolve(node.payload, tier=HOST, disk=None)
-                    host.account(node.payload, +1)
-                    host.reindex(node)
+                    if entry[2]:  # its memory was to go: the node is back in the host tier
+                        host.account(node.payload, -1)
+                        node.payload = attrs.evolve(node.payload, tier=HOST, disk=None)
+                        host.account(node.payload, +1)
+                        host.reindex(node)
+                        returned += 1
+                    self.unsaved(node)  # (written once writes resume)
                 continue
             node = entry[0] if current else None
             record = job.record
@@ -331,6 +364,10 @@ class DiskTier:
                 self._drop_memory(node)
             elif not self.persisted(node):
                 self.unsaved(node)
+
+    def _count_write_error(self) -> None:
+        self.counters.disk_write_errors += 1
+        self.counters.disk_errors += 1
 
     def flush(self) -> None:
         """Wait until every queued write has finished (the next `drain` takes them in)."""
@@ -374,9 +411,14 @@ class DiskTier:
         else:
             try:
                 layers, logits = self._read_records(node)
-            except PayloadCorrupt as exc:
+            except Exception as exc:  # (PayloadCorrupt, DiskReadError, or a record that does not fit)
+                self.counters.disk_read_errors += 1
                 self.counters.disk_errors += 1
-                logger.warning("a record of [%d, %d) is unusable (%s): a miss from there", node.start, node.end, exc)
+                if isinstance(exc, DiskReadError):  # the disk fails: one warning for the episode
+                    self.store.health.failed(exc, "reading a record")
+                    logger.debug("reading a record of [%d, %d) failed (%s): a miss from there", node.start, node.end, exc)
+                else:
+                    logger.warning("a record of [%d, %d) is unusable (%s): a miss from there", node.start, node.end, exc)
                 host.drop_subtree(node)
                 return False
             self.counters.disk_restores += 1
@@ -441,23 +483,47 @@ class DiskTier:
         """Rebuild every namespace's trie on the disk tier from the directory's records that were
         made for the same model (any others are deleted), records of one path hanging off the
         record before them; an orphan (its parent gone) is deleted. Returns the last clock tick
-        a record was used at; the caller enters the nodes into its orders."""
+        a record was used at; the caller enters the nodes into its orders.
+
+        A record the disk fails to read (EIO) is skipped and left for a later start, and so are
+        the records hanging off it; a damaged one is deleted; one warning says how many.
+        """
         store = self.store
         found = []
-        for name in sorted(store.files()):
+        damaged, unread, first = 0, set(), None
+        try:
+            names = sorted(store.files())
+        except OSError as exc:  # the directory cannot be listed: start cold (the tier is degraded)
+            store.health.failed(exc, "listing the records")
+            self.counters.disk_read_errors += 1
+            self.counters.disk_errors += 1
+            return 0
+        for name in names:
             try:
                 record = store.header(name)
             except PayloadCorrupt as exc:
-                logger.warning("disk record %s is unreadable (%s): deleted", name, exc)
+                self.counters.disk_read_errors += 1
                 self.counters.disk_errors += 1
-                store.delete(name)
+                first = first or exc
+                if isinstance(exc, DiskReadError):
+                    unread.add(DiskStore.stem(name))
+                else:
+                    damaged += 1
+                    store.delete_quietly(name)
                 continue
             found.append((name, record))
+        if first is not None:  # one warning
+            summary = (f"{damaged + len(unread)} unreadable records skipped ({damaged} damaged, deleted; {len(unread)} "
+                       f"the disk failed to read, left for a later start), the first: {first}")
+            if unread:  # the disk fails: the tier is degraded (its warning says this)
+                store.health.failed(summary, "reading the records")
+            else:
+                logger.warning("disk tier %s: %s", store.dir, summary)
         foreign = [n for n, r in found if r.get("fingerprint") != self._fingerprint or r.get("layout") != self._layout]
         if foreign:
             logger.warning("disk tier %s: %d records of another model or cache layout deleted", store.dir, len(foreign))
             for name in foreign:
-                store.delete(name)
+                store.delete_quietly(name)
         foreign = set(foreign)
         records = {DiskStore.stem(n): (n, r) for n, r in found if n not in foreign}
         ends: dict[str, Node] = {}  # record -> the node ending where the record ends
@@ -470,7 +536,10 @@ class DiskTier:
                 logger.warning("disk record %s does not fit the trie (%s): deleted", name, exc)
                 node = None
             if node is None:
-                store.delete(name)
+                if record.get("parent") in unread:  # hangs off a record not read this time: kept for later
+                    unread.add(stem)
+                else:
+                    store.delete_quietly(name)
                 continue
             self._files[stem] = name
             ends[stem] = node
@@ -479,7 +548,7 @@ class DiskTier:
             if self.index_signature is None:
                 self.index_signature = record.get("signature")
         for stem in [s for s in self._files if s not in self._refs]:  # loaded, but nothing uses it
-            store.delete(self._files.pop(stem))
+            store.delete_quietly(self._files.pop(stem))
         logger.info("disk tier %s: %d records restored", store.dir, loaded)
         return latest
 

@@ -398,7 +398,7 @@ def metrics_text(cache: ServerPromptCache) -> bytes:
 _GAUGES = {
     "nodes", "tokens_stored", "sequences", "snapshots", "device_bytes", "host_bytes", "disk_bytes",
     "kv_bytes", "snapshot_bytes", "recycle_bytes", "held_bytes", "held_device_bytes", "held_host_bytes",
-    "in_use_bytes", "open_sessions", "pins", "pinned_bytes",
+    "in_use_bytes", "open_sessions", "pins", "pinned_bytes", "disk_degraded",
 }
 
 
