@@ -97,6 +97,9 @@ class DiskTier:
         self._unsaved: dict[int, Node] = {}  # nodes whose payload no record holds yet
         self._files: dict[str, str] = {}  # record key -> file name
         self._refs: dict[str, int] = {}  # record key -> how many segments and snapshots use it
+        # a record stays while records (on disk or in flight) hang off it: a start rebuilds their path from it
+        self._children: dict[str, int] = {}  # record key -> records naming it as their `parent`
+        self._parent_of: dict[str, str] = {}  # record key (on disk) -> its `parent`
         self.index_signature: Optional[str] = None  # the model layout the disk's state was made with
         self.signature_text: Optional[str] = None  # set by the facade once it knows the model's caches
 
@@ -151,7 +154,8 @@ class DiskTier:
             self.unsaved(node)
 
     def _refile(self, before: Sequence[str], after: Sequence[str]) -> None:
-        """Move record references from `before` to `after`; a record nobody uses is deleted."""
+        """Move record references from `before` to `after`; a record nobody uses is deleted (once
+        no other record hangs off it)."""
         refs = self._refs
         for stem in after:
             refs[stem] = refs.get(stem, 0) + 1
@@ -161,9 +165,46 @@ class DiskTier:
                 refs[stem] = left
                 continue
             refs.pop(stem, None)
+            if not self._children.get(stem):
+                self._drop_record(stem)
+
+    def _hang(self, parent: Optional[str]) -> None:
+        """A record naming `parent` as the one before it is queued (or loaded)."""
+        if parent is not None:
+            self._children[parent] = self._children.get(parent, 0) + 1
+
+    def _unhang(self, parent: Optional[str]) -> None:
+        """A record naming `parent` is gone, or was never written: `parent` goes too if nothing else
+        uses it (a record superseded while records hung off it was kept for them)."""
+        if parent is None:
+            return
+        left = self._children.get(parent, 0) - 1
+        if left > 0:
+            self._children[parent] = left
+            return
+        self._children.pop(parent, None)
+        if parent not in self._refs:
+            self._drop_record(parent)
+
+    def _drop_record(self, stem: str) -> None:
+        """Delete a record nothing uses or hangs off, and let go of the one it hangs off (iterative:
+        a chain of kept records goes at once)."""
+        while True:
             name = self._files.pop(stem, None)
-            if name is not None:
-                self.store.delete_later(name)
+            parent = self._parent_of.pop(stem, None)
+            if name is None:
+                return
+            self.store.delete_later(name)
+            if parent is None:
+                return
+            left = self._children.get(parent, 0) - 1
+            if left > 0:
+                self._children[parent] = left
+                return
+            self._children.pop(parent, None)
+            if parent in self._refs:
+                return
+            stem = parent
 
     # --- writing records -----------------------------------------------------------------------
 
@@ -267,6 +308,7 @@ class DiskTier:
             job = WriteJob(node.id, stem, tuple(_for_writer(p) for p in layers),
                            None if data.logits is None else _writer_array(data.logits), record, data, state_only, True)
         self._persisting[node.id] = (node, job, then_drop_memory)
+        self._hang(record["parent"])
         if job.copies:
             self._charge(job, copies=sum(a.nbytes for p in job.layers if p is not None for a in p.arrays)
                          + (job.logits.nbytes if job.logits is not None else 0))
@@ -334,6 +376,7 @@ class DiskTier:
             if current:
                 del self._persisting[job.node_id]
             if error is not None:
+                self._unhang(job.record["parent"])
                 if not isinstance(error, WriteSkipped):
                     self._count_write_error()
                     logger.debug("writing a record to %s failed (%s)", self.store.dir, error)
@@ -351,19 +394,38 @@ class DiskTier:
             record = job.record
             start = record["start"]
             span = (start, start + len(record["tokens"])) if record["kv"] else None
-            if node is None or (span is not None and span != (node.start, node.end)) or (span is None and start != node.end):
-                if node is not None:
-                    self.unsaved(node)
-                if self._files.get(job.stem) != name:
-                    self.store.delete_later(name)  # superseded: the node changed or went meanwhile
+            superseded = node is None or (span is not None and span != (node.start, node.end)) or (
+                span is None and start != node.end)
+            if superseded and node is not None:
+                self.unsaved(node)
+            if not self._keep_written(job, name, superseded):
                 continue
-            self._files[job.stem] = name
             self.counters.disk_writes += 1
             self._applied(node, job.stem, record)
             if entry[2]:
                 self._drop_memory(node)
             elif not self.persisted(node):
                 self.unsaved(node)
+
+    def _keep_written(self, job: WriteJob, name: str, superseded: bool) -> bool:
+        """A record was written: keep it (True: it is the node's now), or, where its node changed or
+        went meanwhile, delete it unless records hang off it (they were queued naming it: it is kept
+        for them, read by no node). A second file of the same key (identical content) goes."""
+        parent = job.record["parent"]
+        known = self._files.get(job.stem)
+        if known is not None:  # (written twice: the first one stays)
+            if known != name:
+                self.store.delete_later(name)
+            self._unhang(parent)
+            return not superseded
+        if superseded and not self._children.get(job.stem):
+            self.store.delete_later(name)
+            self._unhang(parent)
+            return False
+        self._files[job.stem] = name
+        if parent is not None:
+            self._parent_of[job.stem] = parent
+        return not superseded
 
     def _count_write_error(self) -> None:
         self.counters.disk_write_errors += 1
@@ -542,13 +604,17 @@ class DiskTier:
                     store.delete_quietly(name)
                 continue
             self._files[stem] = name
+            if record.get("parent") is not None:
+                self._parent_of[stem] = record["parent"]
+                self._hang(record["parent"])
             ends[stem] = node
             loaded += 1
             latest = max(latest, int(record.get("last_used", 0)))
             if self.index_signature is None:
                 self.index_signature = record.get("signature")
         for stem in [s for s in self._files if s not in self._refs]:  # loaded, but nothing uses it
-            store.delete_quietly(self._files.pop(stem))
+            if stem in self._files and not self._children.get(stem):
+                self._drop_record(stem)  # (and what it hangs off, if that is left unused)
         logger.info("disk tier %s: %d records restored", store.dir, loaded)
         return latest
 
