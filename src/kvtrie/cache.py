@@ -1106,7 +1106,6 @@ class PrefixCache:
         with self._lock:
             self._expire_pins()
             storage = self._storage
-            storage.drain()  # (the writes landed so far: counters agree with `disk_degraded`)
             tries = storage.tries.values()
             return {
                 **self._counters.as_dict(),

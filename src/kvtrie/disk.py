@@ -570,12 +570,13 @@ class DiskStore:
             try:
                 if job is None:
                     return
+                # (the outcome is in `done` before the health changes: whoever sees the change finds it there)
                 if isinstance(job, str):
                     try:
                         self.delete(job)
                     except OSError as exc:
-                        health.failed(exc, "deleting a record")
                         self.done.put((job, None, exc))
+                        health.failed(exc, "deleting a record")
                     continue
                 if not health.writable():
                     self.done.put((job, None, WriteSkipped(health.error)))
@@ -583,11 +584,11 @@ class DiskStore:
                 try:
                     name = self.write(job.stem, job.layers, job.logits, job.record)
                 except OSError as exc:  # ENOSPC, EDQUOT, EIO, EROFS...: the tier degrades
-                    health.failed(exc, "writing a record")
                     self.done.put((job, None, exc))
+                    health.failed(exc, "writing a record")
                     continue
-                health.succeeded()
                 self.done.put((job, name, None))
+                health.succeeded()
             except BaseException as exc:  # reported to the cache, which keeps the node unwritten
                 self.done.put((job, None, exc))
             finally:

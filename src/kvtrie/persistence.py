@@ -92,6 +92,10 @@ class DiskTier:
         self.ledger = ledger
         self._fingerprint = fingerprint
         self._layout = list(layout)
+        self._degraded = store.health.degraded  # as of the last drain (the counters agree with it)
+        if self._degraded:  # (the directory could not be made: a write that failed)
+            counters.disk_write_errors += 1
+            counters.disk_errors += 1
         self._persisting: dict[int, tuple[Node, WriteJob, bool]] = {}  # node id -> (node, record in flight, drop memory once written)
         self._in_flight: dict[int, list[int]] = {}  # id(job) -> [bytes of its copies, bytes of node memory it holds]
         self._unsaved: dict[int, Node] = {}  # nodes whose payload no record holds yet
@@ -223,8 +227,9 @@ class DiskTier:
 
     @property
     def degraded(self) -> bool:
-        """Writes failed and have not succeeded since (see `DiskHealth`)."""
-        return self.store.health.degraded
+        """Writes (or reads) failed and no write has succeeded since (see `DiskHealth`), as of the
+        last `drain`, which counted those failures."""
+        return self._degraded
 
     def accepts(self, node: Node) -> bool:
         """Whether `node` can leave memory for the disk tier now: its records all exist (or one is
@@ -359,10 +364,12 @@ class DiskTier:
         many nodes came back to the host tier that way (the caller enforces the budgets)."""
         host = self._host
         returned = 0
+        degraded = self.store.health.degraded  # (first: the writes that changed it are in `done`)
         while True:
             try:
                 job, name, error = self.store.done.get_nowait()
             except queue.Empty:
+                self._degraded = degraded
                 return returned
             if isinstance(job, str):  # a delete failed (the file stays; a later start may load it: it is whole)
                 self._count_write_error()
@@ -427,6 +434,10 @@ class DiskTier:
             self._parent_of[job.stem] = parent
         return not superseded
 
+    def _delete_now(self, name: str) -> None:
+        if not self.store.delete_quietly(name):
+            self._count_write_error()
+
     def _count_write_error(self) -> None:
         self.counters.disk_write_errors += 1
         self.counters.disk_errors += 1
@@ -478,6 +489,7 @@ class DiskTier:
                 self.counters.disk_errors += 1
                 if isinstance(exc, DiskReadError):  # the disk fails: one warning for the episode
                     self.store.health.failed(exc, "reading a record")
+                    self._degraded = True
                     logger.debug("reading a record of [%d, %d) failed (%s): a miss from there", node.start, node.end, exc)
                 else:
                     logger.warning("a record of [%d, %d) is unusable (%s): a miss from there", node.start, node.end, exc)
@@ -559,6 +571,7 @@ class DiskTier:
             store.health.failed(exc, "listing the records")
             self.counters.disk_read_errors += 1
             self.counters.disk_errors += 1
+            self._degraded = True
             return 0
         for name in names:
             try:
@@ -571,7 +584,7 @@ class DiskTier:
                     unread.add(DiskStore.stem(name))
                 else:
                     damaged += 1
-                    store.delete_quietly(name)
+                    self._delete_now(name)
                 continue
             found.append((name, record))
         if first is not None:  # one warning
@@ -585,7 +598,7 @@ class DiskTier:
         if foreign:
             logger.warning("disk tier %s: %d records of another model or cache layout deleted", store.dir, len(foreign))
             for name in foreign:
-                store.delete_quietly(name)
+                self._delete_now(name)
         foreign = set(foreign)
         records = {DiskStore.stem(n): (n, r) for n, r in found if n not in foreign}
         ends: dict[str, Node] = {}  # record -> the node ending where the record ends
@@ -601,7 +614,7 @@ class DiskTier:
                 if record.get("parent") in unread:  # hangs off a record not read this time: kept for later
                     unread.add(stem)
                 else:
-                    store.delete_quietly(name)
+                    self._delete_now(name)
                 continue
             self._files[stem] = name
             if record.get("parent") is not None:
@@ -615,6 +628,7 @@ class DiskTier:
         for stem in [s for s in self._files if s not in self._refs]:  # loaded, but nothing uses it
             if stem in self._files and not self._children.get(stem):
                 self._drop_record(stem)  # (and what it hangs off, if that is left unused)
+        self._degraded = store.health.degraded
         logger.info("disk tier %s: %d records restored", store.dir, loaded)
         return latest
 
