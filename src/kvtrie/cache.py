@@ -84,7 +84,10 @@ class PrefixCache:
     `kvtrie.models.model_fingerprint(model)`; required with a disk) starts warm from the
     records, after `close()` or after any end of the process (kill -9 included): what was
     stored more than `persist_seconds` (plus the write) before survives. A damaged or missing
-    record is a miss from that node down, never restored state.
+    record is a miss from that node down, never restored state. A full or failing disk
+    (ENOSPC, EIO, ...) never fails a call: the tier degrades to memory only (one warning,
+    `stats()["disk_degraded"]`, `disk_write_errors` / `disk_read_errors`), retries writes
+    every few seconds and resumes when one succeeds.
 
     `shared_url` (`redis://HOST:PORT/DB`, `rediss://`, a password in the URL, or any node of
     a Redis Cluster; needs `fingerprint`) adds a tier shared by processes and machines
@@ -1006,18 +1009,19 @@ class PrefixCache:
         disk = self._storage.disk
         if disk is None:
             return 0
+        storage = self._storage
         with self._lock:
             self._check_open()
-            disk.drain()
+            storage.drain()
             queued = disk.persist()
         if wait:
             disk.flush()
             with self._lock:
-                disk.drain()
+                storage.drain()
                 queued += disk.persist()  # records whose parents were in flight
             disk.flush()
             with self._lock:
-                disk.drain()
+                storage.drain()
         return queued
 
     def _persist_loop(self, period: float) -> None:
@@ -1026,7 +1030,7 @@ class PrefixCache:
                 with self._lock:
                     if self._closed:
                         return
-                    self._storage.disk.drain()
+                    self._storage.drain()
                     self._storage.disk.persist()
             except Exception:  # never let the thread die: the next round tries again
                 logger.exception("persisting records failed")
@@ -1128,6 +1132,8 @@ class PrefixCache:
                 "device_bytes": storage.pager.bytes[DEVICE],
                 "host_bytes": storage.pager.bytes[HOST],
                 "disk_bytes": storage.pager.bytes[DISK],
+                # 1 while the disk tier is degraded to memory only (writes failed; retried every few seconds)
+                "disk_degraded": int(storage.disk is not None and storage.disk.degraded),
                 "kv_bytes": storage.kv_bytes,
                 "snapshot_bytes": storage.snapshot_bytes,
                 "recycle_hits": self._recycler.hits,  # live arrays a restore reclaimed instead of zero-filling

@@ -29,7 +29,9 @@ class Counters:
     evicted_tokens: int = 0
     disk_writes: int = 0
     disk_restores: int = 0
-    disk_errors: int = 0
+    disk_errors: int = 0  # disk_write_errors + disk_read_errors
+    disk_write_errors: int = 0  # writes (and deletes) the operating system failed (ENOSPC, EIO, ...): dropped, kept in memory
+    disk_read_errors: int = 0  # records that could not be read back (EIO, damaged): misses
     snapshots_made: int = 0  # recurrent snapshots stored
     snapshots_dropped: int = 0  # dropped by the policy or evicted
     snapshots_used: int = 0  # restores that resumed from a snapshot

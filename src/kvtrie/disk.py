@@ -17,10 +17,22 @@ behind a bounded queue; reads are synchronous. A large record is read by mapping
 arrays are read-only views of the page cache): a mapping survives the file's deletion or
 replacement by rename, which is all kvtrie ever does to a record, but a file cut short in
 place while mapped kills the process (SIGBUS), so nothing else may rewrite files here.
+
+A full or failing disk never fails a request: a write that fails (ENOSPC, EDQUOT, EIO, ...)
+removes its temporary file and is reported to the cache, which keeps the payload in memory or
+evicts it; the directory's `DiskHealth` turns degraded (one warning), the writer skips writes
+until a retry a few seconds later (backing off to `DiskHealth.longest`) and the first write
+that succeeds resumes the tier (one info line). A read that fails is a miss (`DiskReadError`);
+a record is mapped only when every page of it came in (a page the disk fails to read would
+raise SIGBUS when touched). What stays out of reach: a mapped record's page that the kernel
+drops later and then cannot read back.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import json
 import logging
 import math
@@ -29,6 +41,7 @@ import os
 import queue
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
@@ -52,6 +65,95 @@ FORMAT = 3
 
 class PayloadCorrupt(Exception):
     """A payload file is missing, truncated or does not match its checksum: a miss, never state."""
+
+
+class DiskReadError(PayloadCorrupt):
+    """Reading a record failed in the operating system (EIO, ...): a miss, and a sign that the disk fails."""
+
+
+class WriteSkipped(Exception):
+    """A write the writer did not try: the directory is degraded and its next retry is not due."""
+
+
+def _io_error(file: str, exc: OSError) -> PayloadCorrupt:
+    """A read's OSError as a miss: a record gone (deleted meanwhile) is plain; anything else is the disk's."""
+    if exc.errno == errno.ENOENT:
+        return PayloadCorrupt(f"{file}: {exc}")
+    return DiskReadError(f"{file}: {exc}")
+
+
+# The system calls records are written and read with, as module functions (tests inject errors here).
+def _write_all(fd: int, data: Any) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+_pread = os.pread
+_preadv = os.preadv
+_open = os.open
+_now = time.monotonic  # (the disk tier's health clock)
+
+
+class DiskHealth:
+    """Whether a disk tier's directory takes writes now.
+
+    A failure (`failed`) makes it degraded: one warning names the directory and the error, and
+    `writable()` is False until a retry is due (`first` seconds later, doubling with each failure
+    while degraded, up to `longest`); the first write that succeeds after it (`succeeded`) ends
+    the episode with one info line. A disk that fills again soon after (`settle` seconds) goes on
+    with the backoff it had and says so at info level: a disk hovering at full (its own records
+    fill it) warns once, not at every turn. Thread-safe: the writer and request threads report.
+    """
+
+    first = 1.0
+    longest = 10.0
+    settle = 300.0
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self._lock = threading.Lock()
+        self.degraded = False
+        self.error: Optional[str] = None  # the last failure's
+        self._backoff = 0.0
+        self._retry_at = 0.0
+        self._resumed_at: Optional[float] = None
+
+    def failed(self, exc: object, doing: str) -> None:
+        with self._lock:
+            now = _now()
+            self.error = f"{doing}: {exc}"
+            if self.degraded:
+                self._backoff = min(self._backoff * 2, self.longest)
+                logger.debug("disk tier %s: %s failed again (%s); next retry in %.1f s", self.directory, doing, exc, self._backoff)
+            else:
+                self.degraded = True
+                recent = self._resumed_at is not None and now - self._resumed_at < self.settle
+                self._backoff = min(self._backoff * 2, self.longest) if recent else self.first
+                logger.log(
+                    logging.INFO if recent else logging.WARNING,
+                    "disk tier %s: %s failed (%s): the disk tier is degraded to memory only (requests are served, "
+                    "nothing is written) until a retry succeeds (every %g-%g s)%s",
+                    self.directory, doing, exc, self.first, self.longest, " (again)" if recent else "",
+                )
+            self._retry_at = now + self._backoff
+
+    def succeeded(self) -> None:
+        if not self.degraded:
+            return
+        with self._lock:
+            if self.degraded:
+                self.degraded = False
+                self._resumed_at = _now()
+                logger.info("disk tier %s: writes resumed (after: %s)", self.directory, self.error)
+
+    def writable(self) -> bool:
+        """Not degraded, or a retry is due (the next write is the probe)."""
+        return not self.degraded or _now() >= self._retry_at
+
+    def retry_now(self) -> None:
+        """Let the next write try (at close: one last chance to keep what is in memory)."""
+        self._retry_at = 0.0
 
 
 @attrs.frozen
@@ -180,6 +282,33 @@ _IOV_MAX = 1024  # buffers per preadv call (Linux's limit)
 # mapping each, so many small records would not run into the kernel's limit on mappings)
 MAP_BYTES = 4 << 20
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # (Linux: map every page in one call, not one fault at a time)
+_mincore: Any = None
+
+
+def _resident(mapping: mmap.mmap, size: int) -> bool:
+    """Whether every page of a mapping made with MAP_POPULATE is in memory. A page the disk failed
+    to read stays out, and touching it would kill the process (SIGBUS) where a read raises EIO:
+    such a record is read instead. (Without MAP_POPULATE, or without mincore, not checked.)"""
+    global _mincore
+    if not _POPULATE or size == 0:
+        return True
+    if _mincore is None:
+        try:
+            _mincore = ctypes.CDLL(None, use_errno=True).mincore
+            _mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+            _mincore.restype = ctypes.c_int
+        except (OSError, AttributeError):
+            _mincore = False
+    if not _mincore:
+        return True
+    view = np.frombuffer(mapping, np.uint8)
+    try:
+        pages = np.zeros(-(-size // mmap.PAGESIZE), np.uint8)
+        if _mincore(view.ctypes.data, size, pages.ctypes.data) != 0:
+            return False
+        return bool((pages & 1).all())
+    finally:
+        del view
 
 
 class _Checksum:
@@ -249,14 +378,25 @@ class DiskStore:
     """A directory of payload files and an index, with a background writer."""
 
     def __init__(self, directory: str | os.PathLike, queue_size: int = 16):
-        self.dir = private_directory(directory)
+        self.health = DiskHealth(Path(directory))
+        try:
+            self.dir = private_directory(directory)
+            self._made = True
+        except OSError as exc:  # a full or failing disk: made by the first write that works
+            self.dir = Path(directory)
+            self._made = False
+            self.health.failed(exc, "creating the directory")
         self._jobs: queue.Queue[Optional[WriteJob | str]] = queue.Queue(maxsize=queue_size)
-        self.done: queue.SimpleQueue[tuple[WriteJob, Optional[str], Optional[BaseException]]] = queue.SimpleQueue()
+        # finished jobs: (write job or file deleted, file written or None, error or None)
+        self.done: queue.SimpleQueue[tuple[WriteJob | str, Optional[str], Optional[BaseException]]] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._write_loop, name="kvtrie-disk-writer", daemon=True)
         self._thread.start()
-        for tmp in self.dir.glob("*.tmp"):  # left by a process killed mid-write
-            tmp.unlink(missing_ok=True)
-        (self.dir / LEGACY_INDEX).unlink(missing_ok=True)
+        try:
+            for tmp in self.dir.glob("*.tmp"):  # left by a process killed mid-write
+                tmp.unlink(missing_ok=True)
+            (self.dir / LEGACY_INDEX).unlink(missing_ok=True)
+        except OSError as exc:  # (a failing disk: nothing here is needed to serve)
+            self.health.failed(exc, "removing temporary files")
 
     # --- files ---------------------------------------------------------------------------
 
@@ -264,13 +404,25 @@ class DiskStore:
         return self.dir / file
 
     def _atomic_write(self, target: Path, data: bytes) -> None:
+        """Write `data` to a temporary file, sync it and rename it to `target`: a record exists whole
+        or not at all. On any failure (a full disk) the temporary file is removed and the error raised."""
+        if not self._made:
+            private_directory(self.dir)
+            self._made = True
         tmp = target.with_name(target.name + ".tmp")
         # records are the process's alone: 0600 whatever the umask (prompts can be read back from them)
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, RECORD_MODE), "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
+        fd = _open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, RECORD_MODE)
+        try:
+            try:
+                _write_all(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)  # (a full disk gets its space back)
+            raise
 
     def write(self, stem: str, layers: tuple[Any, ...], logits: Any = None, record: Optional[dict] = None) -> str:
         """Write a record; returns its file name, which carries the checksum."""
@@ -286,14 +438,19 @@ class DiskStore:
     def header(self, file: str) -> dict:
         """A record's header, read without its arrays; PayloadCorrupt if unreadable."""
         try:
-            with open(self.path(file), "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
+            fd = _open(self.path(file), os.O_RDONLY)
+            try:
+                n = int.from_bytes(_pread(fd, 8, 0), "little")
                 if not 0 < n < 1 << 26:
                     raise ValueError(f"header length {n}")
-                _, meta = _meta(f.read(n))
+                _, meta = _meta(_pread(fd, n, 8))
+            finally:
+                os.close(fd)
             return meta.get("record") or {}
         except PayloadCorrupt:
             raise
+        except OSError as exc:
+            raise _io_error(file, exc) from exc
         except Exception as exc:
             raise PayloadCorrupt(f"{file}: {exc}") from exc
 
@@ -305,22 +462,28 @@ class DiskStore:
         the OS page cache, so reading it copies nothing and fills no fresh memory (a fresh buffer
         page-faults at ~1.3 GB/s on these machines, a tenth of a copy); the restore that follows
         copies once, into the live caches. Smaller records are read with one `preadv` into
-        buffers from `pool` (which are warm) and checksummed there.
+        buffers from `pool` (which are warm) and checksummed there. A read the operating system
+        fails (EIO) raises `DiskReadError` (a PayloadCorrupt); a mapping is used only when every
+        page came in (`_resident`), so a failing disk raises here rather than killing the process
+        when a page is touched.
         """
         try:
             digits = file.rsplit("-", 1)[1].split(".")[0]
             expected, checksum = int(digits, 16), _Checksum(len(digits))
-            fd = os.open(self.path(file), os.O_RDONLY)
-        except (OSError, ValueError, IndexError) as exc:
+        except (ValueError, IndexError) as exc:
             raise PayloadCorrupt(f"{file}: {exc}") from exc
+        try:
+            fd = _open(self.path(file), os.O_RDONLY)
+        except OSError as exc:
+            raise _io_error(file, exc) from exc
         arrays: list[np.ndarray] = []
         try:
             size = os.fstat(fd).st_size
-            head = os.pread(fd, 8, 0)
+            head = _pread(fd, 8, 0)
             n = int.from_bytes(head, "little")
             if len(head) < 8 or not 0 < n <= size - 8:
                 raise PayloadCorrupt(f"{file}: header length {n} in a file of {size} bytes")
-            header_bytes = os.pread(fd, n, 8)
+            header_bytes = _pread(fd, n, 8)
             header, meta = _meta(header_bytes)
             names, at = [], 0
             for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
@@ -332,8 +495,13 @@ class DiskStore:
                 at = end
             if 8 + n + at != size:
                 raise PayloadCorrupt(f"{file}: {size} bytes, the header describes {8 + n + at}")
+            mapping = None
             if size >= MAP_BYTES:
                 mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ)
+                if not _resident(mapping, size):  # (a page the disk could not read: read it, and see why)
+                    mapping.close()
+                    mapping = None
+            if mapping is not None:
                 checksum.update(mapping)  # (the whole file: head, header and body)
                 body = 8 + n
                 for name, dtype, shape in names:
@@ -347,7 +515,7 @@ class DiskStore:
                 views = [memoryview(a.reshape(-1).view(np.uint8)) for a in arrays if a.nbytes]
                 got = 0
                 for k in range(0, len(views), _IOV_MAX):
-                    got += os.preadv(fd, views[k : k + _IOV_MAX], 8 + n + got)
+                    got += _preadv(fd, views[k : k + _IOV_MAX], 8 + n + got)
                 if got != at:
                     raise PayloadCorrupt(f"{file}: read {got} of {at} bytes")
                 for v in views:
@@ -358,6 +526,9 @@ class DiskStore:
         except PayloadCorrupt:
             _give_back(arrays, pool)
             raise
+        except OSError as exc:  # the disk failed the read
+            _give_back(arrays, pool)
+            raise _io_error(file, exc) from exc
         except Exception as exc:  # a file that is not ours, or cut short while read
             _give_back(arrays, pool)
             raise PayloadCorrupt(f"{file}: {exc}") from exc
@@ -367,8 +538,18 @@ class DiskStore:
     def delete(self, file: str) -> None:
         self.path(file).unlink(missing_ok=True)
 
+    def delete_quietly(self, file: str) -> bool:
+        """Delete now; a failure is reported to the health (the file stays) and False returned."""
+        try:
+            self.delete(file)
+            return True
+        except OSError as exc:
+            self.health.failed(exc, "deleting a record")
+            return False
+
     def delete_later(self, file: str) -> None:
-        """Delete on the writer thread: unlinking a large file takes milliseconds off the request path."""
+        """Delete on the writer thread (even while degraded: it gives space back): unlinking a large
+        file takes milliseconds off the request path."""
         self._jobs.put(file)
 
     def files(self) -> set[str]:
@@ -381,16 +562,34 @@ class DiskStore:
         self._jobs.put(job)
 
     def _write_loop(self) -> None:
+        """Every job ends up in `done` with its outcome (a delete only when it failed); the thread
+        never dies of a job. While degraded, writes are skipped until a retry is due."""
+        health = self.health
         while True:
             job = self._jobs.get()
             try:
                 if job is None:
                     return
+                # (the outcome is in `done` before the health changes: whoever sees the change finds it there)
                 if isinstance(job, str):
-                    self.delete(job)
+                    try:
+                        self.delete(job)
+                    except OSError as exc:
+                        self.done.put((job, None, exc))
+                        health.failed(exc, "deleting a record")
                     continue
-                self.done.put((job, self.write(job.stem, job.layers, job.logits, job.record), None))
-            except BaseException as exc:  # reported to the cache, which treats the node as lost
+                if not health.writable():
+                    self.done.put((job, None, WriteSkipped(health.error)))
+                    continue
+                try:
+                    name = self.write(job.stem, job.layers, job.logits, job.record)
+                except OSError as exc:  # ENOSPC, EDQUOT, EIO, EROFS...: the tier degrades
+                    self.done.put((job, None, exc))
+                    health.failed(exc, "writing a record")
+                    continue
+                self.done.put((job, name, None))
+                health.succeeded()
+            except BaseException as exc:  # reported to the cache, which keeps the node unwritten
                 self.done.put((job, None, exc))
             finally:
                 self._jobs.task_done()
@@ -406,4 +605,4 @@ class DiskStore:
 
     def clear(self) -> None:
         for name in self.files():
-            self.delete(name)
+            self.delete_quietly(name)

@@ -7,6 +7,13 @@ a snapshot has its own; a record nobody reads is deleted), which nodes no record
 ledger until drained), write-back (host -> disk: the memory goes once written) and fault-in
 (disk -> host), and at start-up rebuilds the tries from the records alone.
 
+A full or failing disk degrades the tier, never a request (`DiskHealth` in disk.py says when
+writes are tried): a write that fails is dropped (its copies' ledger charge settled, the node
+kept in memory and saved again later; one leaving memory comes back to the host tier, and the
+storage evicts it if it must); while degraded, nothing is queued and a node that would need a
+record to leave memory is evicted instead (`accepts`); a read that fails is a miss from that
+node down; unreadable records at start-up are skipped (deleted only when damaged).
+
 It edits the tries and the tier counters only through the storage that owns them, seen as a
 `TrieHost` (storage.py's `TieredStorage`); nothing here imports storage.py.
 """
@@ -24,7 +31,7 @@ import numpy as np
 
 from .arrays import AnyArray, HostArray, HostPool, numpy_view
 from .counters import Counters
-from .disk import DiskRef, DiskStore, PayloadCorrupt, WriteJob
+from .disk import DiskReadError, DiskRef, DiskStore, PayloadCorrupt, WriteJob, WriteSkipped
 from .layers import STATE
 from .ledger import DISK, HOST, IN_FLIGHT, Ledger
 from .nodedata import LayerPayload, Logits, NodeData, Segment, everything
@@ -88,11 +95,18 @@ class DiskTier:
         self.ledger = ledger
         self._fingerprint = fingerprint
         self._layout = list(layout)
+        self._degraded = store.health.degraded  # as of the last drain (the counters agree with it)
+        if self._degraded:  # (the directory could not be made: a write that failed)
+            counters.disk_write_errors += 1
+            counters.disk_errors += 1
         self._persisting: dict[int, tuple[Node, WriteJob, bool]] = {}  # node id -> (node, record in flight, drop memory once written)
         self._in_flight: dict[int, list[int]] = {}  # id(job) -> [bytes of its copies, bytes of node memory it holds]
         self._unsaved: dict[int, Node] = {}  # nodes whose payload no record holds yet
         self._files: dict[str, str] = {}  # record key -> file name
         self._refs: dict[str, int] = {}  # record key -> how many segments and snapshots use it
+        # a record stays while records (on disk or in flight) hang off it: a start rebuilds their path from it
+        self._children: dict[str, int] = {}  # record key -> records naming it as their `parent`
+        self._parent_of: dict[str, str] = {}  # record key (on disk) -> its `parent`
         self.index_signature: Optional[str] = None  # the model layout the disk's state was made with
         self.signature_text: Optional[str] = None  # set by the facade once it knows the model's caches
 
@@ -147,7 +161,8 @@ class DiskTier:
             self.unsaved(node)
 
     def _refile(self, before: Sequence[str], after: Sequence[str]) -> None:
-        """Move record references from `before` to `after`; a record nobody uses is deleted."""
+        """Move record references from `before` to `after`; a record nobody uses is deleted (once
+        no other record hangs off it)."""
         refs = self._refs
         for stem in after:
             refs[stem] = refs.get(stem, 0) + 1
@@ -157,9 +172,46 @@ class DiskTier:
                 refs[stem] = left
                 continue
             refs.pop(stem, None)
+            if not self._children.get(stem):
+                self._drop_record(stem)
+
+    def _hang(self, parent: Optional[str]) -> None:
+        """A record naming `parent` as the one before it is queued (or loaded)."""
+        if parent is not None:
+            self._children[parent] = self._children.get(parent, 0) + 1
+
+    def _unhang(self, parent: Optional[str]) -> None:
+        """A record naming `parent` is gone, or was never written: `parent` goes too if nothing else
+        uses it (a record superseded while records hung off it was kept for them)."""
+        if parent is None:
+            return
+        left = self._children.get(parent, 0) - 1
+        if left > 0:
+            self._children[parent] = left
+            return
+        self._children.pop(parent, None)
+        if parent not in self._refs:
+            self._drop_record(parent)
+
+    def _drop_record(self, stem: str) -> None:
+        """Delete a record nothing uses or hangs off, and let go of the one it hangs off (iterative:
+        a chain of kept records goes at once)."""
+        while True:
             name = self._files.pop(stem, None)
-            if name is not None:
-                self.store.delete_later(name)
+            parent = self._parent_of.pop(stem, None)
+            if name is None:
+                return
+            self.store.delete_later(name)
+            if parent is None:
+                return
+            left = self._children.get(parent, 0) - 1
+            if left > 0:
+                self._children[parent] = left
+                return
+            self._children.pop(parent, None)
+            if parent in self._refs:
+                return
+            stem = parent
 
     # --- writing records -----------------------------------------------------------------------
 
@@ -176,11 +228,27 @@ class DiskTier:
             h.update(np.ascontiguousarray(n.tokens, dtype=np.int32).tobytes())
         return h.hexdigest()
 
+    @property
+    def degraded(self) -> bool:
+        """Writes (or reads) failed and no write has succeeded since (see `DiskHealth`), as of the
+        last `drain`, which counted those failures."""
+        return self._degraded
+
+    def accepts(self, node: Node) -> bool:
+        """Whether `node` can leave memory for the disk tier now: its records all exist (or one is
+        in flight), or writes are tried (the tier is healthy, or a retry is due)."""
+        return self.store.health.writable() or node.id in self._persisting or self.persisted(node)
+
+    def retry_now(self) -> None:
+        """Degraded: let the next write try now (at close)."""
+        self.store.health.retry_now()
+
     def persist(self) -> int:
         """Queue a record for every node whose payload no record holds yet (parents first, so a
         record's `parent` exists before it); returns how many were queued. Run every few
-        seconds by the facade, so a process killed at any moment loses at most that much."""
-        if not self._unsaved:
+        seconds by the facade, so a process killed at any moment loses at most that much.
+        While the tier is degraded (and no retry is due) nothing is queued: the nodes wait."""
+        if not self._unsaved or not self.store.health.writable():
             return 0
         nodes = sorted(self._unsaved.values(), key=lambda n: n.start)
         self._unsaved = {}
@@ -248,6 +316,7 @@ class DiskTier:
             job = WriteJob(node.id, stem, tuple(_for_writer(p) for p in layers),
                            None if data.logits is None else _writer_array(data.logits), record, data, state_only, True)
         self._persisting[node.id] = (node, job, then_drop_memory)
+        self._hang(record["parent"])
         if job.copies:
             self._charge(job, copies=sum(a.nbytes for p in job.layers if p is not None for a in p.arrays)
                          + (job.logits.nbytes if job.logits is not None else 0))
@@ -292,14 +361,23 @@ class DiskTier:
         node.payload = attrs.evolve(data, layers=None, logits=None)
         self._unsaved.pop(node.id, None)
 
-    def drain(self) -> None:
-        """Take in finished writes: the records are the nodes' from now on."""
+    def drain(self) -> int:
+        """Take in finished writes: the records are the nodes' from now on. A write that failed
+        (or was skipped while degraded) leaves its node in memory, to be saved again; returns how
+        many nodes came back to the host tier that way (the caller enforces the budgets)."""
         host = self._host
+        returned = 0
+        degraded = self.store.health.degraded  # (first: the writes that changed it are in `done`)
         while True:
             try:
                 job, name, error = self.store.done.get_nowait()
             except queue.Empty:
-                return
+                self._degraded = degraded
+                return returned
+            if isinstance(job, str):  # a delete failed (the file stays; a later start may load it: it is whole)
+                self._count_write_error()
+                logger.debug("deleting %s failed (%s)", job, error)
+                continue
             self._settle(job)
             if job.copies:
                 release(list(p for p in job.layers if p is not None) + ([Logits(job.logits)] if job.logits is not None else []), self.pool)
@@ -308,32 +386,64 @@ class DiskTier:
             if current:
                 del self._persisting[job.node_id]
             if error is not None:
-                self.counters.disk_errors += 1
-                logger.warning("writing a record to %s failed (%s)", self.store.dir, error)
-                if current and entry[2]:  # its memory was to go: keep the node where it was
+                self._unhang(job.record["parent"])
+                if not isinstance(error, WriteSkipped):
+                    self._count_write_error()
+                    logger.debug("writing a record to %s failed (%s)", self.store.dir, error)
+                if current:
                     node = entry[0]
-                    host.account(node.payload, -1)
-                    node.payload = attrs.evolve(node.payload, tier=HOST, disk=None)
-                    host.account(node.payload, +1)
-                    host.reindex(node)
+                    if entry[2]:  # its memory was to go: the node is back in the host tier
+                        host.account(node.payload, -1)
+                        node.payload = attrs.evolve(node.payload, tier=HOST, disk=None)
+                        host.account(node.payload, +1)
+                        host.reindex(node)
+                        returned += 1
+                    self.unsaved(node)  # (written once writes resume)
                 continue
             node = entry[0] if current else None
             record = job.record
             start = record["start"]
             span = (start, start + len(record["tokens"])) if record["kv"] else None
-            if node is None or (span is not None and span != (node.start, node.end)) or (span is None and start != node.end):
-                if node is not None:
-                    self.unsaved(node)
-                if self._files.get(job.stem) != name:
-                    self.store.delete_later(name)  # superseded: the node changed or went meanwhile
+            superseded = node is None or (span is not None and span != (node.start, node.end)) or (
+                span is None and start != node.end)
+            if superseded and node is not None:
+                self.unsaved(node)
+            if not self._keep_written(job, name, superseded):
                 continue
-            self._files[job.stem] = name
             self.counters.disk_writes += 1
             self._applied(node, job.stem, record)
             if entry[2]:
                 self._drop_memory(node)
             elif not self.persisted(node):
                 self.unsaved(node)
+
+    def _keep_written(self, job: WriteJob, name: str, superseded: bool) -> bool:
+        """A record was written: keep it (True: it is the node's now), or, where its node changed or
+        went meanwhile, delete it unless records hang off it (they were queued naming it: it is kept
+        for them, read by no node). A second file of the same key (identical content) goes."""
+        parent = job.record["parent"]
+        known = self._files.get(job.stem)
+        if known is not None:  # (written twice: the first one stays)
+            if known != name:
+                self.store.delete_later(name)
+            self._unhang(parent)
+            return not superseded
+        if superseded and not self._children.get(job.stem):
+            self.store.delete_later(name)
+            self._unhang(parent)
+            return False
+        self._files[job.stem] = name
+        if parent is not None:
+            self._parent_of[job.stem] = parent
+        return not superseded
+
+    def _delete_now(self, name: str) -> None:
+        if not self.store.delete_quietly(name):
+            self._count_write_error()
+
+    def _count_write_error(self) -> None:
+        self.counters.disk_write_errors += 1
+        self.counters.disk_errors += 1
 
     def flush(self) -> None:
         """Wait until every queued write has finished (the next `drain` takes them in)."""
@@ -377,9 +487,15 @@ class DiskTier:
         else:
             try:
                 layers, logits = self._read_records(node)
-            except PayloadCorrupt as exc:
+            except Exception as exc:  # (PayloadCorrupt, DiskReadError, or a record that does not fit)
+                self.counters.disk_read_errors += 1
                 self.counters.disk_errors += 1
-                logger.warning("a record of [%d, %d) is unusable (%s): a miss from there", node.start, node.end, exc)
+                if isinstance(exc, DiskReadError):  # the disk fails: one warning for the episode
+                    self.store.health.failed(exc, "reading a record")
+                    self._degraded = True
+                    logger.debug("reading a record of [%d, %d) failed (%s): a miss from there", node.start, node.end, exc)
+                else:
+                    logger.warning("a record of [%d, %d) is unusable (%s): a miss from there", node.start, node.end, exc)
                 host.drop_subtree(node)
                 return False
             self.counters.disk_restores += 1
@@ -444,23 +560,48 @@ class DiskTier:
         """Rebuild every namespace's trie on the disk tier from the directory's records that were
         made for the same model (any others are deleted), records of one path hanging off the
         record before them; an orphan (its parent gone) is deleted. Returns the last clock tick
-        a record was used at; the caller enters the nodes into its orders."""
+        a record was used at; the caller enters the nodes into its orders.
+
+        A record the disk fails to read (EIO) is skipped and left for a later start, and so are
+        the records hanging off it; a damaged one is deleted; one warning says how many.
+        """
         store = self.store
         found = []
-        for name in sorted(store.files()):
+        damaged, unread, first = 0, set(), None
+        try:
+            names = sorted(store.files())
+        except OSError as exc:  # the directory cannot be listed: start cold (the tier is degraded)
+            store.health.failed(exc, "listing the records")
+            self.counters.disk_read_errors += 1
+            self.counters.disk_errors += 1
+            self._degraded = True
+            return 0
+        for name in names:
             try:
                 record = store.header(name)
             except PayloadCorrupt as exc:
-                logger.warning("disk record %s is unreadable (%s): deleted", name, exc)
+                self.counters.disk_read_errors += 1
                 self.counters.disk_errors += 1
-                store.delete(name)
+                first = first or exc
+                if isinstance(exc, DiskReadError):
+                    unread.add(DiskStore.stem(name))
+                else:
+                    damaged += 1
+                    self._delete_now(name)
                 continue
             found.append((name, record))
+        if first is not None:  # one warning
+            summary = (f"{damaged + len(unread)} unreadable records skipped ({damaged} damaged, deleted; {len(unread)} "
+                       f"the disk failed to read, left for a later start), the first: {first}")
+            if unread:  # the disk fails: the tier is degraded (its warning says this)
+                store.health.failed(summary, "reading the records")
+            else:
+                logger.warning("disk tier %s: %s", store.dir, summary)
         foreign = [n for n, r in found if r.get("fingerprint") != self._fingerprint or r.get("layout") != self._layout]
         if foreign:
             logger.warning("disk tier %s: %d records of another model or cache layout deleted", store.dir, len(foreign))
             for name in foreign:
-                store.delete(name)
+                self._delete_now(name)
         foreign = set(foreign)
         records = {DiskStore.stem(n): (n, r) for n, r in found if n not in foreign}
         ends: dict[str, Node] = {}  # record -> the node ending where the record ends
@@ -473,16 +614,24 @@ class DiskTier:
                 logger.warning("disk record %s does not fit the trie (%s): deleted", name, exc)
                 node = None
             if node is None:
-                store.delete(name)
+                if record.get("parent") in unread:  # hangs off a record not read this time: kept for later
+                    unread.add(stem)
+                else:
+                    self._delete_now(name)
                 continue
             self._files[stem] = name
+            if record.get("parent") is not None:
+                self._parent_of[stem] = record["parent"]
+                self._hang(record["parent"])
             ends[stem] = node
             loaded += 1
             latest = max(latest, int(record.get("last_used", 0)))
             if self.index_signature is None:
                 self.index_signature = record.get("signature")
         for stem in [s for s in self._files if s not in self._refs]:  # loaded, but nothing uses it
-            store.delete(self._files.pop(stem))
+            if stem in self._files and not self._children.get(stem):
+                self._drop_record(stem)  # (and what it hangs off, if that is left unused)
+        self._degraded = store.health.degraded
         logger.info("disk tier %s: %d records restored", store.dir, loaded)
         return latest
 

@@ -497,7 +497,7 @@ def tenant_metrics(tenants: dict[str, Any]) -> list:
 _GAUGES = {
     "nodes", "tokens_stored", "sequences", "snapshots", "device_bytes", "host_bytes", "disk_bytes",
     "kv_bytes", "snapshot_bytes", "recycle_bytes", "held_bytes", "held_device_bytes", "held_host_bytes",
-    "in_use_bytes", "open_sessions", "pins", "pinned_bytes",
+    "in_use_bytes", "open_sessions", "pins", "pinned_bytes", "disk_degraded",
 }
 
 

@@ -275,6 +275,9 @@ class TieredStorage:
         """Move a node's payloads one tier (device <-> host, host -> disk) and account for it."""
         data = node.payload
         if tier == DISK:
+            if not self.disk.accepts(node):  # the disk tier is degraded and the node has no record
+                self._drop_unwritable(node)
+                return
             if data.tier == DEVICE:  # a host tier with no budget is skipped: through host memory
                 self.move(node, HOST)
             self.disk.write_back(node)
@@ -290,6 +293,24 @@ class TieredStorage:
             node.payload = moved
         self.account(node.payload, +1)
         self.reindex(node)
+
+    def _drop_unwritable(self, node: Node) -> None:
+        """`node` should leave memory for the disk tier but cannot be written (the tier is degraded):
+        it goes as an ordinary eviction, from the tier it is in (a hybrid node first loses its
+        snapshot, and comes up again); an interior node goes with what hangs below it (the policy
+        sent those down first; none is pinned, as pins reach every ancestor)."""
+        if node.is_leaf or (self.hybrid and node.payload.has_snapshot):  # (a snapshot goes first, then the node)
+            TieredStorage.evict(self, node)
+            return
+        stack, gone = [node], []
+        while stack:
+            n = stack.pop()
+            gone.append(n)
+            stack.extend(n.children.values())
+        self.counters.evictions += len(gone)
+        self.counters.evicted_tokens += sum(len(n.tokens) for n in gone)
+        logger.debug("evict [%d, %d) and %d below it: the disk tier is degraded", node.start, node.end, len(gone) - 1)
+        self.drop_subtree(node)
 
     def enforce(self) -> None:
         """Move down and evict in the policy's order until every budget holds (or only pinned nodes are left).
@@ -532,9 +553,10 @@ class TieredStorage:
             self.disk.unsaved(node)
 
     def drain(self) -> None:
-        """Take in the disk writer's finished writes (see `DiskTier.drain`); without a disk tier, nothing."""
-        if self.disk is not None:
-            self.disk.drain()
+        """Take in the disk writer's finished writes (see `DiskTier.drain`); without a disk tier, nothing.
+        Nodes whose write failed are back in memory: the budgets are enforced again."""
+        if self.disk is not None and self.disk.drain():
+            self.enforce()
 
     def resident(self, trie: Optional[Trie], arr: np.ndarray, match: Match, upto: int) -> tuple[Match, set[int]]:
         """Bring disk nodes of the matched path (those starting before `upto`) into host memory
@@ -580,6 +602,7 @@ class TieredStorage:
     def flush_to_disk(self) -> None:
         """Everything that fits goes to disk and every write finishes (the records describe the trie)."""
         saved = dict(self.pager.budgets)
+        self.disk.retry_now()  # (degraded: one last try, so as not to lose what a recovered disk would take)
         self.pager.budgets.update({DEVICE: 0, HOST: 0})
         self.enforce()
         self.disk.persist()
