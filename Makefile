@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 OPENBLAS := /usr/lib/x86_64-linux-gnu/libopenblas.so.0
 BENCH_STAMP := $(VENV)/.bench-stamp
 
-.PHONY: demo test bench clean redis package-check
+.PHONY: demo test bench bench-full lint clean redis package-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,17 @@ demo: $(STAMP)
 
 test: $(STAMP) redis
 	$(PY) -m pytest -q
+
+# Style and types over src/: ruff's formatter and linter, then mypy (configured in pyproject.toml).
+LINT_STAMP := $(VENV)/.lint-stamp
+$(LINT_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[lint]'
+	touch $(LINT_STAMP)
+
+lint: $(LINT_STAMP)
+	$(VENV)/bin/ruff format --check src
+	$(VENV)/bin/ruff check src
+	$(VENV)/bin/mypy
 
 # The shared-tier tests start their own redis-server (Debian's package) on loopback ports.
 redis:

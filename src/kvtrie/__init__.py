@@ -3,8 +3,8 @@
 __version__ = "0.2.0"
 
 from .cache import PrefixCache
-from .session import Session
 from .errors import CacheMismatchError, PinError, SessionError, UnsafeDirectoryError
+from .session import Session
 from .trie import Trie
 
-__all__ = ["PrefixCache", "Session", "Trie", "SessionError", "CacheMismatchError", "PinError", "UnsafeDirectoryError"]
+__all__ = ["CacheMismatchError", "PinError", "PrefixCache", "Session", "SessionError", "Trie", "UnsafeDirectoryError"]

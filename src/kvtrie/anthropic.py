@@ -48,7 +48,8 @@ import json
 import logging
 import re
 import uuid
-from typing import Any, Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any, Optional, Union
 
 import attrs
 
@@ -212,11 +213,16 @@ def parse_cache_control(value: Any, where: str) -> Optional[CacheControl]:
     """`cache_control` at `where`: None, or `{"type": "ephemeral"}` with an optional ttl "5m" | "1h"."""
     if value is None:
         return None
-    _need(isinstance(value, dict), f"{where}.cache_control: expected an object like {{\"type\": \"ephemeral\"}}, got {_type_name(value)}")
-    _need(value.get("type") == "ephemeral",
-          f"{where}.cache_control.type: expected \"ephemeral\", got {json.dumps(value.get('type'))}")
+    _need(
+        isinstance(value, dict),
+        f'{where}.cache_control: expected an object like {{"type": "ephemeral"}}, got {_type_name(value)}',
+    )
+    _need(
+        value.get("type") == "ephemeral",
+        f'{where}.cache_control.type: expected "ephemeral", got {json.dumps(value.get("type"))}',
+    )
     ttl = value.get("ttl", "5m")
-    _need(ttl in TTLS, f"{where}.cache_control.ttl: expected \"5m\" or \"1h\", got {json.dumps(ttl)}")
+    _need(ttl in TTLS, f'{where}.cache_control.ttl: expected "5m" or "1h", got {json.dumps(ttl)}')
     extra = set(value) - {"type", "ttl"}
     _need(not extra, f"{where}.cache_control: unknown field(s) {sorted(extra)} (allowed: type, ttl)")
     return CacheControl(ttl)
@@ -231,8 +237,10 @@ def _text_blocks(value: Any, where: str) -> tuple:
     for j, block in enumerate(value):
         at = f"{where}.{j}"
         _need(isinstance(block, dict), f"{at}: expected a content block object, got {_type_name(block)}")
-        _need(block.get("type") == "text",
-              f"{at}.type: expected \"text\" here, got {json.dumps(block.get('type'))} (only text is supported)")
+        _need(
+            block.get("type") == "text",
+            f'{at}.type: expected "text" here, got {json.dumps(block.get("type"))} (only text is supported)',
+        )
         _need(isinstance(block.get("text"), str), f"{at}.text: expected a string, got {_type_name(block.get('text'))}")
         out.append(TextBlock(block["text"], parse_cache_control(block.get("cache_control"), at)))
     return tuple(out)
@@ -243,26 +251,37 @@ def _block(block: Any, role: str, where: str) -> Block:
     kind = block.get("type")
     cc = parse_cache_control(block.get("cache_control"), where)
     if kind == "text":
-        _need(isinstance(block.get("text"), str), f"{where}.text: expected a string, got {_type_name(block.get('text'))}")
+        _need(
+            isinstance(block.get("text"), str), f"{where}.text: expected a string, got {_type_name(block.get('text'))}"
+        )
         return TextBlock(block["text"], cc)
     if kind == "tool_use":
         _need(role == "assistant", f"{where}: tool_use blocks belong in assistant messages, not {role}")
         for key in ("id", "name"):
             _need(isinstance(block.get(key), str) and block[key] != "", f"{where}.{key}: expected a non-empty string")
-        _need(isinstance(block.get("input"), dict),
-              f"{where}.input: expected an object (the tool's arguments), got {_type_name(block.get('input'))}")
+        _need(
+            isinstance(block.get("input"), dict),
+            f"{where}.input: expected an object (the tool's arguments), got {_type_name(block.get('input'))}",
+        )
         return ToolUseBlock(block["id"], block["name"], block["input"], cc)
     if kind == "tool_result":
         _need(role == "user", f"{where}: tool_result blocks belong in user messages, not {role}")
-        _need(isinstance(block.get("tool_use_id"), str) and block["tool_use_id"] != "",
-              f"{where}.tool_use_id: expected a non-empty string (the id of the tool_use it answers)")
+        _need(
+            isinstance(block.get("tool_use_id"), str) and block["tool_use_id"] != "",
+            f"{where}.tool_use_id: expected a non-empty string (the id of the tool_use it answers)",
+        )
         content = block.get("content", "")
         texts = _text_blocks(content, f"{where}.content") if content is not None else ()
         is_error = block.get("is_error", False)
-        _need(isinstance(is_error, bool) or is_error is None, f"{where}.is_error: expected a boolean, got {_type_name(is_error)}")
+        _need(
+            isinstance(is_error, bool) or is_error is None,
+            f"{where}.is_error: expected a boolean, got {_type_name(is_error)}",
+        )
         # a cache_control inside the result's content marks the result (its text is rendered whole)
         inner = next((b.cache_control for b in reversed(texts) if b.cache_control), None)
-        return ToolResultBlock(block["tool_use_id"], BLOCK_JOIN.join(b.text for b in texts), bool(is_error), cc or inner)
+        return ToolResultBlock(
+            block["tool_use_id"], BLOCK_JOIN.join(b.text for b in texts), bool(is_error), cc or inner
+        )
     if kind in ("thinking", "redacted_thinking"):
         _need(role == "assistant", f"{where}: {kind} blocks belong in assistant messages, not {role}")
         return ThinkingBlock(cc)
@@ -281,19 +300,27 @@ def _messages(value: Any) -> tuple:
         _need(isinstance(m, dict), f"{where}: expected a message object, got {_type_name(m)}")
         role = m.get("role")
         if role == "system":
-            raise RequestError(f"{where}.role: \"system\" is not a message role here; pass the system prompt as the top-level \"system\" field")
-        _need(role in ROLES, f"{where}.role: expected \"user\" or \"assistant\", got {json.dumps(role)}")
+            raise RequestError(
+                f'{where}.role: "system" is not a message role here; pass the system prompt as the top-level "system" field'
+            )
+        _need(role in ROLES, f'{where}.role: expected "user" or "assistant", got {json.dumps(role)}')
         content = m.get("content")
         if isinstance(content, str):
             blocks: tuple = (TextBlock(content),)
         else:
-            _need(isinstance(content, list) and len(content) > 0,
-                  f"{where}.content: expected a string or a non-empty list of content blocks, got "
-                  + ("an empty list" if content == [] else _type_name(content)))
+            _need(
+                isinstance(content, list) and len(content) > 0,
+                f"{where}.content: expected a string or a non-empty list of content blocks, got "
+                + ("an empty list" if content == [] else _type_name(content)),
+            )
             blocks = tuple(_block(b, role, f"{where}.content.{j}") for j, b in enumerate(content))
         if any(isinstance(b, ToolResultBlock) for b in blocks):
             before = out[-1] if out else None
-            ids = {b.id for b in before.blocks if isinstance(b, ToolUseBlock)} if before and before.role == "assistant" else set()
+            ids = (
+                {b.id for b in before.blocks if isinstance(b, ToolUseBlock)}
+                if before and before.role == "assistant"
+                else set()
+            )
             for j, b in enumerate(blocks):
                 if isinstance(b, ToolResultBlock) and b.tool_use_id not in ids:
                     raise RequestError(
@@ -301,8 +328,10 @@ def _messages(value: Any) -> tuple:
                         "of the assistant message just before it"
                     )
         out.append(Message(role, blocks))
-    _need(out[-1].role == "user",
-          "messages: the last message must be a user message (continuing a prefilled assistant turn is not supported)")
+    _need(
+        out[-1].role == "user",
+        "messages: the last message must be a user message (continuing a prefilled assistant turn is not supported)",
+    )
     return tuple(out)
 
 
@@ -314,18 +343,24 @@ def _tools(value: Any) -> tuple:
     for k, tool in enumerate(value):
         where = f"tools.{k}"
         _need(isinstance(tool, dict), f"{where}: expected a tool object, got {_type_name(tool)}")
-        _need(tool.get("type") in (None, "custom"),
-              f"{where}.type: {json.dumps(tool.get('type'))} tools (server tools) are not supported; define a custom tool "
-              "with name, description and input_schema")
+        _need(
+            tool.get("type") in (None, "custom"),
+            f"{where}.type: {json.dumps(tool.get('type'))} tools (server tools) are not supported; define a custom tool "
+            "with name, description and input_schema",
+        )
         name = tool.get("name")
-        _need(isinstance(name, str) and TOOL_NAME.match(name) is not None,
-              f"{where}.name: expected 1-128 letters, digits, '_' or '-', got {json.dumps(name)}")
+        _need(
+            isinstance(name, str) and TOOL_NAME.match(name) is not None,
+            f"{where}.name: expected 1-128 letters, digits, '_' or '-', got {json.dumps(name)}",
+        )
         _need(name not in names, f"{where}.name: {json.dumps(name)} is defined twice; tool names must be unique")
         names.add(name)
         description = tool.get("description")
         _need(description is None or isinstance(description, str), f"{where}.description: expected a string")
         schema = tool.get("input_schema")
-        _need(isinstance(schema, dict), f"{where}.input_schema: expected a JSON schema object, got {_type_name(schema)}")
+        _need(
+            isinstance(schema, dict), f"{where}.input_schema: expected a JSON schema object, got {_type_name(schema)}"
+        )
         out.append(Tool(name, schema, description, parse_cache_control(tool.get("cache_control"), where)))
     return tuple(out)
 
@@ -333,15 +368,17 @@ def _tools(value: Any) -> tuple:
 def _tool_choice(value: Any, tools: tuple) -> Optional[ToolChoice]:
     if value is None:
         return None
-    _need(isinstance(value, dict), f"tool_choice: expected an object like {{\"type\": \"auto\"}}, got {_type_name(value)}")
+    _need(isinstance(value, dict), f'tool_choice: expected an object like {{"type": "auto"}}, got {_type_name(value)}')
     kind = value.get("type")
     _need(kind in TOOL_CHOICES, f"tool_choice.type: expected one of {', '.join(TOOL_CHOICES)}, got {json.dumps(kind)}")
     parallel = value.get("disable_parallel_tool_use", False)
     _need(isinstance(parallel, bool), "tool_choice.disable_parallel_tool_use: expected a boolean")
     name = value.get("name")
     if kind == "tool":
-        _need(isinstance(name, str) and any(t.name == name for t in tools),
-              f"tool_choice.name: expected the name of one of the request's tools, got {json.dumps(name)}")
+        _need(
+            isinstance(name, str) and any(t.name == name for t in tools),
+            f"tool_choice.name: expected the name of one of the request's tools, got {json.dumps(name)}",
+        )
     if kind in ("any", "tool"):
         _need(len(tools) > 0, f"tool_choice: type {json.dumps(kind)} needs tools in the request")
     return ToolChoice(kind, name if kind == "tool" else None, parallel)
@@ -351,7 +388,10 @@ def _optional_number(body: dict, key: str, lo: float, hi: float) -> Optional[flo
     value = body.get(key)
     if value is None:
         return None
-    _need(_is_number(value) and lo <= value <= hi, f"{key}: expected a number from {lo:g} to {hi:g}, got {json.dumps(value)}")
+    _need(
+        _is_number(value) and lo <= value <= hi,
+        f"{key}: expected a number from {lo:g} to {hi:g}, got {json.dumps(value)}",
+    )
     return float(value)
 
 
@@ -365,7 +405,9 @@ def parse_request(body: Any, *, count_only: bool = False) -> MessagesRequest:
     if not count_only:
         max_tokens = body.get("max_tokens")
         _need("max_tokens" in body, "max_tokens: field required (the most tokens to generate, an integer > 0)")
-        _need(_is_int(max_tokens) and max_tokens > 0, f"max_tokens: expected an integer > 0, got {json.dumps(max_tokens)}")
+        _need(
+            _is_int(max_tokens) and max_tokens > 0, f"max_tokens: expected an integer > 0, got {json.dumps(max_tokens)}"
+        )
     _need("messages" in body, "messages: field required")
     messages = _messages(body["messages"])
     system = body.get("system")
@@ -375,8 +417,10 @@ def parse_request(body: Any, *, count_only: bool = False) -> MessagesRequest:
     stop = body.get("stop_sequences")
     if stop is None:
         stop = []
-    _need(isinstance(stop, list) and all(isinstance(s, str) and s != "" for s in stop),
-          f"stop_sequences: expected a list of non-empty strings, got {json.dumps(stop)}")
+    _need(
+        isinstance(stop, list) and all(isinstance(s, str) and s != "" for s in stop),
+        f"stop_sequences: expected a list of non-empty strings, got {json.dumps(stop)}",
+    )
     top_k = body.get("top_k")
     _need(top_k is None or (_is_int(top_k) and top_k >= 0), f"top_k: expected an integer >= 0, got {json.dumps(top_k)}")
     stream = body.get("stream", False)
@@ -431,7 +475,8 @@ def chat_messages(request: MessagesRequest) -> list:
             text = BLOCK_JOIN.join(b.text for b in m.blocks if isinstance(b, TextBlock))
             calls = [
                 {"id": b.id, "type": "function", "function": {"name": b.name, "arguments": dict(b.input)}}
-                for b in m.blocks if isinstance(b, ToolUseBlock)
+                for b in m.blocks
+                if isinstance(b, ToolUseBlock)
             ]
             msg: dict = {"role": "assistant", "content": text}
             if calls:
@@ -444,8 +489,11 @@ def chat_messages(request: MessagesRequest) -> list:
                 if texts:
                     out.append({"role": "user", "content": BLOCK_JOIN.join(texts)})
                     texts = []
-                tool_msg = {"role": "tool", "tool_call_id": b.tool_use_id,
-                            "content": (ERROR_PREFIX + b.content) if b.is_error else b.content}
+                tool_msg = {
+                    "role": "tool",
+                    "tool_call_id": b.tool_use_id,
+                    "content": (ERROR_PREFIX + b.content) if b.is_error else b.content,
+                }
                 if b.tool_use_id in names:
                     tool_msg["name"] = names[b.tool_use_id]
                 out.append(tool_msg)
@@ -520,8 +568,12 @@ def breakpoint_positions(request: MessagesRequest, prompt: Sequence[int], render
                 except Exception as exc:
                     error = exc
             if not ends:
-                logger.warning("cache_control on %s %d: the chat template cannot render the prompt up to it (%s); ignored",
-                               bp.kind, bp.index, error)
+                logger.warning(
+                    "cache_control on %s %d: the chat template cannot render the prompt up to it (%s); ignored",
+                    bp.kind,
+                    bp.index,
+                    error,
+                )
                 continue
             position = min(ends)
         if found.get(position) != "1h":
@@ -592,8 +644,9 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
-def message_body(message_id: str, model: str, content: list, stop_reason: Optional[str],
-                 stop_sequence: Optional[str], usage: Usage) -> dict:
+def message_body(
+    message_id: str, model: str, content: list, stop_reason: Optional[str], stop_sequence: Optional[str], usage: Usage
+) -> dict:
     """A Messages response: `{"id", "type": "message", "role": "assistant", "model", "content", ...}`."""
     return {
         "id": message_id,
@@ -614,8 +667,11 @@ def message_start(message_id: str, model: str, usage: Usage) -> dict:
 
 def message_delta(stop_reason: Optional[str], stop_sequence: Optional[str], usage: Usage) -> dict:
     """The stream's closing delta: why it stopped and the final usage (output tokens included)."""
-    return {"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
-            "usage": usage.to_dict()}
+    return {
+        "type": "message_delta",
+        "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
+        "usage": usage.to_dict(),
+    }
 
 
 MESSAGE_STOP = {"type": "message_stop"}
@@ -642,8 +698,16 @@ class MessageAssembler:
     fresh `toolu_` id. A call that does not parse is logged and dropped, as on the OpenAI path.
     """
 
-    def __init__(self, text_sm: Any, initial_state: str = "normal", *, tool_parser: Optional[Callable] = None,
-                 tools: Optional[list] = None, eos_ids: Sequence[int] = (), stop_words: Optional[dict] = None):
+    def __init__(
+        self,
+        text_sm: Any,
+        initial_state: str = "normal",
+        *,
+        tool_parser: Optional[Callable] = None,
+        tools: Optional[list] = None,
+        eos_ids: Sequence[int] = (),
+        stop_words: Optional[dict] = None,
+    ):
         self._sm = text_sm
         self._state = text_sm.make_state(initial_state)
         self._prev = initial_state
@@ -704,8 +768,11 @@ class MessageAssembler:
         """The stop sequence the generation ended on (None for an end of turn or a length stop)."""
         if self.finish_reason != "stop" or not self.tokens or self.tokens[-1] in self._eos:
             return None
-        matches = [w for w, ids in self._stop_words.items()
-                   if ids and len(ids) <= len(self.tokens) and tuple(self.tokens[-len(ids):]) == tuple(ids)]
+        matches = [
+            w
+            for w, ids in self._stop_words.items()
+            if ids and len(ids) <= len(self.tokens) and tuple(self.tokens[-len(ids) :]) == tuple(ids)
+        ]
         return max(matches, key=len, default=None)
 
     @property
@@ -732,12 +799,18 @@ class MessageAssembler:
         key, delta = ("text", "text_delta") if kind == "text" else ("thinking", "thinking_delta")
         if self._open != kind:
             events += self._close_block()
-            block = {"type": "text", "text": ""} if kind == "text" else {"type": "thinking", "thinking": "", "signature": ""}
+            block = (
+                {"type": "text", "text": ""}
+                if kind == "text"
+                else {"type": "thinking", "thinking": "", "signature": ""}
+            )
             self.content.append(block)
             self._open = kind
             events.append({"type": "content_block_start", "index": len(self.content) - 1, "content_block": dict(block)})
         self.content[-1][key] += piece
-        events.append({"type": "content_block_delta", "index": len(self.content) - 1, "delta": {"type": delta, key: piece}})
+        events.append(
+            {"type": "content_block_delta", "index": len(self.content) - 1, "delta": {"type": delta, key: piece}}
+        )
         return events
 
     def _tool_calls(self) -> list:
@@ -749,8 +822,16 @@ class MessageAssembler:
             self.content.append(block)
             index = len(self.content) - 1
             events.append({"type": "content_block_start", "index": index, "content_block": {**block, "input": {}}})
-            events.append({"type": "content_block_delta", "index": index,
-                           "delta": {"type": "input_json_delta", "partial_json": json.dumps(block["input"], ensure_ascii=False)}})
+            events.append(
+                {
+                    "type": "content_block_delta",
+                    "index": index,
+                    "delta": {
+                        "type": "input_json_delta",
+                        "partial_json": json.dumps(block["input"], ensure_ascii=False),
+                    },
+                }
+            )
             events.append({"type": "content_block_stop", "index": index})
             self.made_tool_call = True
         return events

@@ -23,8 +23,16 @@ import numpy as np
 _VIEW_AS = {mx.bfloat16: mx.uint16}
 # MLX dtypes numpy holds as they are (bfloat16 is not one: it travels as uint16 and needs a view in MLX)
 NUMPY_DTYPES = {
-    mx.float32: np.float32, mx.float16: np.float16, mx.int8: np.int8, mx.int16: np.int16, mx.int32: np.int32,
-    mx.int64: np.int64, mx.uint8: np.uint8, mx.uint16: np.uint16, mx.uint32: np.uint32, mx.uint64: np.uint64,
+    mx.float32: np.float32,
+    mx.float16: np.float16,
+    mx.int8: np.int8,
+    mx.int16: np.int16,
+    mx.int32: np.int32,
+    mx.int64: np.int64,
+    mx.uint8: np.uint8,
+    mx.uint16: np.uint16,
+    mx.uint32: np.uint32,
+    mx.uint64: np.uint64,
     mx.bool_: np.bool_,
 }
 
@@ -158,7 +166,13 @@ class HostPool:
         while base.base is not None and isinstance(base.base, np.ndarray):
             base = base.base
         size = base.nbytes - LINE
-        if base.dtype != np.uint8 or base.ndim != 1 or size <= 0 or _size_class(size) != size or not base.flags.writeable:
+        if (
+            base.dtype != np.uint8
+            or base.ndim != 1
+            or size <= 0
+            or _size_class(size) != size
+            or not base.flags.writeable
+        ):
             return  # not one of ours (a read-only array views a file or a received value)
         limit = self._room() if self._room is not None else self.max_free_bytes
         with self._lock:

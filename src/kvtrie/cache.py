@@ -29,23 +29,31 @@ from typing import Any, Optional
 import mlx.core as mx
 import numpy as np
 
+from .arrays import HostArray, on_cpu, to_device
 from .counters import Counters
 from .disk import DiskStore
 from .errors import CacheMismatchError, PinError, SessionError
-from .layers import KV, STATE, WINDOW, leaves, rule_for
 from .history import History
-from .misses import (
-    BLOCK, EVICTED, NEW_PREFIX, NO_SNAPSHOT, NOT_CACHED, OTHER_NAMESPACE, WINDOW_HOLE, Recent, wanted,
-)
+from .layers import KV, STATE, WINDOW, leaves, rule_for
 from .ledger import HOT, IN_FLIGHT, MLX_CACHE, POOL, RECYCLED, Ledger
+from .misses import (
+    BLOCK,
+    EVICTED,
+    NEW_PREFIX,
+    NO_SNAPSHOT,
+    NOT_CACHED,
+    OTHER_NAMESPACE,
+    WINDOW_HOLE,
+    Recent,
+    wanted,
+)
 from .nodedata import NodeData
 from .paging import DEVICE, DISK, HOST, Pager, check_budget
 from .pins import Pin, Pins, check_ttl, held_bytes
-from .policy import POLICIES, REASON_NAMES, END, PlanRequest, WorthPolicy
-from .arrays import HostArray, on_cpu, to_device
+from .policy import END, POLICIES, REASON_NAMES, PlanRequest, WorthPolicy
+from .recycle import Recycler
 from .session import Session
 from .shared import SharedTier, secret_bytes
-from .recycle import Recycler
 from .snapshot import KVPayload, Piece, capture_tokens, evaluate, lays_out_in_numpy, stitch
 from .storage import TieredStorage
 from .tenants import share_function
@@ -171,14 +179,20 @@ class PrefixCache:
         _check_positive_int("max_snapshots_per_path", max_snapshots_per_path)
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {policy!r}")
-        if isinstance(speculative_ratio, bool) or not isinstance(speculative_ratio, (int, float)) or speculative_ratio < 0:
+        if (
+            isinstance(speculative_ratio, bool)
+            or not isinstance(speculative_ratio, (int, float))
+            or speculative_ratio < 0
+        ):
             raise ValueError(f"speculative_ratio must be a non-negative number, got {speculative_ratio!r}")
         if isinstance(hot_sessions, bool) or not isinstance(hot_sessions, int) or hot_sessions < 0:
             raise ValueError(f"hot_sessions must be a non-negative int, got {hot_sessions!r}")
         check_budget("recycle_bytes", recycle_bytes)
         check_budget("mlx_cache_bytes", mlx_cache_bytes)
         if persist_seconds is not None and (
-            isinstance(persist_seconds, bool) or not isinstance(persist_seconds, (int, float)) or not persist_seconds > 0
+            isinstance(persist_seconds, bool)
+            or not isinstance(persist_seconds, (int, float))
+            or not persist_seconds > 0
         ):
             raise ValueError(f"persist_seconds must be a positive number of seconds or None, got {persist_seconds!r}")
         if shared_url is not None and not isinstance(fingerprint, str):
@@ -199,17 +213,28 @@ class PrefixCache:
         self._kinds = tuple(r.kind for r in self._rules)
         self._window_layers = tuple(i for i, k in enumerate(self._kinds) if k == WINDOW)
         self._state_layers = tuple(i for i, k in enumerate(self._kinds) if k == STATE)
-        self._geometry = {i: r.geometry(c) for i, (r, c) in enumerate(zip(self._rules, probe_leaves)) if r.kind == WINDOW}
+        self._geometry = {
+            i: r.geometry(c) for i, (r, c) in enumerate(zip(self._rules, probe_leaves)) if r.kind == WINDOW
+        }
         self._layer_types = tuple(type(c).__name__ for c in probe_leaves)
         self._make_cache = make_cache
         self._namespace = self._check_namespace(namespace)
-        self._policy: WorthPolicy = POLICIES[policy](snapshot_interval, max_snapshots_per_path, float(speculative_ratio))
+        self._policy: WorthPolicy = POLICIES[policy](
+            snapshot_interval, max_snapshots_per_path, float(speculative_ratio)
+        )
         self._policy.hybrid = STATE in self._kinds
         self._counters = Counters()
         self._ledger = ledger = Ledger({})
         policy = self._policy
-        pager = Pager(device_bytes, host_bytes, disk_bytes, key=policy.key, ledger=ledger, deadline=policy.deadline,
-                      now=lambda: policy.now)
+        pager = Pager(
+            device_bytes,
+            host_bytes,
+            disk_bytes,
+            key=policy.key,
+            ledger=ledger,
+            deadline=policy.deadline,
+            now=lambda: policy.now,
+        )
         pager.set_shares(shares)
         self._policy.bounded = pager.bounded
         self._storage = TieredStorage(
@@ -250,9 +275,14 @@ class PrefixCache:
         self._shared: Optional[SharedTier] = None
         if shared_url is not None:
             self._shared = SharedTier(
-                shared_url, fingerprint=fingerprint, layout=[f"{t}:{k}" for t, k in zip(self._layer_types, self._kinds)],
-                kinds=self._kinds, block_tokens=shared_block_tokens, timeout=float(shared_timeout),
-                ledger=ledger, secret=shared_secret,
+                shared_url,
+                fingerprint=fingerprint,
+                layout=[f"{t}:{k}" for t, k in zip(self._layer_types, self._kinds)],
+                kinds=self._kinds,
+                block_tokens=shared_block_tokens,
+                timeout=float(shared_timeout),
+                ledger=ledger,
+                secret=shared_secret,
             )
         self._stop_persisting = threading.Event()
         self._persister: Optional[threading.Thread] = None
@@ -362,7 +392,12 @@ class PrefixCache:
             if self._policy.hybrid:  # (only whole-state layers are captured)
                 plan = self._policy.plan(
                     PlanRequest(
-                        tuple(match.path), match.length, cached, len(arr), hints, bool(reuse_logits),
+                        tuple(match.path),
+                        match.length,
+                        cached,
+                        len(arr),
+                        hints,
+                        bool(reuse_logits),
                         last is not None and last.is_leaf and match.length == last.end,
                     )
                 )
@@ -393,7 +428,13 @@ class PrefixCache:
         self._open.add(session)
         logger.debug(
             "begin ns=%s: %d tokens, matched %d, restored %d from %d nodes, capture at %s, miss: %s",
-            ns, len(arr), match.length, cached, len(used), plan, reason,
+            ns,
+            len(arr),
+            match.length,
+            cached,
+            len(used),
+            plan,
+            reason,
         )
         return session
 
@@ -449,7 +490,12 @@ class PrefixCache:
         if self._policy.hybrid:
             if reuse_logits and match.length >= n:
                 node = next((x for x in path if x.end == n), None)
-                if node is not None and node.payload.has_state and node.payload.logits is not None and self._windows_ok(path, n):
+                if (
+                    node is not None
+                    and node.payload.has_state
+                    and node.payload.logits is not None
+                    and self._windows_ok(path, n)
+                ):
                     return n, node
             limit = min(match.length, n - 1)
             for end in sorted((x.end for x in path if x.end <= limit and x.payload.has_state), reverse=True):
@@ -460,8 +506,11 @@ class PrefixCache:
 
     def _holes(self, path: Sequence[Node], layer: int, upto: int) -> list[tuple[int, int]]:
         # (a node on disk counts as whole: its records say where its holes are once read)
-        return [(x.start, x.end) for x in path
-                if x.start < upto and x.payload.layers is not None and x.payload.layers[layer] is None]
+        return [
+            (x.start, x.end)
+            for x in path
+            if x.start < upto and x.payload.layers is not None and x.payload.layers[layer] is None
+        ]
 
     def _windows_ok(self, path: Sequence[Node], p: int) -> bool:
         return all(restorable(g, p, self._holes(path, i, p)) for i, g in self._geometry.items())
@@ -496,7 +545,9 @@ class PrefixCache:
         held = [a for p in states.values() for a in p.arrays if isinstance(a, HostArray)]
         # a growing KV cache may take up to a quarter more room, where a recycled buffer fits
         slack = [max(cap // 4, 256) if kind == KV and rule.grows else 0 for _, cap, (_, rule, kind) in targets]
-        stitched, copies = stitch(targets, self._storage.pool, self._recycler, held, slack) if targets or held else ([], [])
+        stitched, copies = (
+            stitch(targets, self._storage.pool, self._recycler, held, slack) if targets or held else ([], [])
+        )
         fresh = iter(copies)
         for i, p in states.items():
             self._rules[i].restore(live[i], p.map(lambda a: next(fresh) if isinstance(a, HostArray) else a), cached)
@@ -522,7 +573,11 @@ class PrefixCache:
             lo, hi = span
             for node in used:
                 if node.end > lo and node.start < hi:
-                    pieces.append(Piece(node.payload.layers[layer], max(lo, node.start) - node.start, min(hi, node.end) - node.start))
+                    pieces.append(
+                        Piece(
+                            node.payload.layers[layer], max(lo, node.start) - node.start, min(hi, node.end) - node.start
+                        )
+                    )
         return pieces if any(p.payload is not None for p in pieces) else []
 
     def _take_hot(self, ns: str, arr: np.ndarray, cached: int) -> Optional[tuple[str, np.ndarray, list, int]]:
@@ -584,7 +639,9 @@ class PrefixCache:
         offset = int(offset)
         if self._policy.hybrid and offset > session.cached:
             if offset > len(session.tokens):
-                raise CacheMismatchError(f"caches are at offset {offset}, past the {len(session.tokens)} tokens of begin()")
+                raise CacheMismatchError(
+                    f"caches are at offset {offset}, past the {len(session.tokens)} tokens of begin()"
+                )
             snap = tuple(self._rules[i].capture(live[i]) for i in self.recurrent_layers)
             kept = None
             if logits is not None and offset == len(session.tokens):
@@ -627,7 +684,9 @@ class PrefixCache:
             self._check_open()
             storage.drain()
             if storage.disk is not None and storage.disk.settle_signature(repr(signature)):
-                logger.warning("the caches do not match the model whose state is on disk: dropping the disk tier's nodes")
+                logger.warning(
+                    "the caches do not match the model whose state is on disk: dropping the disk tier's nodes"
+                )
                 storage.drop_disk_nodes()
             self._expire_pins()
             trie = storage.trie(session.namespace, create=True)
@@ -638,7 +697,9 @@ class PrefixCache:
             branched = None  # where this commit's new edge hangs off a stored path, if it does
             new_nodes = []
             if added:
-                parent = storage.split(trie, match.last, match.length) if match.ends_mid_edge else (match.last or trie.root)
+                parent = (
+                    storage.split(trie, match.last, match.length) if match.ends_mid_edge else (match.last or trie.root)
+                )
                 branched = parent if parent.children else None
                 for lo, hi, layers in self._new_payloads(live, match.length, n):
                     parent = storage.add(trie, parent, arr[lo:hi], storage.new_data(layers))
@@ -668,7 +729,9 @@ class PrefixCache:
             storage.touch(path)
             if self._shared is not None:
                 self._shared.signature = self._signature_text
-                ends = [x.end for x in path if self._policy.hybrid and x.payload.layers is not None and x.payload.has_state]
+                ends = [
+                    x.end for x in path if self._policy.hybrid and x.payload.layers is not None and x.payload.has_state
+                ]
                 self._shared.publish(session.namespace, arr, path, ends)
             self._policy.settle(path, created, lambda: storage.snapshot_bytes, storage.drop_snapshot, proven)
             session._committed = True
@@ -720,8 +783,14 @@ class PrefixCache:
         evaluate(p for _, _, layers in out for p in layers)
         return out
 
-    def store(self, tokens: Sequence[int], caches: list, *, namespace: Optional[str] = None,
-              then: Optional[Callable[[], Any]] = None) -> int:
+    def store(
+        self,
+        tokens: Sequence[int],
+        caches: list,
+        *,
+        namespace: Optional[str] = None,
+        then: Optional[Callable[[], Any]] = None,
+    ) -> int:
         """Store the state `caches` hold for `tokens` (computed elsewhere: a file, another server).
 
         Like a session's commit: the caches must hold `len(tokens)` positions; they are
@@ -871,8 +940,12 @@ class PrefixCache:
                 top = top.parent  # the prefix's own positions, back to where another sequence branches off
         kept = top.start if top is not None else m
         n = len(arr)
-        self._drop_hot(lambda hns, tokens: hns == ns and (common_prefix(tokens, arr) > kept or
-                                                          (len(tokens) >= n and common_prefix(tokens, arr) == n)))
+        self._drop_hot(
+            lambda hns, tokens: (
+                hns == ns
+                and (common_prefix(tokens, arr) > kept or (len(tokens) >= n and common_prefix(tokens, arr) == n))
+            )
+        )
         return storage.clear_below(top) if top is not None else 0
 
     def _drop_hot(self, doomed: Callable[[str, np.ndarray], bool]) -> None:
@@ -996,7 +1069,11 @@ class PrefixCache:
     def _buffers(self, caches: list) -> list[mx.array]:
         """The arrays live caches keep alive: per-token layers' whole buffers (past their offset
         too), whole-state layers' states."""
-        return [a for c, r in zip(leaves(caches), self._rules) for a in (_live_arrays([c]) if r.kind == STATE else (r.live(c) or ()))]
+        return [
+            a
+            for c, r in zip(leaves(caches), self._rules)
+            for a in (_live_arrays([c]) if r.kind == STATE else (r.live(c) or ()))
+        ]
 
     def _check_open(self) -> None:
         if self._closed:
@@ -1055,7 +1132,7 @@ class PrefixCache:
             self._recycler.clear()
             self._closed = True
 
-    def __enter__(self) -> "PrefixCache":
+    def __enter__(self) -> PrefixCache:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -1102,7 +1179,9 @@ class PrefixCache:
             except ValueError as exc:
                 raise CacheMismatchError(f"layer {i}: {exc}") from None
             if rule.kind != STATE and sig[2][0][0] != 1:
-                raise CacheMismatchError(f"layer {i}: batch size {sig[2][0][0]}; a session holds one sequence (batch 1)")
+                raise CacheMismatchError(
+                    f"layer {i}: batch size {sig[2][0][0]}; a session holds one sequence (batch 1)"
+                )
             signature.append(sig)
         return tuple(signature)
 
@@ -1142,7 +1221,8 @@ class PrefixCache:
                 **self._ledger_stats(),
                 "tenants": {  # payload bytes per tenant (a namespace's part before its first "/") and tier
                     tenant: {f"{tier}_bytes": n for tier, n in held.items()}
-                    for tenant, held in storage.pager.tenant_bytes.items() if any(held.values())
+                    for tenant, held in storage.pager.tenant_bytes.items()
+                    if any(held.values())
                 },
             }
 
@@ -1200,9 +1280,15 @@ def _window_payload(sources: list[tuple[int, int, int, Any]], lo: int, hi: int) 
 
 def _offset(live: list, rules: Sequence[Any]) -> Optional[int]:
     """The positions the caches hold, from the layers that count them (None if none does)."""
-    offsets = {o for c, r in zip(live, rules) if (o := r.offset(c)) is not None and not (r.kind == KV and o == 0 and r.live(c) is None)}
+    offsets = {
+        o
+        for c, r in zip(live, rules)
+        if (o := r.offset(c)) is not None and not (r.kind == KV and o == 0 and r.live(c) is None)
+    }
     if len(offsets) > 1:
-        raise CacheMismatchError(f"layer caches disagree on their offset ({sorted(offsets)}); capture between forward passes")
+        raise CacheMismatchError(
+            f"layer caches disagree on their offset ({sorted(offsets)}); capture between forward passes"
+        )
     return offsets.pop() if offsets else None
 
 

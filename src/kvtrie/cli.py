@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 USAGE = """usage: kvtrie serve [mlx_lm.server flags] [kvtrie flags]
 

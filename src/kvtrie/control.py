@@ -26,9 +26,10 @@ import copy
 import json
 import logging
 import math
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import attrs
 
@@ -84,7 +85,7 @@ class PrefillRequest:
 
 def _check(body: dict, name: str, kinds: tuple, what: str) -> Any:
     value = body.get(name)
-    if value is not None and (isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds)):
+    if value is not None and ((isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds)):
         raise bad_request(f'"{name}" must be {what}, got {json.dumps(value)[:80]}')
     return value
 
@@ -116,7 +117,10 @@ def parse_target(body: dict, *, required: bool = True) -> Optional[Target]:
     except guard.Rejected as exc:
         raise bad_request(exc.message) from None
     return Target(
-        messages=messages, prompt=prompt, tokens=tokens, namespace=namespace,
+        messages=messages,
+        prompt=prompt,
+        tokens=tokens,
+        namespace=namespace,
         add_generation_prompt=True if generation is None else generation,
         tools=_check(body, "tools", (list,), "a list of tools") or None,
         chat_template_kwargs=kwargs,
@@ -152,10 +156,15 @@ def render(target: Target, tokenizer: Any, cli_args: Any) -> list[int]:
                 process_message_content(messages)  # (text parts joined; images are refused)
                 args = dict(getattr(cli_args, "chat_template_args", None) or {})
                 args.update(target.chat_template_kwargs or {})
-                tokens = list(tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=target.add_generation_prompt, tools=target.tools, tokenize=True,
-                    **args,
-                ))
+                tokens = list(
+                    tokenizer.apply_chat_template(
+                        messages,
+                        add_generation_prompt=target.add_generation_prompt,
+                        tools=target.tools,
+                        tokenize=True,
+                        **args,
+                    )
+                )
             else:
                 tokens = list(tokenizer.encode(convert_chat(messages, target.role_mapping)))
         except Exception as exc:  # a template's own complaint (a missing field, an unknown role)
@@ -269,15 +278,25 @@ class Controller:
             tokens = render(target, tokenizer, provider.cli_args)
             self._check_prompt(tokens, "messages" if target.messages is not None else "prompt")
             pc = self.cache.prefix_cache(provider.model_key)
-            added = prefill(tokens, model, pc, namespace=target.namespace,
-                            prefill_step_size=provider.cli_args.prefill_step_size,
-                            pin=request.pin, ttl=request.ttl)
+            added = prefill(
+                tokens,
+                model,
+                pc,
+                namespace=target.namespace,
+                prefill_step_size=provider.cli_args.prefill_step_size,
+                pin=request.pin,
+                ttl=request.ttl,
+            )
             self.cache.trim_sequences(pc)
             out = {"tokens_stored": len(tokens), "cached_before": len(tokens) - added.added, "pinned": added.pinned > 0}
             if added.pin_error is not None:
                 out["pin_error"] = added.pin_error
-            logger.info("prefill: %d tokens, %d cached before%s", len(tokens), out["cached_before"],
-                        ", pinned" if out["pinned"] else "")
+            logger.info(
+                "prefill: %d tokens, %d cached before%s",
+                len(tokens),
+                out["cached_before"],
+                ", pinned" if out["pinned"] else "",
+            )
             return out
 
         return submit(generator, run)
@@ -346,8 +365,12 @@ def scoped(handler: Any, body: dict) -> dict:
         namespace = _check(body, "namespace", (str,), "a string")
         return {**body, "namespace": namespace_for(namespace, salt) if namespace else handler.kvtrie_namespace}
     if body.get("namespace") is not None:
-        raise ControlError(403, "permission_error", 'a tenant acts on its own namespace only: leave out "namespace" '
-                                                    '(a "cache_salt" separates caches within it)')
+        raise ControlError(
+            403,
+            "permission_error",
+            'a tenant acts on its own namespace only: leave out "namespace" '
+            '(a "cache_salt" separates caches within it)',
+        )
     return {**body, "namespace": handler.kvtrie_namespace}
 
 

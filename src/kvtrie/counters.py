@@ -6,7 +6,6 @@ import attrs
 
 from .misses import MISS_REASONS
 
-
 _CACHED = {tier: f"cached_tokens_{tier}" for tier in ("device", "host", "disk")}
 
 
@@ -30,7 +29,9 @@ class Counters:
     disk_writes: int = 0
     disk_restores: int = 0
     disk_errors: int = 0  # disk_write_errors + disk_read_errors
-    disk_write_errors: int = 0  # writes (and deletes) the operating system failed (ENOSPC, EIO, ...): dropped, kept in memory
+    disk_write_errors: int = (
+        0  # writes (and deletes) the operating system failed (ENOSPC, EIO, ...): dropped, kept in memory
+    )
     disk_read_errors: int = 0  # records that could not be read back (EIO, damaged): misses
     snapshots_made: int = 0  # recurrent snapshots stored
     snapshots_dropped: int = 0  # dropped by the policy or evicted

@@ -125,7 +125,13 @@ class DiskHealth:
             self.error = f"{doing}: {exc}"
             if self.degraded:
                 self._backoff = min(self._backoff * 2, self.longest)
-                logger.debug("disk tier %s: %s failed again (%s); next retry in %.1f s", self.directory, doing, exc, self._backoff)
+                logger.debug(
+                    "disk tier %s: %s failed again (%s); next retry in %.1f s",
+                    self.directory,
+                    doing,
+                    exc,
+                    self._backoff,
+                )
             else:
                 self.degraded = True
                 recent = self._resumed_at is not None and now - self._resumed_at < self.settle
@@ -134,7 +140,12 @@ class DiskHealth:
                     logging.INFO if recent else logging.WARNING,
                     "disk tier %s: %s failed (%s): the disk tier is degraded to memory only (requests are served, "
                     "nothing is written) until a retry succeeds (every %g-%g s)%s",
-                    self.directory, doing, exc, self.first, self.longest, " (again)" if recent else "",
+                    self.directory,
+                    doing,
+                    exc,
+                    self.first,
+                    self.longest,
+                    " (again)" if recent else "",
                 )
             self._retry_at = now + self._backoff
 
@@ -196,8 +207,12 @@ def encode(layers: Iterable[Any], logits: Any = None, record: Optional[dict] = N
             structure.append({"kind": "tokens", "arrays": [put(f"{i}.{j}", a) for j, a in enumerate(p.arrays)]})
         else:
             structure.append({"kind": "state", "tree": _to_json(p.states, i, put)})
-    meta = {"format": FORMAT, "layers": structure, "logits": None if logits is None else put("logits", logits),
-            "record": record or {}}
+    meta = {
+        "format": FORMAT,
+        "layers": structure,
+        "logits": None if logits is None else put("logits", logits),
+        "record": record or {},
+    }
     return _place_body(safetensors.numpy.save(tensors, metadata={"kvtrie": json.dumps(meta)}))
 
 
@@ -235,9 +250,20 @@ def _from_json(tree: Any, tensors: dict[str, np.ndarray]) -> Any:
     return tree
 
 
-_NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "U16": np.uint16, "U32": np.uint32, "U8": np.uint8,
-                 "I32": np.int32, "I64": np.int64, "F64": np.float64, "BOOL": np.bool_, "I8": np.int8,
-                 "I16": np.int16, "U64": np.uint64}
+_NUMPY_DTYPES = {
+    "F32": np.float32,
+    "F16": np.float16,
+    "U16": np.uint16,
+    "U32": np.uint32,
+    "U8": np.uint8,
+    "I32": np.int32,
+    "I64": np.int64,
+    "F64": np.float64,
+    "BOOL": np.bool_,
+    "I8": np.int8,
+    "I16": np.int16,
+    "U64": np.uint64,
+}
 
 
 def _meta(header_bytes: bytes) -> tuple[dict, dict]:
@@ -388,7 +414,9 @@ class DiskStore:
             self.health.failed(exc, "creating the directory")
         self._jobs: queue.Queue[Optional[WriteJob | str]] = queue.Queue(maxsize=queue_size)
         # finished jobs: (write job or file deleted, file written or None, error or None)
-        self.done: queue.SimpleQueue[tuple[WriteJob | str, Optional[str], Optional[BaseException]]] = queue.SimpleQueue()
+        self.done: queue.SimpleQueue[tuple[WriteJob | str, Optional[str], Optional[BaseException]]] = (
+            queue.SimpleQueue()
+        )
         self._thread = threading.Thread(target=self._write_loop, name="kvtrie-disk-writer", daemon=True)
         self._thread.start()
         try:
@@ -507,11 +535,15 @@ class DiskStore:
                 for name, dtype, shape in names:
                     count = math.prod(shape)
                     offset = body + int(header[name]["data_offsets"][0])
-                    arrays.append(np.frombuffer(mapping, dtype, count, offset).reshape(shape) if count else np.empty(shape, dtype))
+                    arrays.append(
+                        np.frombuffer(mapping, dtype, count, offset).reshape(shape) if count else np.empty(shape, dtype)
+                    )
             else:
                 checksum.update(head)
                 checksum.update(header_bytes)
-                arrays = [pool.take(shape, dtype) if pool is not None else np.empty(shape, dtype) for _, dtype, shape in names]
+                arrays = [
+                    pool.take(shape, dtype) if pool is not None else np.empty(shape, dtype) for _, dtype, shape in names
+                ]
                 views = [memoryview(a.reshape(-1).view(np.uint8)) for a in arrays if a.nbytes]
                 got = 0
                 for k in range(0, len(views), _IOV_MAX):

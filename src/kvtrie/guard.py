@@ -43,7 +43,8 @@ import os
 import re
 import socket
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import attrs
 
@@ -70,11 +71,24 @@ TEXT_PART = "text"
 IMAGE_PARTS = ("image_url", "input_image", "image")  # what mlx-lm takes for an image (its _image_url)
 # apply_chat_template's own parameters: chat_template_kwargs naming them would change what the
 # template returns (text, a dict, tensors) or clash with the server's own arguments
-TEMPLATE_PARAMETERS = frozenset({
-    "conversation", "tools", "documents", "chat_template", "add_generation_prompt", "continue_final_message",
-    "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
-    "return_assistant_tokens_mask", "tokenizer_kwargs",
-})
+TEMPLATE_PARAMETERS = frozenset(
+    {
+        "conversation",
+        "tools",
+        "documents",
+        "chat_template",
+        "add_generation_prompt",
+        "continue_final_message",
+        "tokenize",
+        "padding",
+        "truncation",
+        "max_length",
+        "return_tensors",
+        "return_dict",
+        "return_assistant_tokens_mask",
+        "tokenizer_kwargs",
+    }
+)
 
 _DIGITS = re.compile(r"[0-9]{1,20}")
 _INT_KEY = re.compile(r"-?[0-9]{1,20}")
@@ -88,8 +102,15 @@ class Rejected(Exception):
     """A request answered with an error: HTTP `status` (4xx), `message`, the field at fault
     (`param`), an OpenAI error `code`; `unread`: the body was not read (the connection lingers)."""
 
-    def __init__(self, status: int, message: str, *, param: Optional[str] = None, code: Optional[str] = None,
-                 unread: bool = False):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: Optional[str] = None,
+        code: Optional[str] = None,
+        unread: bool = False,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.unread = status, message, param, code, unread
 
@@ -114,8 +135,15 @@ def bad(message: str, param: Optional[str] = None, *, code: Optional[str] = None
 
 # --- error shapes --------------------------------------------------------------------------
 
-_ANTHROPIC_KINDS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 529: "overloaded_error"}
+_ANTHROPIC_KINDS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    529: "overloaded_error",
+}
 _KVTRIE_KINDS = {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}
 _OPENAI_KINDS: dict = {}  # (OpenAI answers every 4xx as an invalid_request_error, with a `code`: "invalid_api_key", ...)
 
@@ -135,32 +163,55 @@ def error_shape(path: str) -> str:
     return "openai"
 
 
-def error_body(path: str, status: int, message: str, *, param: Optional[str] = None, code: Optional[str] = None,
-               kind: Optional[str] = None) -> dict:
+def error_body(
+    path: str,
+    status: int,
+    message: str,
+    *,
+    param: Optional[str] = None,
+    code: Optional[str] = None,
+    kind: Optional[str] = None,
+) -> dict:
     """The error body the endpoint at `path` answers with (`kind`: the error type, by default
     the usual one for `status` in that API)."""
     shape = error_shape(path)
     if shape == "anthropic":
         from .anthropic import error_body as anthropic_error
 
-        return anthropic_error(kind or _ANTHROPIC_KINDS.get(status, "api_error" if status >= 500 else "invalid_request_error"),
-                               message)
+        return anthropic_error(
+            kind or _ANTHROPIC_KINDS.get(status, "api_error" if status >= 500 else "invalid_request_error"), message
+        )
     if shape == "kvtrie":
         kind = kind or _KVTRIE_KINDS.get(status, "server_error" if status >= 500 else "invalid_request_error")
         return {"error": {"message": message, "type": kind}}
-    return {"error": {"message": message,
-                      "type": kind or _OPENAI_KINDS.get(status, "server_error" if status >= 500 else "invalid_request_error"),
-                      "param": param, "code": code}}
+    return {
+        "error": {
+            "message": message,
+            "type": kind or _OPENAI_KINDS.get(status, "server_error" if status >= 500 else "invalid_request_error"),
+            "param": param,
+            "code": code,
+        }
+    }
 
 
-def send_error(handler: Any, status: int, message: str, *, param: Optional[str] = None, code: Optional[str] = None,
-               kind: Optional[str] = None, headers: Optional[dict] = None, close: bool = False) -> None:
+def send_error(
+    handler: Any,
+    status: int,
+    message: str,
+    *,
+    param: Optional[str] = None,
+    code: Optional[str] = None,
+    kind: Optional[str] = None,
+    headers: Optional[dict] = None,
+    close: bool = False,
+) -> None:
     """Answer `handler`'s request with an error in its endpoint's shape (chosen by `handler.path`):
     `status`, `message`, the field at fault (`param`, OpenAI's `param`), OpenAI's `code`, the error
     type (`kind`, else the API's usual one for the status), extra `headers`; `close`: the
     connection closes after it. A client that is gone is not an error."""
-    data = json.dumps(error_body(handler.path, status, message, param=param, code=code, kind=kind),
-                      ensure_ascii=False).encode()
+    data = json.dumps(
+        error_body(handler.path, status, message, param=param, code=code, kind=kind), ensure_ascii=False
+    ).encode()
     try:
         if hasattr(handler, "_set_completion_headers"):  # mlx-lm's APIHandler: JSON and its CORS headers
             handler._set_completion_headers(status)
@@ -261,18 +312,26 @@ class Limits:
     (`served`: the (model, adapter, draft model) the server was started with; None: any, as
     mlx-lm loads what requests name) and `model_info()` of the model being served."""
 
-    def __init__(self, *, max_request_bytes: int = MAX_REQUEST_BYTES, max_prompt_tokens: Optional[int] = None,
-                 served: Optional[tuple] = None, model_info: Optional[Callable[[], ModelInfo]] = None):
+    def __init__(
+        self,
+        *,
+        max_request_bytes: int = MAX_REQUEST_BYTES,
+        max_prompt_tokens: Optional[int] = None,
+        served: Optional[tuple] = None,
+        model_info: Optional[Callable[[], ModelInfo]] = None,
+    ):
         self.max_request_bytes = max_request_bytes
         self.prompt_tokens_flag = max_prompt_tokens
         self.served = served
         self._model_info = model_info or ModelInfo
 
     @classmethod
-    def for_server(cls, options: Any, provider: Any) -> "Limits":
+    def for_server(cls, options: Any, provider: Any) -> Limits:
         """The limits of a `kvtrie serve` with `options` (ServeOptions) and mlx-lm's ModelProvider."""
         cli = provider.cli_args
-        served = (cli.model, getattr(cli, "adapter_path", None), getattr(cli, "draft_model", None)) if cli.model else None
+        served = (
+            (cli.model, getattr(cli, "adapter_path", None), getattr(cli, "draft_model", None)) if cli.model else None
+        )
         configs: dict = {}
 
         def model_info() -> ModelInfo:
@@ -286,8 +345,12 @@ class Limits:
             loaded = getattr(provider, "model", None) is not None
             return attrs.evolve(info, text_only=(getattr(provider, "processor", None) is None) if loaded else None)
 
-        return cls(max_request_bytes=options.max_request_bytes, max_prompt_tokens=options.max_prompt_tokens,
-                   served=served, model_info=model_info)
+        return cls(
+            max_request_bytes=options.max_request_bytes,
+            max_prompt_tokens=options.max_prompt_tokens,
+            served=served,
+            model_info=model_info,
+        )
 
     def model_info(self) -> ModelInfo:
         return self._model_info()
@@ -309,8 +372,11 @@ class Limits:
             raise bad("the prompt renders to no tokens", param)
         limit = self.max_prompt_tokens
         if n > limit:
-            raise bad(f"the prompt is {n} tokens, more than this server takes ({limit} tokens, --max-prompt-tokens)",
-                      param, code="context_length_exceeded")
+            raise bad(
+                f"the prompt is {n} tokens, more than this server takes ({limit} tokens, --max-prompt-tokens)",
+                param,
+                code="context_length_exceeded",
+            )
 
     def check_token_ids(self, ids: list, param: str) -> None:
         """Token ids (already checked to be non-negative ints) must be within the vocabulary."""
@@ -328,8 +394,9 @@ def read_body(handler: Any, limit: int, *, optional: bool = False) -> bytes:
     an empty body where `optional`)."""
     headers = handler.headers
     if headers.get("Transfer-Encoding") is not None:
-        raise Rejected(411, "chunked request bodies are not accepted: send the body with a Content-Length header",
-                       unread=True)
+        raise Rejected(
+            411, "chunked request bodies are not accepted: send the body with a Content-Length header", unread=True
+        )
     values = [v.strip() for v in headers.get_all("Content-Length") or []]
     if not values:
         if optional:
@@ -341,8 +408,11 @@ def read_body(handler: Any, limit: int, *, optional: bool = False) -> bytes:
         raise Rejected(400, f"invalid Content-Length header: {values[0][:40]!r}", unread=True)
     n = int(values[0])
     if n > limit:
-        raise Rejected(413, f"the request body is {n} bytes, more than this server takes ({limit} bytes, "
-                            "--max-request-bytes)", unread=True)
+        raise Rejected(
+            413,
+            f"the request body is {n} bytes, more than this server takes ({limit} bytes, --max-request-bytes)",
+            unread=True,
+        )
     try:
         raw = handler.rfile.read(n)
     except (OSError, ValueError) as exc:  # (socket.timeout is an OSError)
@@ -398,8 +468,11 @@ def _check_tree(body: Any) -> None:
                 if isinstance(item, (dict, list)):
                     stack.append((item, depth + 1))
                 elif isinstance(item, str) and not item.isascii() and _SURROGATE.search(item):
-                    raise bad(f"invalid JSON in the request body: {json.dumps(key)[:60]} holds a lone surrogate "
-                              "(\\ud800-\\udfff)", key)
+                    raise bad(
+                        f"invalid JSON in the request body: {json.dumps(key)[:60]} holds a lone surrogate "
+                        "(\\ud800-\\udfff)",
+                        key,
+                    )
         else:
             for item in value:
                 if isinstance(item, (dict, list)):
@@ -452,8 +525,15 @@ def admit(handler: Any, limits: Limits) -> bool:
 
 
 def _type(value: Any) -> str:
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null",
-            int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
+    return {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        type(None): "null",
+        int: "an integer",
+        float: "a number",
+    }.get(type(value), type(value).__name__)
 
 
 def _show(value: Any) -> str:
@@ -574,13 +654,21 @@ def _check_served(body: dict, served: tuple) -> None:
     model = body.get("model", "default_model")
     draft = body.get("draft_model", "default_model")
     default = model == "default_model"
-    key = (cli_model if default else model, cli_adapter if default else body.get("adapters"),
-           cli_draft if draft == "default_model" else draft)
+    key = (
+        cli_model if default else model,
+        cli_adapter if default else body.get("adapters"),
+        cli_draft if draft == "default_model" else draft,
+    )
     if key != served:
         param = "model" if key[0] != cli_model else "adapters" if key[1] != cli_adapter else "draft_model"
-        raise Rejected(404, f"{param} {_show(body.get(param))} is not served here: this server serves one model "
-                            f"(send \"model\": \"default_model\", or {_show(cli_model)}, and no adapters or draft "
-                            "model of your own)", param=param, code="model_not_found")
+        raise Rejected(
+            404,
+            f"{param} {_show(body.get(param))} is not served here: this server serves one model "
+            f'(send "model": "default_model", or {_show(cli_model)}, and no adapters or draft '
+            "model of your own)",
+            param=param,
+            code="model_not_found",
+        )
 
 
 def _check_stream_options(body: dict) -> None:
@@ -589,19 +677,24 @@ def _check_stream_options(body: dict) -> None:
     if isinstance(options, dict):
         usage = options.get("include_usage")
         if not isinstance(usage, bool) and (usage is not None or body.get("stream") is True):
-            raise bad(f"stream_options.include_usage: expected true or false, got {_show(usage)}",
-                      "stream_options.include_usage")
+            raise bad(
+                f"stream_options.include_usage: expected true or false, got {_show(usage)}",
+                "stream_options.include_usage",
+            )
 
 
 def _check_logit_bias(bias: Any, vocab: Optional[int]) -> None:
     _object(bias, "logit_bias")
     for key, value in (bias or {}).items():
         if not _INT_KEY.fullmatch(key) or not 0 <= int(key) < (vocab or INT32_MAX):
-            raise bad(f"logit_bias: the keys are token ids from 0 to {(vocab or INT32_MAX) - 1}, got {_show(key)}",
-                      "logit_bias")
+            raise bad(
+                f"logit_bias: the keys are token ids from 0 to {(vocab or INT32_MAX) - 1}, got {_show(key)}",
+                "logit_bias",
+            )
         if not (_is_number(value) and -ABSURD <= value <= ABSURD):
-            raise bad(f"logit_bias.{key}: expected a number from {-ABSURD:g} to {ABSURD:g}, got {_show(value)}",
-                      "logit_bias")
+            raise bad(
+                f"logit_bias.{key}: expected a number from {-ABSURD:g} to {ABSURD:g}, got {_show(value)}", "logit_bias"
+            )
 
 
 def _check_stop(stop: Any) -> None:
@@ -618,8 +711,10 @@ def check_template_kwargs(value: Any, where: str) -> None:
     _object(value, where)
     clash = sorted(TEMPLATE_PARAMETERS.intersection(value or {}))
     if clash:
-        raise bad(f"{where}: {', '.join(clash)} cannot be set here (the server sets apply_chat_template's own "
-                  "parameters)", where)
+        raise bad(
+            f"{where}: {', '.join(clash)} cannot be set here (the server sets apply_chat_template's own parameters)",
+            where,
+        )
 
 
 def _check_messages(messages: Any, info: ModelInfo) -> None:
@@ -635,14 +730,17 @@ def _check_messages(messages: Any, info: ModelInfo) -> None:
         content = m.get("content")
         if content is None:
             if role not in NULL_CONTENT_ROLES:
-                raise bad(f"{at}.content: required for a {role} message (a string or a list of content parts)",
-                          f"{at}.content")
+                raise bad(
+                    f"{at}.content: required for a {role} message (a string or a list of content parts)",
+                    f"{at}.content",
+                )
         elif isinstance(content, list):
             for j, part in enumerate(content):
                 _check_part(part, f"{at}.content[{j}]", info)
         elif not isinstance(content, str):
-            raise bad(f"{at}.content: expected a string or a list of content parts, got {_type(content)}",
-                      f"{at}.content")
+            raise bad(
+                f"{at}.content: expected a string or a list of content parts, got {_type(content)}", f"{at}.content"
+            )
         for key in ("name", "tool_call_id"):
             if m.get(key) is not None and not isinstance(m[key], str):
                 raise bad(f"{at}.{key}: expected a string, got {_type(m[key])}", f"{at}.{key}")
@@ -663,14 +761,15 @@ def _check_part(part: Any, at: str, info: ModelInfo) -> None:
             raise bad(f"{at}.text: expected a string, got {_type(part.get('text'))}", f"{at}.text")
         return
     if kind not in IMAGE_PARTS:
-        raise bad(f"{at}.type: expected \"text\" or an image part ({', '.join(IMAGE_PARTS)}), got {_show(kind)}",
-                  f"{at}.type")
+        raise bad(
+            f'{at}.type: expected "text" or an image part ({", ".join(IMAGE_PARTS)}), got {_show(kind)}', f"{at}.type"
+        )
     if info.text_only:
         raise bad(f"{at}: this server's model reads text only, not images", at)
     url = part.get("image_url", part.get("image"))
     url = url.get("url") if isinstance(url, dict) else url
     if not isinstance(url, str) or not url.startswith(("data:", "http://", "https://")):
-        raise bad(f"{at}: an image part needs a data: or http(s) URL, as \"image_url\": {{\"url\": ...}}", at)
+        raise bad(f'{at}: an image part needs a data: or http(s) URL, as "image_url": {{"url": ...}}', at)
 
 
 def _check_tool_call(call: Any, at: str) -> None:
@@ -678,8 +777,9 @@ def _check_tool_call(call: Any, at: str) -> None:
         raise bad(f"{at}: expected a tool call object, got {_type(call)}", at)
     function = call.get("function")
     if not isinstance(function, dict):
-        raise bad(f"{at}.function: expected an object with the name and arguments, got {_type(function)}",
-                  f"{at}.function")
+        raise bad(
+            f"{at}.function: expected an object with the name and arguments, got {_type(function)}", f"{at}.function"
+        )
     if not isinstance(function.get("name"), str):
         raise bad(f"{at}.function.name: expected a string, got {_type(function.get('name'))}", f"{at}.function.name")
     args = function.get("arguments")
@@ -689,8 +789,10 @@ def _check_tool_call(call: Any, at: str) -> None:
         except ValueError:
             raise bad(f"{at}.function.arguments: not valid JSON: {_show(args)}", f"{at}.function.arguments") from None
     if args is not None and args != "" and not isinstance(args, dict):
-        raise bad(f"{at}.function.arguments: expected a JSON object (or its text), got {_type(args)}",
-                  f"{at}.function.arguments")
+        raise bad(
+            f"{at}.function.arguments: expected a JSON object (or its text), got {_type(args)}",
+            f"{at}.function.arguments",
+        )
     if call.get("id") is not None and not isinstance(call["id"], str):
         raise bad(f"{at}.id: expected a string, got {_type(call['id'])}", f"{at}.id")
 
@@ -705,10 +807,10 @@ def _check_tools(tools: Any) -> None:
         if not isinstance(tool, dict):
             raise bad(f"{at}: expected a tool object, got {_type(tool)}", at)
         if tool.get("type", "function") != "function":
-            raise bad(f"{at}.type: expected \"function\", got {_show(tool.get('type'))}", f"{at}.type")
+            raise bad(f'{at}.type: expected "function", got {_show(tool.get("type"))}', f"{at}.type")
         function = tool.get("function")
         if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
-            raise bad(f"{at}.function: expected an object with a non-empty \"name\"", f"{at}.function")
+            raise bad(f'{at}.function: expected an object with a non-empty "name"', f"{at}.function")
         if function.get("description") is not None and not isinstance(function["description"], str):
             raise bad(f"{at}.function.description: expected a string", f"{at}.function.description")
         if function.get("parameters") is not None and not isinstance(function["parameters"], dict):
@@ -733,7 +835,11 @@ def with_prompt_limit(base: type, limits: Limits) -> type:
             try:
                 out = super()._tokenize(tokenizer, request, args)
             except Exception as exc:  # the template's or the tokenizer's complaint (a role order, a field)
-                what = "the model's chat template cannot render these messages" if chat else "the prompt cannot be tokenized"
+                what = (
+                    "the model's chat template cannot render these messages"
+                    if chat
+                    else "the prompt cannot be tokenized"
+                )
                 raise bad(f"{what}: {exc}", param) from None
             limits.check_prompt(len(out[0]), param=param)
             return out

@@ -28,7 +28,7 @@ def _libc():
     if _LIBC is None:
         try:
             _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _LIBC.malloc_trim  # glibc only
+            _ = _LIBC.malloc_trim  # glibc only: AttributeError elsewhere
         except (OSError, AttributeError):
             _LIBC = False
     return _LIBC
@@ -76,7 +76,7 @@ def thp_mode() -> Optional[str]:
     except OSError:
         return None
     start, end = text.find("["), text.find("]")
-    return text[start + 1:end] if 0 <= start < end else None
+    return text[start + 1 : end] if 0 <= start < end else None
 
 
 def _glibc_version() -> Optional[tuple[int, int]]:
@@ -101,8 +101,13 @@ def huge_pages_env(env: Mapping[str, str] = os.environ) -> Optional[dict[str, st
         glibc = _glibc_version()
     except (ValueError, OSError):
         glibc = None
-    if (glibc is None or glibc < (2, 35) or thp_mode() not in ("always", "madvise")
-            or env.get("KVTRIE_HUGE_PAGES", "1") == "0" or huge_pages(env)):
+    if (
+        glibc is None
+        or glibc < (2, 35)
+        or thp_mode() not in ("always", "madvise")
+        or env.get("KVTRIE_HUGE_PAGES", "1") == "0"
+        or huge_pages(env)
+    ):
         return None
     tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and not t.startswith("glibc.malloc.hugetlb=")]
     return {**env, "GLIBC_TUNABLES": ":".join([*tunables, HUGE_PAGES_TUNABLE])}

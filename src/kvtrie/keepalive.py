@@ -40,14 +40,18 @@ class KeepAlive:
     """Breakpoints noted per prompt, then pinned as their prefixes are stored (see the module docstring)."""
 
     clock: Callable[[], float] = time.monotonic
-    _pending: dict = attrs.field(factory=dict, init=False)  # (namespace, prompt tuple) -> [(position, ttl seconds), ...] not yet stored
+    _pending: dict = attrs.field(
+        factory=dict, init=False
+    )  # (namespace, prompt tuple) -> [(position, ttl seconds), ...] not yet stored
     _pinned: dict = attrs.field(factory=dict, init=False)  # (id(cache), namespace, prefix bytes) -> _Kept
     _lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
     kept: int = attrs.field(default=0, init=False)  # breakpoint prefixes pinned (renewals included)
     given_way: int = attrs.field(default=0, init=False)  # keep-alive pins ended early to make room for newer ones
     unkept: int = attrs.field(default=0, init=False)  # breakpoints the budget could not hold at all
 
-    def note(self, prompt: Sequence[int], positions: Sequence[int], ttls: Sequence[str], namespace: str = "default") -> None:
+    def note(
+        self, prompt: Sequence[int], positions: Sequence[int], ttls: Sequence[str], namespace: str = "default"
+    ) -> None:
         """Remember `prompt`'s breakpoints (offsets, each with "5m" or "1h") until they are stored in `namespace`."""
         marks = sorted((int(p), TTL_SECONDS[t]) for p, t in zip(positions, ttls) if int(p) > 0)
         if not marks:
@@ -125,8 +129,12 @@ class KeepAlive:
         with self._lock:
             now = self.clock()
             held = sum(v.expires > now for v in self._pinned.values())
-            return {"breakpoints_kept": self.kept, "breakpoints_given_way": self.given_way,
-                    "breakpoints_unkept": self.unkept, "breakpoints_held": held}
+            return {
+                "breakpoints_kept": self.kept,
+                "breakpoints_given_way": self.given_way,
+                "breakpoints_unkept": self.unkept,
+                "breakpoints_held": held,
+            }
 
 
 def _same(prompt: tuple, tokens: Sequence[int], upto: int) -> bool:

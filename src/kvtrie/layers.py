@@ -20,8 +20,8 @@ from typing import Any, Optional, Union
 import attrs
 import mlx.core as mx
 
-from .recurrent import RecurrentPayload, capture_state, state_dtypes
 from .arrays import to_device
+from .recurrent import RecurrentPayload, capture_state, state_dtypes
 from .window import ChunkWindow, Geometry, RotatingWindow
 
 KV = "kv"

@@ -69,7 +69,9 @@ class Ledger:
 
     # --- reporting ---------------------------------------------------------------------------
 
-    def register(self, name: str, tier: str, nbytes: Callable[[], int], release: Optional[Callable[[int], int]] = None) -> None:
+    def register(
+        self, name: str, tier: str, nbytes: Callable[[], int], release: Optional[Callable[[int], int]] = None
+    ) -> None:
         """Add a holder; holders are reclaimed in the order they were registered."""
         if name not in HOLDERS or name == PAYLOAD:
             raise ValueError(f"unknown holder {name!r}: one of {HOLDERS[1:]}")

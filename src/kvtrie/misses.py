@@ -37,7 +37,6 @@ MISS_REASONS = (NEW_PREFIX, EVICTED, NO_SNAPSHOT, WINDOW_HOLE, OTHER_NAMESPACE, 
 BLOCK = 32  # tokens per remembered block: how finely `evicted` is told (and what counts as "more")
 
 
-
 class Recent:
     """The token sequences of the last `size` requests (or commits), by reference: did one of
     them hold these tokens?"""

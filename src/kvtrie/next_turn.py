@@ -42,7 +42,8 @@ import os
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Iterator, Optional, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Optional
 
 import attrs
 import numpy as np
@@ -111,8 +112,13 @@ class ReplyText:
         for text in texts:
             parsed = self.ctx.tool_parser(text, tools)
             for call in parsed if isinstance(parsed, list) else [parsed]:
-                calls.append({"id": call.get("id") or f"call_{len(calls)}", "type": "function",
-                              "function": {"name": call["name"], "arguments": call["arguments"]}})
+                calls.append(
+                    {
+                        "id": call.get("id") or f"call_{len(calls)}",
+                        "type": "function",
+                        "function": {"name": call["name"], "arguments": call["arguments"]},
+                    }
+                )
         message = {"role": "assistant", "content": self.text}
         if calls:
             message["tool_calls"] = calls
@@ -127,8 +133,10 @@ def next_turn_prefix(render: Callable[[list, bool], list], messages: list, assis
     convo = [*messages, assistant]
     calls = assistant.get("tool_calls") or []
     if calls:
-        probes = [{"role": "tool", "tool_call_id": calls[0]["id"], "name": calls[0]["function"]["name"], "content": p}
-                  for p in PROBES]
+        probes = [
+            {"role": "tool", "tool_call_id": calls[0]["id"], "name": calls[0]["function"]["name"], "content": p}
+            for p in PROBES
+        ]
     else:
         probes = [{"role": "user", "content": p} for p in PROBES]
     try:
@@ -161,7 +169,9 @@ class NextTurn:
     def __init__(self, cache: Any, *, enabled: bool = True, chunk_delay: Optional[float] = None):
         self.cache = cache
         self.enabled = enabled
-        self.chunk_delay = float(os.environ.get("KVTRIE_NEXT_TURN_CHUNK_DELAY", 0) or 0) if chunk_delay is None else chunk_delay
+        self.chunk_delay = (
+            float(os.environ.get("KVTRIE_NEXT_TURN_CHUNK_DELAY", 0) or 0) if chunk_delay is None else chunk_delay
+        )
         self._lock = threading.Lock()
         self._pending: deque[Reply] = deque()
         self._recent: deque[tuple[int, str, np.ndarray]] = deque(maxlen=RECENT_PROMPTS)
@@ -175,8 +185,12 @@ class NextTurn:
     def stats(self) -> dict[str, int]:
         """Jobs started, tokens prefilled, jobs cancelled; and replies waiting or running now."""
         pending = len(self._pending) + (self._task is not None or self._starting)
-        return {"next_turn_jobs": self.jobs, "next_turn_tokens": self.tokens, "next_turn_cancelled": self.cancelled,
-                "next_turn_pending": pending}
+        return {
+            "next_turn_jobs": self.jobs,
+            "next_turn_tokens": self.tokens,
+            "next_turn_cancelled": self.cancelled,
+            "next_turn_pending": pending,
+        }
 
     def has_work(self) -> bool:
         return self._task is not None or bool(self._pending)
@@ -202,12 +216,18 @@ class NextTurn:
             yield response
         if text is not None:
             try:
-                self.submit(Reply(
-                    messages=copy.deepcopy(request.messages), assistant=text.message(request.tools),
-                    tools=copy.deepcopy(request.tools), template_kwargs=copy.deepcopy(args.chat_template_kwargs),
-                    role_mapping=request.role_mapping, model_key=provider.model_key, prompt=tuple(ctx.prompt),
-                    namespace=getattr(args, "kvtrie_namespace", "default"),
-                ))
+                self.submit(
+                    Reply(
+                        messages=copy.deepcopy(request.messages),
+                        assistant=text.message(request.tools),
+                        tools=copy.deepcopy(request.tools),
+                        template_kwargs=copy.deepcopy(args.chat_template_kwargs),
+                        role_mapping=request.role_mapping,
+                        model_key=provider.model_key,
+                        prompt=tuple(ctx.prompt),
+                        namespace=getattr(args, "kvtrie_namespace", "default"),
+                    )
+                )
             except Exception:
                 logger.exception("next turn: cannot queue this reply")
 
@@ -230,8 +250,9 @@ class NextTurn:
         if task is None or task.namespace != namespace or common_prefix(arr, task.tokens) <= task.base:
             return
         self.cancelled += 1
-        logger.info("next turn: cancelled by a request of the conversation, %d of %d tokens stored",
-                    task.done, len(task.tokens))
+        logger.info(
+            "next turn: cancelled by a request of the conversation, %d of %d tokens stored", task.done, len(task.tokens)
+        )
         try:
             self._suspend(task)
         except Exception:
@@ -292,8 +313,11 @@ class NextTurn:
             messages = copy.deepcopy(messages)
             if tokenizer.has_chat_template:
                 process_message_content(messages)
-                return list(tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                          tools=reply.tools, tokenize=True, **args))
+                return list(
+                    tokenizer.apply_chat_template(
+                        messages, add_generation_prompt=add_generation_prompt, tools=reply.tools, tokenize=True, **args
+                    )
+                )
             return list(tokenizer.encode(convert_chat(messages, reply.role_mapping)))
 
         return render

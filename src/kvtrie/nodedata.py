@@ -40,7 +40,7 @@ class NodeData:
     base: float = 0.0
     interval: float = 0.0  # clock ticks between its uses, as measured (0: never used again yet)
     expect: float = 0.0  # the interval the policy expected at its last use (its order's key)
-    segments: tuple["Segment", ...] = ()  # the records holding the edge's positions, in order
+    segments: tuple[Segment, ...] = ()  # the records holding the edge's positions, in order
     state_file: Optional[str] = None  # the record holding the snapshot (and logits) at the end
     tenant: str = "default"  # whose namespace holds it (`tenants.tenant_of`): byte shares are per tenant
 
@@ -48,7 +48,9 @@ class NodeData:
     def nbytes(self) -> int:
         if self.layers is None:
             return self.disk.nbytes
-        return sum(p.nbytes for p in self.layers if p is not None) + (self.logits.nbytes if self.logits is not None else 0)
+        return sum(p.nbytes for p in self.layers if p is not None) + (
+            self.logits.nbytes if self.logits is not None else 0
+        )
 
     @property
     def snapshot_nbytes(self) -> int:
@@ -75,13 +77,13 @@ class NodeData:
     def payloads(self) -> list[Any]:
         return [p for p in (self.layers or ()) if p is not None]
 
-    def with_arrays(self, fn, tier: str) -> "NodeData":
+    def with_arrays(self, fn, tier: str) -> NodeData:
         """A copy whose payload and logits arrays went through `fn` (a tier move)."""
         layers = tuple(None if p is None else p.map(fn) for p in self.layers)
         logits = None if self.logits is None else fn(self.logits)
         return attrs.evolve(self, layers=layers, logits=logits, tier=tier, disk=None)
 
-    def with_host_arrays(self, pool: HostPool) -> "NodeData":
+    def with_host_arrays(self, pool: HostPool) -> NodeData:
         """A copy on the host tier: every array copied into a pooled buffer, all copies at once."""
         pairs: list[tuple[np.ndarray, np.ndarray]] = []
 
@@ -107,7 +109,7 @@ class Segment:
     length: int
 
 
-def split_segments(segments: tuple["Segment", ...], k: int) -> tuple[tuple["Segment", ...], tuple["Segment", ...]]:
+def split_segments(segments: tuple[Segment, ...], k: int) -> tuple[tuple[Segment, ...], tuple[Segment, ...]]:
     """The records' references of an edge's first `k` positions and of the rest."""
     top: list[Segment] = []
     bottom: list[Segment] = []

@@ -99,7 +99,9 @@ class DiskTier:
         if self._degraded:  # (the directory could not be made: a write that failed)
             counters.disk_write_errors += 1
             counters.disk_errors += 1
-        self._persisting: dict[int, tuple[Node, WriteJob, bool]] = {}  # node id -> (node, record in flight, drop memory once written)
+        self._persisting: dict[
+            int, tuple[Node, WriteJob, bool]
+        ] = {}  # node id -> (node, record in flight, drop memory once written)
         self._in_flight: dict[int, list[int]] = {}  # id(job) -> [bytes of its copies, bytes of node memory it holds]
         self._unsaved: dict[int, Node] = {}  # nodes whose payload no record holds yet
         self._files: dict[str, str] = {}  # record key -> file name
@@ -298,11 +300,19 @@ class DiskTier:
             for p, kind in zip(data.layers, self.kinds)
         )
         record = {
-            "fingerprint": self._fingerprint, "layout": self._layout, "signature": self.signature_text,
-            "namespace": ns, "parent": self._parent_stem(node, start), "start": start,
+            "fingerprint": self._fingerprint,
+            "layout": self._layout,
+            "signature": self.signature_text,
+            "namespace": ns,
+            "parent": self._parent_stem(node, start),
+            "start": start,
             "tokens": [] if state_only else node.tokens.tolist(),
-            "kv": not state_only, "has_state": data.has_state, "has_snapshot": data.has_snapshot,
-            "logits": data.logits is not None, "reasons": data.reasons, "last_used": node.last_used,
+            "kv": not state_only,
+            "has_state": data.has_state,
+            "has_snapshot": data.has_snapshot,
+            "logits": data.logits is not None,
+            "reasons": data.reasons,
+            "last_used": node.last_used,
             "kv_nbytes": 0 if state_only else data.nbytes - data.snapshot_nbytes,
             "snapshot_nbytes": data.snapshot_nbytes,
         }
@@ -313,13 +323,24 @@ class DiskTier:
         if then_drop_memory:  # the node's own host arrays: nothing else reads them until it is written
             job = WriteJob(node.id, stem, layers, data.logits, record, data, state_only)
         else:  # copies for the writer: the node's arrays may move or go meanwhile
-            job = WriteJob(node.id, stem, tuple(_for_writer(p) for p in layers),
-                           None if data.logits is None else _writer_array(data.logits), record, data, state_only, True)
+            job = WriteJob(
+                node.id,
+                stem,
+                tuple(_for_writer(p) for p in layers),
+                None if data.logits is None else _writer_array(data.logits),
+                record,
+                data,
+                state_only,
+                True,
+            )
         self._persisting[node.id] = (node, job, then_drop_memory)
         self._hang(record["parent"])
         if job.copies:
-            self._charge(job, copies=sum(a.nbytes for p in job.layers if p is not None for a in p.arrays)
-                         + (job.logits.nbytes if job.logits is not None else 0))
+            self._charge(
+                job,
+                copies=sum(a.nbytes for p in job.layers if p is not None for a in p.arrays)
+                + (job.logits.nbytes if job.logits is not None else 0),
+            )
         else:  # the node counts on the disk tier; its memory goes when the record is written
             self._charge(job, memory=data.nbytes)
         self.store.submit(job)
@@ -380,7 +401,11 @@ class DiskTier:
                 continue
             self._settle(job)
             if job.copies:
-                release(list(p for p in job.layers if p is not None) + ([Logits(job.logits)] if job.logits is not None else []), self.pool)
+                release(
+                    list(p for p in job.layers if p is not None)
+                    + ([Logits(job.logits)] if job.logits is not None else []),
+                    self.pool,
+                )
             entry = self._persisting.get(job.node_id)
             current = entry is not None and entry[1] is job
             if current:
@@ -404,8 +429,11 @@ class DiskTier:
             record = job.record
             start = record["start"]
             span = (start, start + len(record["tokens"])) if record["kv"] else None
-            superseded = node is None or (span is not None and span != (node.start, node.end)) or (
-                span is None and start != node.end)
+            superseded = (
+                node is None
+                or (span is not None and span != (node.start, node.end))
+                or (span is None and start != node.end)
+            )
             if superseded and node is not None:
                 self.unsaved(node)
             if not self._keep_written(job, name, superseded):
@@ -493,9 +521,13 @@ class DiskTier:
                 if isinstance(exc, DiskReadError):  # the disk fails: one warning for the episode
                     self.store.health.failed(exc, "reading a record")
                     self._degraded = True
-                    logger.debug("reading a record of [%d, %d) failed (%s): a miss from there", node.start, node.end, exc)
+                    logger.debug(
+                        "reading a record of [%d, %d) failed (%s): a miss from there", node.start, node.end, exc
+                    )
                 else:
-                    logger.warning("a record of [%d, %d) is unusable (%s): a miss from there", node.start, node.end, exc)
+                    logger.warning(
+                        "a record of [%d, %d) is unusable (%s): a miss from there", node.start, node.end, exc
+                    )
                 host.drop_subtree(node)
                 return False
             self.counters.disk_restores += 1
@@ -591,8 +623,10 @@ class DiskTier:
                 continue
             found.append((name, record))
         if first is not None:  # one warning
-            summary = (f"{damaged + len(unread)} unreadable records skipped ({damaged} damaged, deleted; {len(unread)} "
-                       f"the disk failed to read, left for a later start), the first: {first}")
+            summary = (
+                f"{damaged + len(unread)} unreadable records skipped ({damaged} damaged, deleted; {len(unread)} "
+                f"the disk failed to read, left for a later start), the first: {first}"
+            )
             if unread:  # the disk fails: the tier is degraded (its warning says this)
                 store.health.failed(summary, "reading the records")
             else:
@@ -670,8 +704,14 @@ class DiskTier:
         if i < len(tokens):
             n = len(tokens)
             per_token = int(record["kv_nbytes"]) // n
-            data = NodeData(None, self.kinds, DISK, DiskRef(per_token * (n - i), 0, not self.hybrid, False),
-                            reasons=int(record["reasons"]), tenant=host.tenant_of_trie(trie))
+            data = NodeData(
+                None,
+                self.kinds,
+                DISK,
+                DiskRef(per_token * (n - i), 0, not self.hybrid, False),
+                reasons=int(record["reasons"]),
+                tenant=host.tenant_of_trie(trie),
+            )
             data.segments = (Segment(stem, i, n - i),)
             child = trie.add_child(node, tokens[i:], data)
             child.last_used = int(record.get("last_used", 0))
@@ -699,8 +739,12 @@ class DiskTier:
             return
         self._host.account(data, -1)
         ref = data.disk
-        data.disk = DiskRef(ref.nbytes + int(record["snapshot_nbytes"]), int(record["snapshot_nbytes"]),
-                            bool(record["has_state"]), bool(record["has_snapshot"]))
+        data.disk = DiskRef(
+            ref.nbytes + int(record["snapshot_nbytes"]),
+            int(record["snapshot_nbytes"]),
+            bool(record["has_state"]),
+            bool(record["has_snapshot"]),
+        )
         data.state_file = stem
         data.reasons |= int(record["reasons"])
         self._host.account(data, +1)

@@ -331,7 +331,9 @@ class WorthPolicy:
         waiting = sum(e[2] for i in probation if (e := self._young_entries.get(i)) and e[0].payload.reasons == PERIODIC)
         while True:
             held = self.young_bytes - waiting
-            allowance = max(self.young_floor * self.snapshot_bytes, self.speculative_ratio * (snapshot_bytes() - self.young_bytes))
+            allowance = max(
+                self.young_floor * self.snapshot_bytes, self.speculative_ratio * (snapshot_bytes() - self.young_bytes)
+            )
             victim = next((self._young_entries[k[-1]][0] for k in self._young if k[-1] not in probation), None)
             if held <= allowance or victim is None:
                 return

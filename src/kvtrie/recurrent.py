@@ -40,7 +40,7 @@ class RecurrentPayload:
     def arrays(self) -> tuple[AnyArray, ...]:
         return self._arrays
 
-    def map(self, fn) -> "RecurrentPayload":
+    def map(self, fn) -> RecurrentPayload:
         """The same payload with `fn` applied to every state array (e.g. a tier move)."""
         return RecurrentPayload(tree_map(lambda a: fn(a) if _is_array(a) else a, self.states))
 

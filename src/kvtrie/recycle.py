@@ -94,7 +94,9 @@ class Recycler:
         """Offer arrays that a closed session's live caches held (the caches may still be in use)."""
         if not self.enabled:
             return
-        offered = [a for a in arrays if isinstance(a, mx.array) and a.nbytes >= self.min_bytes and id(a) not in self._order]
+        offered = [
+            a for a in arrays if isinstance(a, mx.array) and a.nbytes >= self.min_bytes and id(a) not in self._order
+        ]
         self.largest_offer = max(self.largest_offer, sum(a.nbytes for a in offered))
         for a in offered:
             self._add(a)

@@ -32,7 +32,8 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import attrs
 
@@ -206,13 +207,20 @@ class ServerPromptCache(TriePromptCache):
         if pc is None:
             from .cache import PrefixCache
 
-            kwargs = dict(self._kwargs, recycle_bytes=self.options.recycle_bytes, mlx_cache_bytes=self.options.mlx_cache_limit,
-                          tenant_bytes=self.options.tenant_bytes)
+            kwargs = dict(
+                self._kwargs,
+                recycle_bytes=self.options.recycle_bytes,
+                mlx_cache_bytes=self.options.mlx_cache_limit,
+                tenant_bytes=self.options.tenant_bytes,
+            )
             if self.options.disk_dir is not None or self.options.shared_url is not None:
                 kwargs["fingerprint"] = self._fingerprint(model)
             if self.options.shared_url is not None:
-                kwargs.update(shared_url=self.options.shared_url, shared_block_tokens=self.options.shared_block_tokens,
-                              shared_secret=self.options.shared_secret)
+                kwargs.update(
+                    shared_url=self.options.shared_url,
+                    shared_block_tokens=self.options.shared_block_tokens,
+                    shared_secret=self.options.shared_secret,
+                )
             if self.options.disk_dir is not None:
                 fingerprint = kwargs["fingerprint"]
                 kwargs.update(
@@ -249,7 +257,12 @@ class ServerPromptCache(TriePromptCache):
             return None, tokens
         before = pc.stats()
         with pc.begin(tokens, namespace=ns) as session:
-            cached, caches, branches, reason = session.cached, session.caches, session.branch_points, session.miss_reason
+            cached, caches, branches, reason = (
+                session.cached,
+                session.caches,
+                session.branch_points,
+                session.miss_reason,
+            )
         seconds = time.perf_counter() - tic
         after = pc.stats()
         tier = next(
@@ -276,7 +289,11 @@ class ServerPromptCache(TriePromptCache):
                         self._splits.pop(next(iter(self._splits)))
         logger.info(
             "request: %d prompt tokens, %d cached (%s), restore %.2f ms%s%s",
-            len(tokens), cached, tier if cached else "miss", seconds * 1e3, f", miss: {reason}" if reason else "",
+            len(tokens),
+            cached,
+            tier if cached else "miss",
+            seconds * 1e3,
+            f", miss: {reason}" if reason else "",
             f", namespace {ns}" if ns != DEFAULT_TENANT else "",
         )
         if not cached and not any(k == "window" for k in pc.layer_kinds):
@@ -309,8 +326,9 @@ class ServerPromptCache(TriePromptCache):
         with self._lock:
             return self._splits.pop((self.active_namespace, tuple(tokens)), ())
 
-    def note_breakpoints(self, tokens: Sequence[int], positions: Sequence[int], ttls: Sequence[str],
-                         namespace: str = DEFAULT_TENANT) -> None:
+    def note_breakpoints(
+        self, tokens: Sequence[int], positions: Sequence[int], ttls: Sequence[str], namespace: str = DEFAULT_TENANT
+    ) -> None:
         """Record a request's cache breakpoints: offsets in its prompt `tokens` where blocks marked with
         `cache_control` end, each with its TTL ("5m" or "1h"). Kept per prompt (the last 64,
         `breakpoints_for`), counted in the stats; on a hybrid model they are capture points
@@ -320,8 +338,10 @@ class ServerPromptCache(TriePromptCache):
         if len(positions) != len(ttls):
             raise ValueError(f"one TTL per breakpoint: {len(positions)} positions, {len(ttls)} TTLs")
         if any(not 0 <= p <= len(tokens) for p in positions) or any(t not in ("5m", "1h") for t in ttls):
-            raise ValueError(f"breakpoints must lie within the prompt (0..{len(tokens)}) with TTL 5m or 1h, "
-                             f"got {list(zip(positions, ttls))}")
+            raise ValueError(
+                f"breakpoints must lie within the prompt (0..{len(tokens)}) with TTL 5m or 1h, "
+                f"got {list(zip(positions, ttls))}"
+            )
         if not positions:
             return
         with self._lock:
@@ -332,12 +352,16 @@ class ServerPromptCache(TriePromptCache):
             self.breakpoints += len(positions)
         self.keep_alive.note(tokens, positions, ttls, namespace)
 
-    def breakpoints_for(self, tokens: Sequence[int], namespace: str = DEFAULT_TENANT) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    def breakpoints_for(
+        self, tokens: Sequence[int], namespace: str = DEFAULT_TENANT
+    ) -> tuple[tuple[int, ...], tuple[str, ...]]:
         """The breakpoints noted for the prompt `tokens`: (positions, TTLs), empty when none were."""
         with self._lock:
             return self._breakpoints.get((namespace, tuple(tokens)), ((), ()))
 
-    def insert_cache(self, model: Any, tokens: Sequence[int], prompt_cache: list, *, cache_type: str = "assistant") -> None:
+    def insert_cache(
+        self, model: Any, tokens: Sequence[int], prompt_cache: list, *, cache_type: str = "assistant"
+    ) -> None:
         """Store what `prompt_cache` holds of `tokens` in its request's namespace (the one it is
         tagged with, else the request being served); never raises (a failed store is logged)."""
         ns = namespace_of_caches(prompt_cache) or self.active_namespace
@@ -377,8 +401,11 @@ class ServerPromptCache(TriePromptCache):
                 "miss_reasons": dict(self.miss_reasons),  # requests per reason they restored less (kvtrie.misses)
             }
         jobs = self.next_turn
-        totals.update(jobs.stats() if jobs is not None else
-                      {"next_turn_jobs": 0, "next_turn_tokens": 0, "next_turn_cancelled": 0, "next_turn_pending": 0})
+        totals.update(
+            jobs.stats()
+            if jobs is not None
+            else {"next_turn_jobs": 0, "next_turn_tokens": 0, "next_turn_cancelled": 0, "next_turn_pending": 0}
+        )
         models = {json.dumps(list(k) if isinstance(k, tuple) else k): pc.stats() for k, pc in list(self._tries.items())}
         return {
             **totals,
@@ -400,8 +427,11 @@ class ServerPromptCache(TriePromptCache):
     def _tenant_stats(self, models: dict[str, Any], only: Optional[str] = None) -> dict[str, Any]:
         """Per tenant: its requests' figures and the bytes its namespaces hold, per tier."""
         with self._lock:
-            figures = {name: f.as_dict(own_view=only is not None) for name, f in self.tenants.items()
-                       if only is None or name == only}
+            figures = {
+                name: f.as_dict(own_view=only is not None)
+                for name, f in self.tenants.items()
+                if only is None or name == only
+            }
         for s in models.values():
             for name, held in s.get("tenants", {}).items():
                 if only is None or name == only:
@@ -431,25 +461,49 @@ def metrics_text(cache: ServerPromptCache) -> bytes:
 
     class Collector:
         def collect(self):
-            for name in ("requests", "prompt_tokens", "cached_tokens", "breakpoints_kept", "breakpoints_given_way",
-                         "breakpoints_unkept", "next_turn_jobs", "next_turn_tokens", "next_turn_cancelled"):
-                yield CounterMetricFamily(f"kvtrie_{name}", f"{name.replace('_', ' ')} since the server started", value=stats[name])
-            yield GaugeMetricFamily("kvtrie_breakpoints_held", "cache breakpoints pinned for their TTL now",
-                                    value=stats["breakpoints_held"])
+            for name in (
+                "requests",
+                "prompt_tokens",
+                "cached_tokens",
+                "breakpoints_kept",
+                "breakpoints_given_way",
+                "breakpoints_unkept",
+                "next_turn_jobs",
+                "next_turn_tokens",
+                "next_turn_cancelled",
+            ):
+                yield CounterMetricFamily(
+                    f"kvtrie_{name}", f"{name.replace('_', ' ')} since the server started", value=stats[name]
+                )
+            yield GaugeMetricFamily(
+                "kvtrie_breakpoints_held", "cache breakpoints pinned for their TTL now", value=stats["breakpoints_held"]
+            )
             yield GaugeMetricFamily("kvtrie_hit_rate", "cached tokens / prompt tokens", value=stats["hit_rate"])
-            yield GaugeMetricFamily("kvtrie_next_turn_pending", "next-turn jobs waiting or running", value=stats["next_turn_pending"])
-            misses = CounterMetricFamily("kvtrie_misses", "requests that restored less than they could, per reason",
-                                         labels=["reason"])
+            yield GaugeMetricFamily(
+                "kvtrie_next_turn_pending", "next-turn jobs waiting or running", value=stats["next_turn_pending"]
+            )
+            misses = CounterMetricFamily(
+                "kvtrie_misses", "requests that restored less than they could, per reason", labels=["reason"]
+            )
             for reason, count in stats["miss_reasons"].items():
                 misses.add_metric([reason], count)
             yield misses
             yield from tenant_metrics(stats["tenants"])
-            yield GaugeMetricFamily("kvtrie_held_bytes", "bytes kvtrie holds in memory (bounded by --prompt-cache-bytes)",
-                                    value=stats["held_bytes"])
-            yield GaugeMetricFamily("kvtrie_process_resident_bytes", "the server process's resident memory (RSS)",
-                                    value=stats["process_resident_bytes"])
-            held = GaugeMetricFamily("kvtrie_cache_ledger_bytes", "the ledger: bytes held per holder and tier",
-                                     labels=["model", "holder", "tier"])
+            yield GaugeMetricFamily(
+                "kvtrie_held_bytes",
+                "bytes kvtrie holds in memory (bounded by --prompt-cache-bytes)",
+                value=stats["held_bytes"],
+            )
+            yield GaugeMetricFamily(
+                "kvtrie_process_resident_bytes",
+                "the server process's resident memory (RSS)",
+                value=stats["process_resident_bytes"],
+            )
+            held = GaugeMetricFamily(
+                "kvtrie_cache_ledger_bytes",
+                "the ledger: bytes held per holder and tier",
+                labels=["model", "holder", "tier"],
+            )
             for model, s in stats["models"].items():
                 for tier, holders in s["held_by_tier"].items():
                     for holder, value in holders.items():
@@ -468,7 +522,9 @@ def metrics_text(cache: ServerPromptCache) -> bytes:
                         family = per_model.get(key)
                         if family is None:
                             kind = CounterMetricFamily if key not in _GAUGES else GaugeMetricFamily
-                            family = per_model[key] = kind(f"kvtrie_cache_{key}", f"PrefixCache stats()['{key}']", labels=["model"])
+                            family = per_model[key] = kind(
+                                f"kvtrie_cache_{key}", f"PrefixCache stats()['{key}']", labels=["model"]
+                            )
                         family.add_metric([model], value)
             yield from per_model.values()
 
@@ -481,8 +537,10 @@ def tenant_metrics(tenants: dict[str, Any]) -> list:
     """Per-tenant metric families: requests, prompt and cached tokens, hit rate, bytes per tier."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-    counters = {name: CounterMetricFamily(f"kvtrie_tenant_{name}", f"{name.replace('_', ' ')} per tenant", labels=["tenant"])
-                for name in ("requests", "prompt_tokens", "cached_tokens")}
+    counters = {
+        name: CounterMetricFamily(f"kvtrie_tenant_{name}", f"{name.replace('_', ' ')} per tenant", labels=["tenant"])
+        for name in ("requests", "prompt_tokens", "cached_tokens")
+    }
     hit = GaugeMetricFamily("kvtrie_tenant_hit_rate", "cached tokens / prompt tokens per tenant", labels=["tenant"])
     held = GaugeMetricFamily("kvtrie_tenant_bytes", "payload bytes per tenant and tier", labels=["tenant", "tier"])
     for tenant, figures in tenants.items():
@@ -495,9 +553,24 @@ def tenant_metrics(tenants: dict[str, Any]) -> list:
 
 
 _GAUGES = {
-    "nodes", "tokens_stored", "sequences", "snapshots", "device_bytes", "host_bytes", "disk_bytes",
-    "kv_bytes", "snapshot_bytes", "recycle_bytes", "held_bytes", "held_device_bytes", "held_host_bytes",
-    "in_use_bytes", "open_sessions", "pins", "pinned_bytes", "disk_degraded",
+    "nodes",
+    "tokens_stored",
+    "sequences",
+    "snapshots",
+    "device_bytes",
+    "host_bytes",
+    "disk_bytes",
+    "kv_bytes",
+    "snapshot_bytes",
+    "recycle_bytes",
+    "held_bytes",
+    "held_device_bytes",
+    "held_host_bytes",
+    "in_use_bytes",
+    "open_sessions",
+    "pins",
+    "pinned_bytes",
+    "disk_degraded",
 }
 
 
@@ -512,7 +585,7 @@ def make_handler(base: type, cache: ServerPromptCache, limits: Optional[guard.Li
     class Handler(base):
         timeout = cache.options.request_timeout  # (the socket's: a client silent this long is dropped)
 
-        def do_POST(self):  # noqa: N802 (http.server's name)
+        def do_POST(self):
             from . import serve_messages
 
             if gate.admit(self, lambda: guard.admit(self, limits)) is None:  # a key, then the body, then its salt
@@ -523,7 +596,7 @@ def make_handler(base: type, cache: ServerPromptCache, limits: Optional[guard.Li
             elif not control.route(self, "POST"):
                 super().do_POST()
 
-        def do_DELETE(self):  # noqa: N802
+        def do_DELETE(self):
             if gate.admit(self, lambda: guard.admit(self, limits)) is not None:
                 control.route(self, "DELETE")
 
@@ -534,7 +607,7 @@ def make_handler(base: type, cache: ServerPromptCache, limits: Optional[guard.Li
                 exc = refusal.rejected
                 guard.send_error(self, exc.status, exc.message, param=exc.param, code=exc.code)
 
-        def do_GET(self):  # noqa: N802 (http.server's name)
+        def do_GET(self):
             caller = gate.admit(self)
             if caller is None:
                 return
@@ -544,8 +617,9 @@ def make_handler(base: type, cache: ServerPromptCache, limits: Optional[guard.Li
                 body, kind = json.dumps(stats).encode(), "application/json"
             elif path == "/metrics":
                 if not caller.admin:
-                    return guard.send_error(self, 403, "/metrics shows every tenant: it needs an admin key",
-                                            kind="permission_error")
+                    return guard.send_error(
+                        self, 403, "/metrics shows every tenant: it needs an admin key", kind="permission_error"
+                    )
                 body, kind = metrics_text(cache), "text/plain; version=0.0.4; charset=utf-8"
             else:
                 return super().do_GET()
@@ -681,50 +755,104 @@ transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1): fresh buffers fa
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("kvtrie", KVTRIE_HELP)
-    group.add_argument("--host-bytes", type=_size, default=None,
-                       help=f"of --prompt-cache-bytes, what the host tier holds (default {int(HOST_SHARE * 100)}%%)")
-    group.add_argument("--disk-dir", default=None,
-                       help="directory of the persistent tier (a subdirectory per model, named by its weights)")
-    group.add_argument("--disk-bytes", type=_size, default=None, help="byte budget of the disk tier (default: unbounded)")
-    group.add_argument("--shared-url", default=None,
-                       help="a Redis that servers of the same model share prefixes through: redis://HOST:PORT/DB, "
-                            "rediss://, a password in the URL, or any node of a Redis Cluster")
-    group.add_argument("--shared-block-tokens", type=int, default=256,
-                       help="tokens per shared block (every server sharing a Redis must use the same)")
-    group.add_argument("--shared-secret-file", default=None,
-                       help="a file holding a secret (its bytes, less a trailing newline) that authenticates the "
-                            "shared tier: values carry a keyed MAC and keys derive from it, so only servers with the "
-                            "same secret share blocks (values are not encrypted)")
-    group.add_argument("--persist-seconds", type=float, default=2.0,
-                       help="with --disk-dir: what was stored this many seconds ago is on disk, so a server killed "
-                            "at any moment (kill -9 included) restarts warm with it (default 2)")
-    group.add_argument("--recycle-bytes", type=_size, default=None,
-                       help="at most this much of freed live caches kept (within B) for the next restores to write "
-                            "into: a restore then skips MLX's zero fill (default: what B leaves; 0 turns it off)")
-    group.add_argument("--no-next-turn", action="store_true",
-                       help="do not compute a conversation's next turn in the background after each chat reply "
-                            "(the reply as the client sends it back, re-rendered by the chat template)")
-    group.add_argument("--api-keys", default=None, metavar="FILE",
-                       help="a file of `KEY TENANT [admin]` lines: every /v1/* and /kvtrie/* request then needs "
-                            "`Authorization: Bearer KEY` or `x-api-key: KEY` (401 without), and each tenant's cache is "
-                            "its own namespace on every tier (memory, disk, the shared tier); /health stays open; "
-                            "only admin keys see every tenant in /kvtrie/stats and read /metrics")
-    group.add_argument("--tenant-bytes", default=None, metavar="SHARE|FILE",
-                       help="each tenant's fair share of memory: a size (512M), a percentage of --prompt-cache-bytes "
-                            "(25%%), or a file of `TENANT SHARE` lines (`*` for the others); when memory is full, a "
-                            "tenant past its share loses its own payloads first (shares are not reservations)")
-    group.add_argument("--mlx-cache-bytes", type=_size, default=None,
-                       help=f"at most this much of freed buffers MLX keeps for reuse (within B; default "
-                            f"{int(MLX_CACHE_SHARE * 100)}%% of B)")
-    group.add_argument("--max-request-bytes", type=_size, default=guard.MAX_REQUEST_BYTES,
-                       help="a request body larger than this is refused with a 413, unread (default 32M)")
-    group.add_argument("--max-prompt-tokens", type=int, default=None,
-                       help="a prompt that renders to more tokens than this is refused with a 400 before it is "
-                            "computed (default: the model's context length, max_position_embeddings in its "
-                            f"config.json, else {guard.DEFAULT_PROMPT_TOKENS})")
-    group.add_argument("--request-timeout", type=float, default=guard.REQUEST_TIMEOUT,
-                       help="seconds a client may stay silent while sending its request before the connection "
-                            f"is closed (default {guard.REQUEST_TIMEOUT:g})")
+    group.add_argument(
+        "--host-bytes",
+        type=_size,
+        default=None,
+        help=f"of --prompt-cache-bytes, what the host tier holds (default {int(HOST_SHARE * 100)}%%)",
+    )
+    group.add_argument(
+        "--disk-dir",
+        default=None,
+        help="directory of the persistent tier (a subdirectory per model, named by its weights)",
+    )
+    group.add_argument(
+        "--disk-bytes", type=_size, default=None, help="byte budget of the disk tier (default: unbounded)"
+    )
+    group.add_argument(
+        "--shared-url",
+        default=None,
+        help="a Redis that servers of the same model share prefixes through: redis://HOST:PORT/DB, "
+        "rediss://, a password in the URL, or any node of a Redis Cluster",
+    )
+    group.add_argument(
+        "--shared-block-tokens",
+        type=int,
+        default=256,
+        help="tokens per shared block (every server sharing a Redis must use the same)",
+    )
+    group.add_argument(
+        "--shared-secret-file",
+        default=None,
+        help="a file holding a secret (its bytes, less a trailing newline) that authenticates the "
+        "shared tier: values carry a keyed MAC and keys derive from it, so only servers with the "
+        "same secret share blocks (values are not encrypted)",
+    )
+    group.add_argument(
+        "--persist-seconds",
+        type=float,
+        default=2.0,
+        help="with --disk-dir: what was stored this many seconds ago is on disk, so a server killed "
+        "at any moment (kill -9 included) restarts warm with it (default 2)",
+    )
+    group.add_argument(
+        "--recycle-bytes",
+        type=_size,
+        default=None,
+        help="at most this much of freed live caches kept (within B) for the next restores to write "
+        "into: a restore then skips MLX's zero fill (default: what B leaves; 0 turns it off)",
+    )
+    group.add_argument(
+        "--no-next-turn",
+        action="store_true",
+        help="do not compute a conversation's next turn in the background after each chat reply "
+        "(the reply as the client sends it back, re-rendered by the chat template)",
+    )
+    group.add_argument(
+        "--api-keys",
+        default=None,
+        metavar="FILE",
+        help="a file of `KEY TENANT [admin]` lines: every /v1/* and /kvtrie/* request then needs "
+        "`Authorization: Bearer KEY` or `x-api-key: KEY` (401 without), and each tenant's cache is "
+        "its own namespace on every tier (memory, disk, the shared tier); /health stays open; "
+        "only admin keys see every tenant in /kvtrie/stats and read /metrics",
+    )
+    group.add_argument(
+        "--tenant-bytes",
+        default=None,
+        metavar="SHARE|FILE",
+        help="each tenant's fair share of memory: a size (512M), a percentage of --prompt-cache-bytes "
+        "(25%%), or a file of `TENANT SHARE` lines (`*` for the others); when memory is full, a "
+        "tenant past its share loses its own payloads first (shares are not reservations)",
+    )
+    group.add_argument(
+        "--mlx-cache-bytes",
+        type=_size,
+        default=None,
+        help=f"at most this much of freed buffers MLX keeps for reuse (within B; default "
+        f"{int(MLX_CACHE_SHARE * 100)}%% of B)",
+    )
+    group.add_argument(
+        "--max-request-bytes",
+        type=_size,
+        default=guard.MAX_REQUEST_BYTES,
+        help="a request body larger than this is refused with a 413, unread (default 32M)",
+    )
+    group.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=None,
+        help="a prompt that renders to more tokens than this is refused with a 400 before it is "
+        "computed (default: the model's context length, max_position_embeddings in its "
+        f"config.json, else {guard.DEFAULT_PROMPT_TOKENS})",
+    )
+    group.add_argument(
+        "--request-timeout",
+        type=float,
+        default=guard.REQUEST_TIMEOUT,
+        help="seconds a client may stay silent while sending its request before the connection "
+        f"is closed (default {guard.REQUEST_TIMEOUT:g})",
+    )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -732,10 +860,16 @@ class _Parser(argparse.ArgumentParser):
 
     def add_argument(self, *names, **kwargs):
         if "--prompt-cache-size" in names:
-            kwargs.update(default=None, help="with kvtrie: the most stored sequences (trie leaves); unset, only bytes bound the cache")
+            kwargs.update(
+                default=None,
+                help="with kvtrie: the most stored sequences (trie leaves); unset, only bytes bound the cache",
+            )
         elif "--prompt-cache-bytes" in names:
-            kwargs.update(type=_size, help="bytes of the device + host tiers together, e.g. 800000000, 512M, 4G "
-                                           "(default: a quarter of the machine's memory)")
+            kwargs.update(
+                type=_size,
+                help="bytes of the device + host tiers together, e.g. 800000000, 512M, 4G "
+                "(default: a quarter of the machine's memory)",
+            )
         return super().add_argument(*names, **kwargs)
 
     def parse_args(self, args=None, namespace=None):
@@ -784,8 +918,10 @@ def tenant_shares(value: Optional[str], total: int) -> Any:
                 return int(total * pct / 100)
             return _size(text)
         except (ValueError, argparse.ArgumentTypeError):
-            raise SystemExit(f"kvtrie serve: --tenant-bytes: {where}: not a share: {text!r} "
-                             "(a size such as 512M, or a percentage of --prompt-cache-bytes such as 25%)") from None
+            raise SystemExit(
+                f"kvtrie serve: --tenant-bytes: {where}: not a share: {text!r} "
+                "(a size such as 512M, or a percentage of --prompt-cache-bytes such as 25%)"
+            ) from None
 
     if not os.path.isfile(value):
         return share(value, "the value")
@@ -833,7 +969,9 @@ def read_secret(path: Optional[str], shared_url: Optional[str] = None) -> Option
     return secret
 
 
-def run(host: str, port: int, model_provider: Any, server_class: Optional[type] = None, handler_class: Optional[type] = None) -> None:
+def run(
+    host: str, port: int, model_provider: Any, server_class: Optional[type] = None, handler_class: Optional[type] = None
+) -> None:
     """mlx_lm.server.run with kvtrie's prompt cache, batch generator, single path and handler;
     stops cleanly on SIGTERM / Ctrl-C, flushing the cache."""
     import mlx.core as mx
@@ -859,14 +997,23 @@ def run(host: str, port: int, model_provider: Any, server_class: Optional[type] 
     generator = with_jobs(with_next_turn(generator_class, cache, enabled=options.next_turn))(model_provider, cache)
     serve_single.install(server, generator, cache)
     handler = make_handler(handler_class or server.APIHandler, cache, limits)
-    logger.info("kvtrie serve: request bodies at most %d B, prompts at most %d tokens, clients silent at most %g s "
-                "while sending", limits.max_request_bytes, limits.max_prompt_tokens, options.request_timeout)
     logger.info(
-        "kvtrie serve: prompt cache %d B (device %d, host %d; MLX's buffer cache at most %d of it), "
-        "huge pages %s%s",
-        options.cache_bytes, options.device_bytes, options.host_bytes, options.mlx_cache_limit,
+        "kvtrie serve: request bodies at most %d B, prompts at most %d tokens, clients silent at most %g s "
+        "while sending",
+        limits.max_request_bytes,
+        limits.max_prompt_tokens,
+        options.request_timeout,
+    )
+    logger.info(
+        "kvtrie serve: prompt cache %d B (device %d, host %d; MLX's buffer cache at most %d of it), huge pages %s%s",
+        options.cache_bytes,
+        options.device_bytes,
+        options.host_bytes,
+        options.mlx_cache_limit,
         "on" if huge_pages() else "off",
-        f", disk tier {options.disk_dir}" + (f" ({options.disk_bytes} B)" if options.disk_bytes else "") if options.disk_dir else "",
+        f", disk tier {options.disk_dir}" + (f" ({options.disk_bytes} B)" if options.disk_bytes else "")
+        if options.disk_dir
+        else "",
     )
 
     def stop(signum, frame):
@@ -874,7 +1021,9 @@ def run(host: str, port: int, model_provider: Any, server_class: Optional[type] 
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
-        server._run_http_server(host, port, generator, handler_class=handler, **({"server_class": server_class} if server_class else {}))
+        server._run_http_server(
+            host, port, generator, handler_class=handler, **({"server_class": server_class} if server_class else {})
+        )
     except KeyboardInterrupt:
         generator.stop_and_join()
     finally:

@@ -16,7 +16,8 @@ import copy
 import json
 import logging
 import time
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 from . import anthropic as api
 from . import guard
@@ -40,8 +41,15 @@ class ChatRenderer:
     def __call__(self, messages: list, tools: Optional[list], add_generation_prompt: bool = True) -> list:
         tok = self.tokenizer
         if tok.has_chat_template:
-            return list(tok.apply_chat_template(copy.deepcopy(messages), add_generation_prompt=add_generation_prompt,
-                                                tools=tools, tokenize=True, **self.template_args))
+            return list(
+                tok.apply_chat_template(
+                    copy.deepcopy(messages),
+                    add_generation_prompt=add_generation_prompt,
+                    tools=tools,
+                    tokenize=True,
+                    **self.template_args,
+                )
+            )
         from mlx_lm.server import convert_chat
 
         return list(tok.encode(convert_chat(messages)))
@@ -51,8 +59,11 @@ def chat_renderer(generator: Any, timeout: float = LOAD_WAIT_SECONDS) -> ChatRen
     """The renderer of the server's model, once it has loaded (404 when the server has no model)."""
     provider = generator.model_provider
     if provider.cli_args.model is None:
-        raise api.RequestError("this server has no model to serve: start kvtrie serve with --model PATH",
-                               status=404, kind="not_found_error")
+        raise api.RequestError(
+            "this server has no model to serve: start kvtrie serve with --model PATH",
+            status=404,
+            kind="not_found_error",
+        )
     deadline = time.monotonic() + timeout
     while provider.tokenizer is None:
         if not generator.generation_available():
@@ -79,8 +90,9 @@ def serve(handler: Any, cache: Any, *, count_only: bool) -> None:
         except Exception as exc:  # the template refuses the conversation (roles, order, content)
             raise api.RequestError(f"the model's chat template cannot render these messages: {exc}") from None
         if limits is not None and not count_only and len(prompt) > limits.max_prompt_tokens:
-            raise api.RequestError(f"prompt is too long: {len(prompt)} tokens > {limits.max_prompt_tokens} maximum "
-                                   "(--max-prompt-tokens)")
+            raise api.RequestError(
+                f"prompt is too long: {len(prompt)} tokens > {limits.max_prompt_tokens} maximum (--max-prompt-tokens)"
+            )
         breakpoints = () if count_only else api.breakpoint_positions(request, prompt, render)
     except api.RequestError as exc:
         return send_error(handler, exc.status, exc.kind, str(exc))
@@ -89,8 +101,12 @@ def serve(handler: Any, cache: Any, *, count_only: bool) -> None:
         return send_error(handler, 500, "api_error", f"the server could not prepare the request: {exc}")
     if count_only:
         return send_json(handler, 200, api.count_tokens_body(len(prompt)))
-    cache.note_breakpoints(prompt, [p for p, _ in breakpoints], [t for _, t in breakpoints],
-                           getattr(handler, "kvtrie_namespace", "default"))
+    cache.note_breakpoints(
+        prompt,
+        [p for p, _ in breakpoints],
+        [t for _, t in breakpoints],
+        getattr(handler, "kvtrie_namespace", "default"),
+    )
     _generate(handler, request, prompt, breakpoints)
 
 
@@ -115,8 +131,9 @@ def check_limits(request: api.MessagesRequest, limits: guard.Limits) -> None:
     """What the model bounds: `max_tokens` within its context, `top_k` below its vocabulary (past
     it mlx-lm's sampler raises on the generation thread, which dies)."""
     if request.max_tokens is not None and request.max_tokens > limits.max_output_tokens:
-        raise api.RequestError(f"max_tokens: {request.max_tokens} > {limits.max_output_tokens}, the most this "
-                               "model can generate")
+        raise api.RequestError(
+            f"max_tokens: {request.max_tokens} > {limits.max_output_tokens}, the most this model can generate"
+        )
     vocab = limits.model_info().vocab_size
     if request.top_k is not None and vocab is not None and request.top_k >= vocab:
         raise api.RequestError(f"top_k: expected an integer below the vocabulary size ({vocab}), got {request.top_k}")
@@ -154,12 +171,21 @@ def _generation_arguments(request: api.MessagesRequest, generator: Any, tokenize
     return server.GenerationArguments(
         model=server.ModelDescription(model="default_model", draft="default_model", adapter=None),
         sampling=server.SamplingArguments(
-            temperature=pick(request.temperature, cli.temp), top_p=pick(request.top_p, cli.top_p),
-            top_k=pick(request.top_k, cli.top_k), min_p=cli.min_p, xtc_probability=0.0, xtc_threshold=0.1,
+            temperature=pick(request.temperature, cli.temp),
+            top_p=pick(request.top_p, cli.top_p),
+            top_k=pick(request.top_k, cli.top_k),
+            min_p=cli.min_p,
+            xtc_probability=0.0,
+            xtc_threshold=0.1,
         ),
         logits=server.LogitsProcessorArguments(
-            logit_bias=logit_bias, repetition_penalty=0.0, repetition_context_size=20, presence_penalty=0.0,
-            presence_context_size=20, frequency_penalty=0.0, frequency_context_size=20,
+            logit_bias=logit_bias,
+            repetition_penalty=0.0,
+            repetition_context_size=20,
+            presence_penalty=0.0,
+            presence_context_size=20,
+            frequency_penalty=0.0,
+            frequency_context_size=20,
         ),
         stop_words=list(request.stop_sequences),
         max_tokens=request.max_tokens,
@@ -201,11 +227,17 @@ def _generate(handler: Any, request: api.MessagesRequest, prompt: Sequence[int],
         logger.exception("messages: generation could not start")
         return send_error(handler, 500, "api_error", f"generation could not start: {exc}")
     if list(ctx.prompt) != list(prompt):
-        logger.warning("messages: the generation thread rendered %d prompt tokens, this request %d "
-                       "(was another model loaded?); usage follows the generation's", len(ctx.prompt), len(prompt))
+        logger.warning(
+            "messages: the generation thread rendered %d prompt tokens, this request %d "
+            "(was another model loaded?); usage follows the generation's",
+            len(ctx.prompt),
+            len(prompt),
+        )
     assembler = api.MessageAssembler(
-        ctx.text_sm, ctx.initial_state,
-        tool_parser=ctx.tool_parser if ctx.has_tool_calling else None, tools=view.tools,
+        ctx.text_sm,
+        ctx.initial_state,
+        tool_parser=ctx.tool_parser if ctx.has_tool_calling else None,
+        tools=view.tools,
         eos_ids=tokenizer.eos_token_ids,
         stop_words={w: tuple(tokenizer.encode(w, add_special_tokens=False)) for w in request.stop_sequences},
     )
@@ -238,13 +270,19 @@ def _generate(handler: Any, request: api.MessagesRequest, prompt: Sequence[int],
                 events.insert(0, api.message_start(message_id, request.model, final))
             write(events + [api.message_delta(assembler.stop_reason, assembler.stop_sequence, final), api.MESSAGE_STOP])
         else:
-            body = api.message_body(message_id, request.model, assembler.content, assembler.stop_reason,
-                                    assembler.stop_sequence, final)
+            body = api.message_body(
+                message_id, request.model, assembler.content, assembler.stop_reason, assembler.stop_sequence, final
+            )
             send_json(handler, 200, body)
         logger.info(
             "messages %s: %d prompt tokens (%d read from the cache, %d written, %d input), %d output, %s%s",
-            message_id, final.prompt_tokens, final.cache_read_input_tokens, final.cache_creation_input_tokens,
-            final.input_tokens, final.output_tokens, assembler.stop_reason,
+            message_id,
+            final.prompt_tokens,
+            final.cache_read_input_tokens,
+            final.cache_creation_input_tokens,
+            final.input_tokens,
+            final.output_tokens,
+            assembler.stop_reason,
             f", user {request.user_id}" if request.user_id else "",
         )
     except (BrokenPipeError, ConnectionResetError):

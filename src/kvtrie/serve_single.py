@@ -57,8 +57,9 @@ def dequantized(caches: Sequence[Any]) -> list:
             from mlx_lm.models.cache import KVCache
 
             n, kv = int(c.offset), KVCache()
-            kv.keys, kv.values = (mx.dequantize(*parts, group_size=c.group_size, bits=c.bits)[..., :n, :]
-                                  for parts in (c.keys, c.values))
+            kv.keys, kv.values = (
+                mx.dequantize(*parts, group_size=c.group_size, bits=c.bits)[..., :n, :] for parts in (c.keys, c.values)
+            )
             kv.offset = n
             out[i] = kv
     return out
@@ -140,8 +141,9 @@ class SinglePath:
         cuts = prefill_cuts(len(full), done, points)
         return (full, done, cuts) if cuts else None
 
-    def _prefill(self, model: Any, kwargs: dict, full: Sequence[int], done: int, cut: int,
-                 progress: Callable[[int], None]) -> int:
+    def _prefill(
+        self, model: Any, kwargs: dict, full: Sequence[int], done: int, cut: int, progress: Callable[[int], None]
+    ) -> int:
         """Run the model (and a draft model) over `full[done:cut]` in `prefill_step_size` chunks."""
         from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START, maybe_quantize_kv_cache
 
@@ -149,15 +151,20 @@ class SinglePath:
         draft = kwargs.get("draft_model")
         n_main = len(model.layers) if draft is not None else len(caches)
         step = max(int(kwargs.get("prefill_step_size") or 2048), 1)
-        quantize = dict(kv_bits=kwargs.get("kv_bits"), kv_group_size=kwargs.get("kv_group_size", 64),
-                        quantized_kv_start=kwargs.get("quantized_kv_start", DEFAULT_QUANTIZED_KV_START))
+        quantize = dict(
+            kv_bits=kwargs.get("kv_bits"),
+            kv_group_size=kwargs.get("kv_group_size", 64),
+            quantized_kv_start=kwargs.get("quantized_kv_start", DEFAULT_QUANTIZED_KV_START),
+        )
         with mx.stream(kwargs.get("stream") or mx.default_stream(mx.default_device())):
             for lo in range(done, cut, step):
                 x = mx.array(list(full[lo : min(lo + step, cut)]), dtype=mx.int32)[None]
                 model(x, cache=caches[:n_main])
                 if draft is not None:
                     draft(x, cache=caches[n_main:])
-                maybe_quantize_kv_cache(caches, **quantize)  # as generate_step does (in place: `caches` is the request's)
+                maybe_quantize_kv_cache(
+                    caches, **quantize
+                )  # as generate_step does (in place: `caches` is the request's)
                 mx.eval([c.state for c in caches])
                 progress(min(lo + step, cut))
         return cut

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 from .guard import linger, send_error
 from .tenants import DEFAULT_TENANT, Tenant, Tenants, check_salt, namespace_for
@@ -36,7 +37,7 @@ class Tagged(list):
     kvtrie_namespace: str = DEFAULT_TENANT
 
     @classmethod
-    def of(cls, caches: Any, namespace: str) -> "Tagged":
+    def of(cls, caches: Any, namespace: str) -> Tagged:
         out = cls(caches)
         out.kvtrie_namespace = namespace
         return out
@@ -76,9 +77,14 @@ class Gate:
             if caller is None:
                 self.refused += 1
                 unread = (handler.headers.get("Content-Length") or "0").strip() not in ("", "0")
-                send_error(handler, 401, "a valid API key is required: send `Authorization: Bearer KEY` or "
-                                         "`x-api-key: KEY`", code="invalid_api_key",
-                           headers={"WWW-Authenticate": 'Bearer realm="kvtrie"'}, close=unread)
+                send_error(
+                    handler,
+                    401,
+                    "a valid API key is required: send `Authorization: Bearer KEY` or `x-api-key: KEY`",
+                    code="invalid_api_key",
+                    headers={"WWW-Authenticate": 'Bearer realm="kvtrie"'},
+                    close=unread,
+                )
                 if unread:  # (its body is never read: the connection closes once the client has the answer)
                     linger(handler)
                 return None

@@ -15,11 +15,11 @@ from .policy import BRANCH
 class SessionOwner(Protocol):
     """What a session needs from the cache that made it (PrefixCache implements it)."""
 
-    def _capture(self, session: "Session", offset: Optional[int], logits: Optional[mx.array]) -> int: ...
+    def _capture(self, session: Session, offset: Optional[int], logits: Optional[mx.array]) -> int: ...
 
-    def _commit(self, session: "Session", tokens: Sequence[int], caches: Any) -> int: ...
+    def _commit(self, session: Session, tokens: Sequence[int], caches: Any) -> int: ...
 
-    def _close(self, session: "Session") -> None: ...
+    def _close(self, session: Session) -> None: ...
 
 
 class Session:
@@ -113,7 +113,7 @@ class Session:
         if not self._closed:
             self._owner._close(self)
 
-    def __enter__(self) -> "Session":
+    def __enter__(self) -> Session:
         if self._closed:
             raise SessionError("this session is closed: begin a new one")
         return self

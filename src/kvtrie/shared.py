@@ -42,8 +42,8 @@ import threading
 import time
 import zlib
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
 import attrs
@@ -108,8 +108,9 @@ def connect(url: str, timeout: float) -> Any:
     from redis.retry import Retry
 
     # large reads: blocks are megabytes (the default 64 KiB reads cost a system call each)
-    options = dict(socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0),
-                   socket_read_size=1 << 20)
+    options = dict(
+        socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0), socket_read_size=1 << 20
+    )
     parts = urlsplit(url)
     probe = redis.Redis.from_url(parts._replace(path="").geturl(), **options)
     try:
@@ -243,7 +244,9 @@ class SharedTier:
     def _failed(self, exc: BaseException) -> None:
         self.errors += 1
         self._down_until = time.monotonic() + self._backoff
-        logger.warning("shared tier %s: %s (%s); local tiers only for %.1f s", self.url, type(exc).__name__, exc, self._backoff)
+        logger.warning(
+            "shared tier %s: %s (%s); local tiers only for %.1f s", self.url, type(exc).__name__, exc, self._backoff
+        )
         self._backoff = min(self._backoff * 2, 5.0)
 
     def _ok(self) -> None:
@@ -251,7 +254,9 @@ class SharedTier:
 
     # --- reading -------------------------------------------------------------------------------
 
-    def fetch(self, namespace: str, tokens: np.ndarray, have: int, floor: int, limit: int, hybrid: bool) -> Optional[SharedHit]:
+    def fetch(
+        self, namespace: str, tokens: np.ndarray, have: int, floor: int, limit: int, hybrid: bool
+    ) -> Optional[SharedHit]:
         """What the shared tier adds beyond the local state: a restore that reaches past `floor`
         (what the local tiers restore) and at most `limit` positions, given that the local trie
         holds per-token payloads for `[0, have)`. None on a miss or any failure."""
@@ -338,7 +343,9 @@ class SharedTier:
             logger.warning("shared tier %s: %s: a miss from there", self.url, exc)
             return None
 
-    def _assemble(self, first: int, have: int, target: int, need: list[int], values: list, with_state: bool) -> Optional[SharedHit]:
+    def _assemble(
+        self, first: int, have: int, target: int, need: list[int], values: list, with_state: bool
+    ) -> Optional[SharedHit]:
         """Check and decode the values; one run per block over the values' own bytes (the
         restore makes the only copy), the partial first block and the tail copied compact."""
         b = self.block
@@ -347,8 +354,11 @@ class SharedTier:
         if good < len(values):
             self.errors += 1
             self.rejected += 1
-            logger.warning("shared tier %s: a value fails its %s: a miss from there", self.url,
-                           "MAC" if self._mac_key is not None else "checksum")
+            logger.warning(
+                "shared tier %s: a value fails its %s: a miss from there",
+                self.url,
+                "MAC" if self._mac_key is not None else "checksum",
+            )
             if with_state or good == 0 or (good * b + first * b) <= have:
                 return None
             need, values, target = need[:good], values[:good], (first + good) * b
@@ -369,14 +379,16 @@ class SharedTier:
             if target > lo:
                 tail = tuple(None if kind == STATE else p for p, kind in zip(layers, self.kinds))
                 runs.append((lo, target, _cut(tail, self.kinds, lo - tail_start)))
-        for lo, hi, layers in runs:
+        for _lo, _hi, layers in runs:
             for i, (p, kind) in enumerate(zip(layers, self.kinds)):
                 if kind != STATE and p is None:
                     raise SharedError(f"layer {i} has positions nobody published")
         self.restores += 1
         return SharedHit(target, tuple(runs), states)
 
-    def _decode(self, value: bytes, kind: str, start: int, length: int, checked: bool = False) -> tuple[tuple, Any, dict]:
+    def _decode(
+        self, value: bytes, kind: str, start: int, length: int, checked: bool = False
+    ) -> tuple[tuple, Any, dict]:
         if not (_framed(value, self._magic, self._header) if checked else self._check(value)):
             self.rejected += 1
             raise SharedError(f"a {kind} value is not a kvtrie value or fails its checksum or MAC")
@@ -385,7 +397,13 @@ class SharedTier:
             layers, logits, record = decode(body)
         except Exception as exc:
             raise SharedError(f"a {kind} value does not decode ({exc})") from exc
-        expect = {"fingerprint": self.fingerprint, "layout": self.layout, "kind": kind, "start": start, "length": length}
+        expect = {
+            "fingerprint": self.fingerprint,
+            "layout": self.layout,
+            "kind": kind,
+            "start": start,
+            "length": length,
+        }
         for name, want in expect.items():
             if record.get(name) != want:
                 raise SharedError(f"a {kind} value's {name} is {record.get(name)!r}, not {want!r}")
@@ -466,11 +484,21 @@ class SharedTier:
                 nodes = pieces[i]  # per node: [(array, lo, hi) per payload array]
                 arrays = []
                 for j in range(len(nodes[0])):
-                    cut = [_np(a)[(slice(None),) * TOKEN_AXIS + (slice(lo, hi),)] for a, lo, hi in (e[j] for e in nodes)]
-                    arrays.append(HostArray(np.ascontiguousarray(np.concatenate(cut, axis=TOKEN_AXIS)), nodes[0][j][0].dtype))
+                    cut = [
+                        _np(a)[(slice(None),) * TOKEN_AXIS + (slice(lo, hi),)] for a, lo, hi in (e[j] for e in nodes)
+                    ]
+                    arrays.append(
+                        HostArray(np.ascontiguousarray(np.concatenate(cut, axis=TOKEN_AXIS)), nodes[0][j][0].dtype)
+                    )
                 layers.append(KVPayload(tuple(arrays)))
-        record = {"fingerprint": self.fingerprint, "layout": self.layout, "signature": self.signature,
-                  "kind": kind, "start": start, "length": length}
+        record = {
+            "fingerprint": self.fingerprint,
+            "layout": self.layout,
+            "signature": self.signature,
+            "kind": kind,
+            "start": start,
+            "length": length,
+        }
         body = encode(layers, None, record)
         if self._mac_key is not None:
             return MAGIC_MAC + mac(self._mac_key, body) + body
@@ -486,7 +514,9 @@ class SharedTier:
             return _crc_ok(value)
         if not _framed(value, MAGIC_MAC, self._header):
             return False
-        return hmac.compare_digest(mac(self._mac_key, memoryview(value)[self._header :]), bytes(value[4 : self._header]))
+        return hmac.compare_digest(
+            mac(self._mac_key, memoryview(value)[self._header :]), bytes(value[4 : self._header])
+        )
 
     def _publish_loop(self) -> None:
         while True:
@@ -538,8 +568,14 @@ class SharedTier:
                     pass
 
     def stats(self) -> dict[str, int]:
-        return {"shared_restores": self.restores, "shared_tokens": self.tokens, "shared_published": self.published,
-                "shared_dropped": self.dropped, "shared_errors": self.errors, "shared_rejected": self.rejected}
+        return {
+            "shared_restores": self.restores,
+            "shared_tokens": self.tokens,
+            "shared_published": self.published,
+            "shared_dropped": self.dropped,
+            "shared_errors": self.errors,
+            "shared_rejected": self.rejected,
+        }
 
 
 _CHECKERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvtrie-shared-check")
@@ -572,7 +608,8 @@ def _cut(layers: tuple[Any, ...], kinds: Sequence[str], skip: int) -> tuple[Any,
     would keep the whole value alive)."""
     index = (slice(None),) * TOKEN_AXIS + (slice(skip, None),)
     return tuple(
-        p if kind == STATE or p is None
+        p
+        if kind == STATE or p is None
         else KVPayload(tuple(HostArray(np.array(a.data[index]), a.dtype) for a in p.arrays))
         for p, kind in zip(layers, kinds)
     )

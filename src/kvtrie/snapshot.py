@@ -20,7 +20,20 @@ import mlx.core as mx
 import numpy as np
 
 from .arrays import (
-    COPIERS, NUMPY_DTYPES, PARALLEL_BYTES, TwoHands, copy_rows, AnyArray, HostArray, HostPool, concat_axis, from_numpy, numpy_view, on_cpu, slice_axis, to_device,
+    COPIERS,
+    NUMPY_DTYPES,
+    PARALLEL_BYTES,
+    AnyArray,
+    HostArray,
+    HostPool,
+    TwoHands,
+    concat_axis,
+    copy_rows,
+    from_numpy,
+    numpy_view,
+    on_cpu,
+    slice_axis,
+    to_device,
 )
 from .recycle import Recycler
 
@@ -54,7 +67,7 @@ class KVPayload:
         """The array that starts the second half (the values of a plain attention layer)."""
         return self.arrays[len(self.arrays) // 2]
 
-    def map(self, fn) -> "KVPayload":
+    def map(self, fn) -> KVPayload:
         """The same payload with `fn` applied to every array (e.g. a tier move)."""
         return KVPayload(tuple(fn(a) for a in self.arrays))
 
@@ -159,10 +172,17 @@ def stitch(
     total = sum(p.payload.arrays[i].nbytes for _, i, pieces, _, _ in jobs for p in pieces if p.payload is not None)
     parallel = total >= PARALLEL_BYTES
     if cpu:
-        copies = _write_fresh(jobs, results, recycler, total + sum(a.nbytes for a in whole) >= PARALLEL_BYTES, whole, slack)
+        copies = _write_fresh(
+            jobs, results, recycler, total + sum(a.nbytes for a in whole) >= PARALLEL_BYTES, whole, slack
+        )
         return results, copies  # type: ignore[return-value]
     futures = [
-        (t, i, a.dtype, COPIERS.submit(_assemble, pieces, i, a, cap, pool) if parallel else _assemble(pieces, i, a, cap, pool))
+        (
+            t,
+            i,
+            a.dtype,
+            COPIERS.submit(_assemble, pieces, i, a, cap, pool) if parallel else _assemble(pieces, i, a, cap, pool),
+        )
         for t, i, pieces, a, cap in jobs
     ]
     copies = [to_device(a) for a in whole]
@@ -260,7 +280,7 @@ def _write_fresh(
     """
     fresh, writers = [], []
     caps = _capacities(jobs, recycler, slack)
-    for (t, i, pieces, a, _), cap in zip(jobs, caps):
+    for (_t, i, pieces, a, _), cap in zip(jobs, caps):
         shape = list(a.shape)
         shape[TOKEN_AXIS] = cap
         f = recycler.take(shape, a.dtype)

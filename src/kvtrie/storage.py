@@ -67,9 +67,13 @@ class TieredStorage:
         self.kv_bytes = 0
         self.snapshot_bytes = 0
         self.snapshots = 0  # nodes where a hybrid model can restore
-        self.kept: dict[int, int] = {}  # node id -> user pins ending there (`hold`): its snapshot stays, it never blocks
+        self.kept: dict[
+            int, int
+        ] = {}  # node id -> user pins ending there (`hold`): its snapshot stays, it never blocks
         self._tenants: dict[int, str] = {}  # a trie's root id -> the tenant of its namespace
-        self.held: dict[int, int] = {}  # node id -> user pins whose path passes through it (`hold`), ending there or below
+        self.held: dict[
+            int, int
+        ] = {}  # node id -> user pins whose path passes through it (`hold`), ending there or below
 
     # --- structure ---------------------------------------------------------------------------
 
@@ -120,11 +124,13 @@ class TieredStorage:
         node = trie.match(arr[:offset]).last
         return self.split(trie, node, offset) if node.end > offset else node
 
-    def attach(self, node: Node, snapshot: Sequence[RecurrentPayload], logits: Optional[AnyArray], reasons: int) -> bool:
+    def attach(
+        self, node: Node, snapshot: Sequence[RecurrentPayload], logits: Optional[AnyArray], reasons: int
+    ) -> bool:
         """Give `node` the snapshot taken at its end (and its logits) unless it has one; True if stored."""
         data = node.payload
         data.reasons |= reasons
-        if data.tier == DISK or data.has_state and (logits is None or data.logits is not None):
+        if data.tier == DISK or (data.has_state and (logits is None or data.logits is not None)):
             self.rekey_below(node)
             return False
         self.account(data, -1)
@@ -178,9 +184,22 @@ class TieredStorage:
             per_token = (data.disk.nbytes - data.disk.snapshot_nbytes) // n
             ref = data.disk
             return (
-                NodeData(None, self.kinds, DISK, DiskRef(per_token * k, 0, not self.hybrid, False), base=data.base,
-                         interval=data.interval, expect=data.expect, segments=top, tenant=data.tenant),
-                attrs.evolve(data, disk=DiskRef(ref.nbytes - per_token * k, ref.snapshot_nbytes, ref.has_state, ref.has_snapshot), segments=bottom),
+                NodeData(
+                    None,
+                    self.kinds,
+                    DISK,
+                    DiskRef(per_token * k, 0, not self.hybrid, False),
+                    base=data.base,
+                    interval=data.interval,
+                    expect=data.expect,
+                    segments=top,
+                    tenant=data.tenant,
+                ),
+                attrs.evolve(
+                    data,
+                    disk=DiskRef(ref.nbytes - per_token * k, ref.snapshot_nbytes, ref.has_state, ref.has_snapshot),
+                    segments=bottom,
+                ),
             )
         upper: list[LayerPayload] = []
         lower: list[LayerPayload] = []
@@ -194,8 +213,16 @@ class TieredStorage:
         evaluate(upper + lower)
         release([p for p, kind in zip(data.layers, self.kinds) if kind != STATE], self.pool)
         return (
-            NodeData(tuple(upper), self.kinds, data.tier, base=data.base, interval=data.interval, expect=data.expect,
-                     segments=top, tenant=data.tenant),
+            NodeData(
+                tuple(upper),
+                self.kinds,
+                data.tier,
+                base=data.base,
+                interval=data.interval,
+                expect=data.expect,
+                segments=top,
+                tenant=data.tenant,
+            ),
             attrs.evolve(data, layers=tuple(lower), segments=bottom),
         )
 
@@ -237,8 +264,13 @@ class TieredStorage:
             if node.parent is not None:
                 if node.pins:
                     kept = node.id in self.kept
-                    droppable = not kept and node.payload.tier != DISK and (
-                        self.policy.speculative(node) or (self.hybrid and node.id in self.held and node.payload.has_snapshot)
+                    droppable = (
+                        not kept
+                        and node.payload.tier != DISK
+                        and (
+                            self.policy.speculative(node)
+                            or (self.hybrid and node.id in self.held and node.payload.has_snapshot)
+                        )
                     )
                     blocks = self.policy.admits and node.is_leaf and not kept
                     self.pager.index(node, droppable, movable=False, blocks=blocks)

@@ -44,7 +44,7 @@ class Tenants:
     by_digest: Mapping[bytes, Tenant] = attrs.field(repr=False)
 
     @classmethod
-    def load(cls, path: str) -> "Tenants":
+    def load(cls, path: str) -> Tenants:
         """Read a keys file: one `KEY TENANT [admin]` per line; blank lines and `#` comments are skipped."""
         try:
             with open(path, encoding="utf-8") as f:
@@ -54,7 +54,7 @@ class Tenants:
         return cls.parse(text, source=path)
 
     @classmethod
-    def parse(cls, text: str, source: str = "<keys>") -> "Tenants":
+    def parse(cls, text: str, source: str = "<keys>") -> Tenants:
         """Keys from the text of a keys file (see `load`)."""
         by_digest: dict[bytes, Tenant] = {}
         for number, line in enumerate(text.splitlines(), 1):
@@ -66,11 +66,15 @@ class Tenants:
                 raise KeysFileError(f"{where}: expected `KEY TENANT` or `KEY TENANT admin`, got {len(fields)} fields")
             key, name = fields[0], fields[1]
             if len(key) < MIN_KEY_CHARS:
-                raise KeysFileError(f"{where}: a key must have at least {MIN_KEY_CHARS} characters "
-                                    f"(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
+                raise KeysFileError(
+                    f"{where}: a key must have at least {MIN_KEY_CHARS} characters "
+                    f"(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
+                )
             if not TENANT_NAME.fullmatch(name) or name == DEFAULT_TENANT:
-                raise KeysFileError(f"{where}: a tenant name is 1-64 of A-Z a-z 0-9 _ . @ - (starting with a letter or "
-                                    f"digit) and not {DEFAULT_TENANT!r}, got {name!r}")
+                raise KeysFileError(
+                    f"{where}: a tenant name is 1-64 of A-Z a-z 0-9 _ . @ - (starting with a letter or "
+                    f"digit) and not {DEFAULT_TENANT!r}, got {name!r}"
+                )
             digest = _digest(key)
             if digest in by_digest:
                 raise KeysFileError(f"{where}: this key is already given to tenant {by_digest[digest].name!r}")

@@ -23,6 +23,7 @@ def common_prefix(a: Any, b: Any) -> int:
     diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
     return int(diff[0]) if len(diff) else n
 
+
 TOKEN_DTYPE = np.int32
 
 SplitFn = Callable[[Any, int], tuple[Any, Any]]
@@ -32,9 +33,9 @@ MergeFn = Callable[[Any, Any], Any]
 class Node:
     """One edge of the trie: `tokens` spanning positions `[start, end)`, plus a payload."""
 
-    __slots__ = ("id", "tokens", "start", "parent", "children", "payload", "pins", "last_used")
+    __slots__ = ("children", "id", "last_used", "parent", "payload", "pins", "start", "tokens")
 
-    def __init__(self, node_id: int, tokens: np.ndarray, start: int, parent: Optional["Node"], payload: Any):
+    def __init__(self, node_id: int, tokens: np.ndarray, start: int, parent: Optional[Node], payload: Any):
         self.id = node_id
         self.tokens = tokens
         self.start = start
@@ -56,7 +57,7 @@ class Node:
     def is_leaf(self) -> bool:
         return not self.children
 
-    def path(self) -> list["Node"]:
+    def path(self) -> list[Node]:
         """Nodes from the root's first child down to this node (empty for the root)."""
         out = []
         node: Optional[Node] = self
@@ -242,7 +243,9 @@ class Trie:
     def merge(self, node: Node) -> Node:
         """Fold `node` into its only child; the child survives and now starts at `node.start`."""
         if node.is_root or len(node.children) != 1:
-            raise ValueError(f"only a non-root node with exactly one child can merge, {node!r} has {len(node.children)}")
+            raise ValueError(
+                f"only a non-root node with exactly one child can merge, {node!r} has {len(node.children)}"
+            )
         if node.pins:
             raise ValueError(f"{node!r} is pinned by an open session and cannot merge")
         (child,) = node.children.values()

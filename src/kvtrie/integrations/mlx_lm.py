@@ -85,7 +85,9 @@ def generate_step(
             done = point
         generated: list[int] = []
         try:
-            for token, logprobs in mlx_generate_step(mx.array(arr[done:], dtype=mx.int32), model, prompt_cache=caches, **kwargs):
+            for token, logprobs in mlx_generate_step(
+                mx.array(arr[done:], dtype=mx.int32), model, prompt_cache=caches, **kwargs
+            ):
                 generated.append(int(token))
                 yield token, logprobs
         finally:
@@ -211,7 +213,9 @@ class TriePromptCache:
                 return None, tokens
             return session.caches, tokens[session.cached :]
 
-    def insert_cache(self, model: Any, tokens: Sequence[int], prompt_cache: list, *, cache_type: str = "assistant") -> None:
+    def insert_cache(
+        self, model: Any, tokens: Sequence[int], prompt_cache: list, *, cache_type: str = "assistant"
+    ) -> None:
         """Store the state `prompt_cache` holds for `tokens` (cut to the positions the cache holds)."""
         pc = self._trie(model, like=prompt_cache)
         held = cache_offset(prompt_cache)
@@ -229,7 +233,11 @@ class TriePromptCache:
     def stats_by_type(self) -> dict[str, dict[str, int]]:
         """mlx-lm's shape; a trie does not keep entries by type, so all count as "assistant"."""
         empty = {"n_sequences": 0, "n_bytes": 0}
-        return {"assistant": {"n_sequences": len(self), "n_bytes": self.nbytes}, "user": dict(empty), "system": dict(empty)}
+        return {
+            "assistant": {"n_sequences": len(self), "n_bytes": self.nbytes},
+            "user": dict(empty),
+            "system": dict(empty),
+        }
 
 
 def _empty_like(cache: Any) -> Any:
@@ -252,7 +260,14 @@ def _empty_like(cache: Any) -> Any:
     raise TypeError(f"kvtrie cannot make an empty {type(cache).__module__}.{name}: not a cache type it knows")
 
 
-def save_prompt_cache_file(prefix_cache: PrefixCache, tokens: Sequence[int], path: str, *, namespace: Optional[str] = None, metadata: Optional[dict[str, str]] = None) -> None:
+def save_prompt_cache_file(
+    prefix_cache: PrefixCache,
+    tokens: Sequence[int],
+    path: str,
+    *,
+    namespace: Optional[str] = None,
+    metadata: Optional[dict[str, str]] = None,
+) -> None:
     """Write the stored state of `tokens` as an mlx-lm prompt-cache file (`load_prompt_cache` reads it).
 
     The tokens go into the file's metadata (`kvtrie_tokens`), so it can enter a trie again.
@@ -269,7 +284,9 @@ def save_prompt_cache_file(prefix_cache: PrefixCache, tokens: Sequence[int], pat
         cache_mod.save_prompt_cache(path, session.caches, meta)
 
 
-def load_prompt_cache_file(prefix_cache: PrefixCache, path: str, tokens: Optional[Sequence[int]] = None, *, namespace: Optional[str] = None) -> list[int]:
+def load_prompt_cache_file(
+    prefix_cache: PrefixCache, path: str, tokens: Optional[Sequence[int]] = None, *, namespace: Optional[str] = None
+) -> list[int]:
     """Store an mlx-lm prompt-cache file in the trie; returns its tokens.
 
     Files written by `save_prompt_cache_file` carry their tokens; for others pass `tokens`.

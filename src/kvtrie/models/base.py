@@ -17,9 +17,7 @@ def causal_mask(n: int, offset: int = 0, window_size: Optional[int] = None) -> m
     return mask
 
 
-def attention_mask(
-    n: int, offset: int = 0, window_size: Optional[int] = None, return_array: bool = False
-) -> Any:
+def attention_mask(n: int, offset: int = 0, window_size: Optional[int] = None, return_array: bool = False) -> Any:
     """mlx-lm's mask convention: None for one token, "causal" for a plain prefill, else an array."""
     if n == 1:
         return None

@@ -37,7 +37,7 @@ class KVCache:
             return out[0].astype(keys.dtype), out[1].astype(values.dtype)
         return self._store(keys, values)
 
-    def __deepcopy__(self, memo: dict) -> "KVCache":
+    def __deepcopy__(self, memo: dict) -> KVCache:
         """A copy with its own buffers (mlx-lm's prompt caches deep-copy what they hand out)."""
         new = type(self)(self.dtype)
         new.keys = None if self.keys is None else mx.array(self.keys)

@@ -183,7 +183,9 @@ class Generation:
         )
 
 
-def stream_generate(model: Any, prefix_cache: Optional[PrefixCache], prompt_tokens: Sequence[int], **kwargs: Any) -> Generation:
+def stream_generate(
+    model: Any, prefix_cache: Optional[PrefixCache], prompt_tokens: Sequence[int], **kwargs: Any
+) -> Generation:
     """Like `generate`, but returns an iterable of tokens; its `.result` is set once it is exhausted."""
     return Generation(model, prefix_cache, prompt_tokens, **kwargs)
 

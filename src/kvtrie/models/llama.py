@@ -70,13 +70,11 @@ class ModelArgs:
         rope_scale(self.rope_scaling)
 
     @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> "ModelArgs":
+    def from_dict(cls, config: dict[str, Any]) -> ModelArgs:
         """Build from a `config.json` dict; unknown keys and null values are ignored."""
         names = {f.name for f in attrs.fields(cls)}
         kwargs = {k: v for k, v in config.items() if k in names and v is not None}
-        missing = [
-            f.name for f in attrs.fields(cls) if f.default is attrs.NOTHING and f.name not in kwargs
-        ]
+        missing = [f.name for f in attrs.fields(cls) if f.default is attrs.NOTHING and f.name not in kwargs]
         if missing:
             raise ValueError(f"{MODEL_TYPE} config is missing required keys {missing}")
         return cls(**kwargs)
@@ -100,9 +98,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=bias)
-        self.rope = nn.RoPE(
-            self.head_dim, traditional=False, base=args.rope_theta, scale=rope_scale(args.rope_scaling)
-        )
+        self.rope = nn.RoPE(self.head_dim, traditional=False, base=args.rope_theta, scale=rope_scale(args.rope_scaling))
 
     def __call__(self, x: mx.array, mask: Any = None, cache: Optional[KVCache] = None) -> mx.array:
         B, L, _ = x.shape
@@ -176,8 +172,7 @@ def check_call(inputs: mx.array, cache: Optional[list], n_layers: int) -> None:
         raise TypeError(f"inputs must be integer token ids, got dtype {inputs.dtype}")
     if cache is not None and len(cache) != n_layers:
         raise ValueError(
-            f"cache has {len(cache)} entries but the model has {n_layers} layers; "
-            "build it with model.make_cache()"
+            f"cache has {len(cache)} entries but the model has {n_layers} layers; build it with model.make_cache()"
         )
 
 

@@ -198,6 +198,4 @@ def save_model(model: nn.Module, path: PathLike, tokenizer: Any = None) -> None:
             if (source / name).is_file() and source.resolve() != path.resolve():
                 shutil.copyfile(source / name, path / name)
     elif tokenizer is not None and not isinstance(tokenizer, ByteTokenizer):
-        raise TypeError(
-            f"cannot save a {type(tokenizer).__name__}; pass an HFTokenizer, a ByteTokenizer or None"
-        )
+        raise TypeError(f"cannot save a {type(tokenizer).__name__}; pass an HFTokenizer, a ByteTokenizer or None")

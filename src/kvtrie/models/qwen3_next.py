@@ -76,19 +76,16 @@ class ModelArgs:
             )
         if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
             raise ValueError(
-                f"num_experts_per_tok ({self.num_experts_per_tok}) must be in 1..num_experts "
-                f"({self.num_experts})"
+                f"num_experts_per_tok ({self.num_experts_per_tok}) must be in 1..num_experts ({self.num_experts})"
             )
         rope_scale(self.rope_scaling)
 
     @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> "ModelArgs":
+    def from_dict(cls, config: dict[str, Any]) -> ModelArgs:
         """Build from a `config.json` dict; unknown keys and null values are ignored."""
         names = {f.name for f in attrs.fields(cls)}
         kwargs = {k: v for k, v in config.items() if k in names and v is not None}
-        missing = [
-            f.name for f in attrs.fields(cls) if f.default is attrs.NOTHING and f.name not in kwargs
-        ]
+        missing = [f.name for f in attrs.fields(cls) if f.default is attrs.NOTHING and f.name not in kwargs]
         if missing:
             raise ValueError(f"{MODEL_TYPE} config is missing required keys {missing}")
         return cls(**kwargs)
@@ -104,9 +101,7 @@ class ModelArgs:
     def is_moe(self, layer: int) -> bool:
         """Whether layer `layer` uses the sparse MoE block (else the dense MLP)."""
         return (
-            self.num_experts > 0
-            and layer not in self.mlp_only_layers
-            and (layer + 1) % self.decoder_sparse_step == 0
+            self.num_experts > 0 and layer not in self.mlp_only_layers and (layer + 1) % self.decoder_sparse_step == 0
         )
 
 
@@ -325,9 +320,7 @@ class GatedDeltaNet(nn.Module):
         self.key_dim, self.value_dim = self.nk * self.dk, self.nv * self.dv
         self.conv_dim = 2 * self.key_dim + self.value_dim
         self.kernel = args.linear_conv_kernel_dim
-        self.in_proj_qkvz = nn.Linear(
-            args.hidden_size, 2 * self.key_dim + 2 * self.value_dim, bias=False
-        )
+        self.in_proj_qkvz = nn.Linear(args.hidden_size, 2 * self.key_dim + 2 * self.value_dim, bias=False)
         self.in_proj_ba = nn.Linear(args.hidden_size, 2 * self.nv, bias=False)
         self.conv1d = CausalConv1d(self.conv_dim, self.kernel)
         self.dt_bias = mx.ones((self.nv,))
@@ -494,7 +487,7 @@ class Qwen3NextModel(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
         self.norm = ZeroCenteredRMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.fa_idx = next((i for i, l in enumerate(self.layers) if not l.is_linear), None)
+        self.fa_idx = next((i for i, layer in enumerate(self.layers) if not layer.is_linear), None)
 
     def __call__(self, inputs: mx.array, cache: Optional[list] = None) -> mx.array:
         h = self.embed_tokens(inputs)
@@ -532,15 +525,11 @@ class Model(nn.Module):
 
     def make_cache(self) -> list[Union[RecurrentCache, KVCache]]:
         """Per layer: `RecurrentCache(2)` ([conv tail, delta state]) or `KVCache()`."""
-        return [RecurrentCache(2) if l.is_linear else KVCache() for l in self.layers]
+        return [RecurrentCache(2) if layer.is_linear else KVCache() for layer in self.layers]
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Drop checkpoint tensors the model does not own (MTP head, rotary tables, tied lm_head)."""
-        weights = {
-            k: v
-            for k, v in weights.items()
-            if not k.startswith("mtp.") and "rotary_emb.inv_freq" not in k
-        }
+        weights = {k: v for k, v in weights.items() if not k.startswith("mtp.") and "rotary_emb.inv_freq" not in k}
         if self.args.tie_word_embeddings:
             weights.pop("lm_head.weight", None)
         return weights

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import math
 import secrets
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, Optional, Union
 
 import attrs
 import mlx.core as mx
@@ -40,9 +41,7 @@ def _finite(instance: Any, attribute: attrs.Attribute, value: float) -> None:
 
 def _temperature(instance: Any, attribute: attrs.Attribute, value: float) -> None:
     if not (math.isfinite(value) and value >= 0):
-        raise ValueError(
-            f"Sampler.temperature must be >= 0 (0 = greedy), got {value!r}"
-        )
+        raise ValueError(f"Sampler.temperature must be >= 0 (0 = greedy), got {value!r}")
 
 
 def _top_p(instance: Any, attribute: attrs.Attribute, value: float) -> None:
@@ -57,9 +56,7 @@ def _min_p(instance: Any, attribute: attrs.Attribute, value: float) -> None:
 
 def _repetition_penalty(instance: Any, attribute: attrs.Attribute, value: float) -> None:
     if not (math.isfinite(value) and value > 0):
-        raise ValueError(
-            f"Sampler.repetition_penalty must be a finite number > 0 (1.0 = off), got {value!r}"
-        )
+        raise ValueError(f"Sampler.repetition_penalty must be a finite number > 0 (1.0 = off), got {value!r}")
 
 
 def _non_negative_int(instance: Any, attribute: attrs.Attribute, value: int) -> None:
@@ -90,9 +87,7 @@ class Sampler:
     top_k: int = attrs.field(default=0, validator=_non_negative_int)
     top_p: float = attrs.field(default=1.0, converter=float, validator=_top_p)
     min_p: float = attrs.field(default=0.0, converter=float, validator=_min_p)
-    repetition_penalty: float = attrs.field(
-        default=1.0, converter=float, validator=_repetition_penalty
-    )
+    repetition_penalty: float = attrs.field(default=1.0, converter=float, validator=_repetition_penalty)
     presence_penalty: float = attrs.field(default=0.0, converter=float, validator=_finite)
     frequency_penalty: float = attrs.field(default=0.0, converter=float, validator=_finite)
     penalty_window: int = attrs.field(default=64, validator=_non_negative_int)
@@ -115,9 +110,7 @@ class Sampler:
     @property
     def _penalised(self) -> bool:
         return self.penalty_window > 0 and (
-            self.repetition_penalty != 1.0
-            or self.presence_penalty != 0.0
-            or self.frequency_penalty != 0.0
+            self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
         )
 
     def __call__(self, logits: mx.array, history: History = ()) -> int:
@@ -183,8 +176,7 @@ def _window(history: History, n: int, vocab: int) -> np.ndarray:
     ids = ids[-n:].astype(np.int64) if n else ids[:0].astype(np.int64)
     if ids.size and (ids.min() < 0 or ids.max() >= vocab):
         raise ValueError(
-            f"history holds token ids outside the vocabulary [0, {vocab}): "
-            f"min {ids.min()}, max {ids.max()}"
+            f"history holds token ids outside the vocabulary [0, {vocab}): min {ids.min()}, max {ids.max()}"
         )
     return ids
 

@@ -17,8 +17,9 @@ import codecs
 import json
 import os
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 
@@ -47,9 +48,7 @@ def _as_ids(ids: Iterable[int], vocab_size: int) -> list[int]:
         raise TypeError(f"token ids must be integers, got {arr.dtype} values")
     arr = arr.reshape(-1)
     if arr.min() < 0 or arr.max() >= vocab_size:
-        raise ValueError(
-            f"token ids must lie in [0, {vocab_size}); got min {arr.min()}, max {arr.max()}"
-        )
+        raise ValueError(f"token ids must lie in [0, {vocab_size}); got min {arr.min()}, max {arr.max()}")
     return arr.tolist()
 
 
@@ -106,9 +105,7 @@ class ByteTokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`: bytes decoded with `errors="replace"`, specials as their strings."""
-        return b"".join(self._bytes[i] for i in _as_ids(ids, self.vocab_size)).decode(
-            "utf-8", errors="replace"
-        )
+        return b"".join(self._bytes[i] for i in _as_ids(ids, self.vocab_size)).decode("utf-8", errors="replace")
 
     def id_to_token_bytes(self, token_id: int) -> bytes:
         """The bytes one id stands for (a special token's UTF-8 string); used for streaming."""
@@ -155,9 +152,7 @@ class HFTokenizer:
         try:
             from tokenizers import Tokenizer
         except ImportError as e:  # pragma: no cover - depends on the environment
-            raise ImportError(
-                "HFTokenizer needs the `tokenizers` package: pip install 'kvtrie[tokenizers]'"
-            ) from e
+            raise ImportError("HFTokenizer needs the `tokenizers` package: pip install 'kvtrie[tokenizers]'") from e
         path = Path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
@@ -336,16 +331,11 @@ class ChatTemplate:
         try:
             role, content = message["role"], message["content"]
         except (KeyError, TypeError):
-            raise TypeError(
-                f"a message must be a mapping with 'role' and 'content', got {message!r}"
-            ) from None
+            raise TypeError(f"a message must be a mapping with 'role' and 'content', got {message!r}") from None
         if not isinstance(content, str):
             raise TypeError(f"message content must be a str, got {type(content).__name__}")
         return (
-            self.header(role)
-            + self.tokenizer.encode(content, allow_special=False)
-            + [self.im_end_id]
-            + self.separator
+            self.header(role) + self.tokenizer.encode(content, allow_special=False) + [self.im_end_id] + self.separator
         )
 
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
@@ -372,7 +362,7 @@ class Conversation:
         if system is not None:
             self._add("system", system)
 
-    def fork(self) -> "Conversation":
+    def fork(self) -> Conversation:
         """An independent copy, to continue this history along another branch (agents, edits)."""
         other = Conversation(self.template)
         other._tokens = list(self._tokens)
