@@ -37,7 +37,8 @@ pytest-style reports quoting real functions, edit snippets), 200-2,000 tokens ea
 150-700), until the main context passes --target-tokens (20k; --quick: ~4.5k); a user follow-up
 halfway. Sub-agents (up to 3; --quick: 2) fork mid-task: one starts from the parent's messages at
 one of its last three tool results, adds its own task, and runs 2-5 (--quick: 1-2) tool steps of
-its own; parent and sub-agents interleave at random (seed 0: 33 requests, --quick: 11). One
+its own; parent and sub-agents interleave at random (seed 0: 33 requests, --quick: 11; --quick
+also leaves out mlx-lm's reasoning runs, which no target reads). One
 request at a time, greedy, `max_tokens` 16, streaming. The same plan on both
 endpoints: `/v1/chat/completions` (usage `prompt_tokens_details.cached_tokens`) and
 `/v1/messages` (usage `cache_read_input_tokens`; `cache_control` on the system prompt and on the
@@ -980,7 +981,8 @@ def run(args: argparse.Namespace) -> dict:
                                "agents": {n: {"fork": a.fork, "requests": len(a.actions) + 1,
                                               "estimated_prompt_tokens": a.est[-1]} for n, a in plan.agents.items()}},
                      "models": {}, "reasoning": {}}
-    reasoning_cells = [(kind, server) for kind in REASONING for server in ("kvtrie", "mlx-lm")] if args.reasoning else []
+    servers = ("kvtrie",) if args.quick else ("kvtrie", "mlx-lm")  # the target compares kvtrie with itself
+    reasoning_cells = [(kind, server) for kind in REASONING for server in servers] if args.reasoning else []
     total = len(plan) * (len(args.models) * len(CELLS) + len(reasoning_cells) * ("qwen3_next" in args.models))
     bar = tqdm(total=total, desc="agent", file=sys.stderr, leave=False)
     with tempfile.TemporaryDirectory(prefix="kvtrie-agent-bench-") as tmp:
@@ -1139,7 +1141,7 @@ def chart(results: dict, out: Path) -> Path | None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="contexts to ~4.5k tokens, 2 sub-agents of 2-3 steps (a few minutes)")
+    p.add_argument("--quick", action="store_true", help="contexts to ~4.5k tokens, 2 sub-agents of 2-3 steps, no mlx-lm reasoning runs (a few minutes)")
     p.add_argument("--target-tokens", type=int, default=None, help="the main agent's context to reach (default 20000; 4500 with --quick)")
     p.add_argument("--max-tokens", type=int, default=16, help="tokens generated per request")
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))

@@ -18,6 +18,12 @@ Reported: prefill / oracle (exact prefix reuse, infinite memory), memory held at
 (device + host) / the needed minimum (every stored token's KV + one snapshot per stored
 sequence end and branch point), its peak over the trace, snapshots made / held / used.
 Figures are counts and bytes: they do not depend on the machine's speed.
+`--quick` (QUICK below): every kind of target on the chat trace only: Qwen3-Next without hints
+unbounded and at both budgets, with hints unbounded, Gemma-3 with hints; only the strategies the
+targets compare (mlx-lm's cache where the budgets are taken from it, kvtrie, and for Gemma-3 the
+drop-in); on narrow models (NARROW: hidden 256, MLP 512) that keep each preset's caches byte for
+byte (the same KV heads and widths, the same recurrent states). Counts and bytes come out as in the
+full run (checked: the same figures) at a fraction of the compute; only the wall times differ.
 Writes benchmarks/results/hybrid.json and hybrid.png.
 """
 
@@ -43,6 +49,9 @@ from common import RESULTS, machine, save, verdict
 from workloads import Request, Sizes, build, oracle_prefill
 
 STEP = 512  # prefill chunk
+# --quick: the workloads each shape runs (and whether under budgets too), and the narrower model
+QUICK = {"qwen3-next-80b": {"chat, no hints": True, "chat, hints": False}, "gemma-3-1b": {"chat, hints": False}}
+NARROW = {"hidden_size": 256, "intermediate_size": 512}  # no cache's shape depends on these
 
 
 def forward(model, tokens: list[int], caches: list) -> mx.array:
@@ -133,6 +142,24 @@ class ServerStrategy:
         return {}
 
 
+def narrow_preset(shape: str) -> tuple:
+    """`build_preset(shape)` with NARROW widths: the preset's caches (shapes, dtypes) on a cheaper model."""
+    import importlib
+
+    from kvtrie.models.cache import KVCache
+    from kvtrie.models.load import init_random_weights, model_from_config
+    from kvtrie.models.presets import preset_config
+
+    config = {**preset_config(shape), **NARROW}
+    if PRESETS[shape].source == "mlx-lm":
+        module = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
+        model = module.Model(module.ModelArgs.from_dict(config))
+        init_random_weights(model, 0)
+        return model, model.make_cache
+    model = init_random_weights(model_from_config(config), 0)
+    return model, lambda: [KVCache(mx.bfloat16) if isinstance(c, KVCache) else c for c in model.make_cache()]
+
+
 def measure(model, make_cache) -> tuple[int, int]:
     """(per-token KV bytes over the per-token layers, bytes of one recurrent snapshot)."""
     caches = make_cache()
@@ -171,12 +198,22 @@ def replay(strategy, trace: list[Request]) -> dict:
             "snapshots": strategy.snapshots(), "wall_s": time.perf_counter() - t}
 
 
-def strategies(shape: str, model, make_cache, hints: bool, budget: Optional[int], every: bool = True) -> list:
+def strategies(shape: str, model, make_cache, hints: bool, budget: Optional[int], every: bool = True,
+               quick: Optional[bool] = None) -> list:
+    """The contenders; `quick` (not None: True where budgets follow) keeps only what the targets compare."""
     from mlx_lm.models.cache import LRUPromptCache
 
     from kvtrie.integrations.mlx_lm import TriePromptCache
 
     big = 1 << 62
+    if quick is not None:
+        out = []
+        if quick or budget is not None:  # its unbounded bytes size the budgets
+            out.append(ServerStrategy("mlx-lm LRUPromptCache", model, make_cache, LRUPromptCache(max_size=1 << 20, max_bytes=budget or big)))
+        if PRESETS[shape].config["model_type"] != "qwen3_next":
+            out.append(ServerStrategy("kvtrie drop-in (TriePromptCache)", model, make_cache,
+                                      TriePromptCache(1 << 20, budget or big, make_cache=lambda key: make_cache())))
+        return out + [KVTrieStrategy("kvtrie", model, make_cache, hints, budget)]
     out = [ServerStrategy("mlx-lm LRUPromptCache", model, make_cache, LRUPromptCache(max_size=1 << 20, max_bytes=budget or big))]
     if every:
         out.append(ServerStrategy("kvtrie drop-in (TriePromptCache)", model, make_cache,
@@ -189,7 +226,7 @@ def strategies(shape: str, model, make_cache, hints: bool, budget: Optional[int]
 
 def run(args: argparse.Namespace) -> dict:
     sizes = Sizes(users=4, turns=3, system_tokens=600, reply_tokens=24, groups=3, prompts_per_group=4,
-                  prefix_tokens=600, tree_context=800, tree_depth=2 if args.quick else 3, tree_branching=2)
+                  prefix_tokens=600, tree_context=800, tree_depth=3, tree_branching=2)
     tiny, tokenizer = load_model("tiny-llama")
     traces = {
         "chat, no hints": ("multi-turn chat", False),
@@ -198,15 +235,15 @@ def run(args: argparse.Namespace) -> dict:
         "agent tree": ("agent tree", True),
         "shared-prefix groups": ("shared-prefix groups", True),
     }
-    built = {w: build(w, tiny, tokenizer, sizes, seed=args.seed) for w in {w for w, _ in traces.values()}}
-    results: dict = {"machine": machine(), "sizes": attrs.asdict(sizes), "shapes": {}}
     shapes = {"qwen3-next-80b": list(traces), "gemma-3-1b": ["chat, hints", "regenerate / edit", "agent tree", "shared-prefix groups"]}
     if args.quick:
-        shapes = {"qwen3-next-80b": ["chat, no hints", "chat, hints"], "gemma-3-1b": ["chat, hints"]}
+        shapes = {shape: list(names) for shape, names in QUICK.items()}
+    built = {w: build(w, tiny, tokenizer, sizes, seed=args.seed) for w in {traces[n][0] for names in shapes.values() for n in names}}
+    results: dict = {"machine": machine(), "quick": args.quick, "sizes": attrs.asdict(sizes), "shapes": {}}
     jobs = sum(len(w) for w in shapes.values())
     bar = tqdm(total=jobs, desc="hybrid", file=sys.stderr, leave=False)
     for shape, names in shapes.items():
-        model, make_cache = build_preset(shape)
+        model, make_cache = narrow_preset(shape) if args.quick else build_preset(shape)
         per_token, snapshot = measure(model, make_cache)
         res = results["shapes"][shape] = {"kv_bytes_per_token": per_token, "snapshot_bytes": snapshot,
                                           "snapshot_in_tokens": snapshot / per_token if snapshot else 0,
@@ -224,8 +261,9 @@ def run(args: argparse.Namespace) -> dict:
                 # under a budget every strategy runs for the chat without hints; elsewhere (unless
                 # --full) the two the target compares: mlx-lm's cache and kvtrie
                 every = budget is None or args.full or name == "chat, no hints"
-                cells[label] = {s.name: replay(s, trace) for s in strategies(shape, model, make_cache, hints, budget, every)}
-                if label == "unbounded" and hybrid and not args.quick:
+                quick = QUICK[shape][name] if args.quick else None
+                cells[label] = {s.name: replay(s, trace) for s in strategies(shape, model, make_cache, hints, budget, every, quick)}
+                if label == "unbounded" and hybrid and (quick or not args.quick):
                     held = cells[label]["mlx-lm LRUPromptCache"]["held"]
                     budgets += [("50% of mlx-lm's", held // 2), ("25% of mlx-lm's", held // 4)]
             for cell in cells.values():
@@ -285,6 +323,9 @@ def print_tables(results: dict) -> None:
                     snaps = f"{sn['made']}/{sn['held']}/{sn['used']}" if sn else "-"
                     print(f"  {label:<16} {sname:<34} {c['prefill']:>7} {c['prefill_vs_oracle']:>7.3f} {c['held'] / 2**20:>8.1f} "
                           f"{c['held_vs_minimum']:>5.2f} {c['peak_vs_minimum']:>9.2f} {snaps:>24} {c['wall_s']:>6.1f}")
+    if results.get("quick"):
+        print(f"\n--quick: the chat traces only, the strategies the targets compare, on models of NARROW widths "
+              f"{NARROW} with each preset's caches (the same bytes per token and per snapshot, the same counts)")
     print("\ntargets:")
     for t in results["targets"]:
         print(f"  {t['verdict']:<11} {t['target']}: {t['measured']:.3f} (goal {t['goal']})")
@@ -302,14 +343,14 @@ def chart(results: dict) -> None:
     if shape not in results["shapes"]:
         return
     workloads = results["shapes"][shape]["workloads"]
-    names = list(next(iter(workloads.values()))["cells"]["unbounded"])
-    labels = [lab for lab in next(iter(workloads.values()))["cells"]]
+    names = list(dict.fromkeys(s for w in workloads.values() for s in w["cells"]["unbounded"]))
+    labels = list(dict.fromkeys(lab for w in workloads.values() for lab in w["cells"]))
     fig, axes = plt.subplots(1, 2, figsize=(14, 4.8))
     width = 0.8 / len(names)
     x = np.arange(len(workloads))
     for i, sname in enumerate(names):
-        pre = [w["cells"]["unbounded"][sname]["prefill_vs_oracle"] for w in workloads.values()]
-        mem = [w["cells"]["unbounded"][sname]["held_vs_minimum"] for w in workloads.values()]
+        pre = [w["cells"]["unbounded"].get(sname, {}).get("prefill_vs_oracle", 0) for w in workloads.values()]
+        mem = [w["cells"]["unbounded"].get(sname, {}).get("held_vs_minimum", 0) for w in workloads.values()]
         axes[0].bar(x + i * width, pre, width, label=sname)
         axes[1].bar(x + i * width, mem, width, label=sname)
     for ax, title in ((axes[0], "prefill / oracle (unbounded)"), (axes[1], "memory held / needed minimum (unbounded)")):
@@ -319,13 +360,14 @@ def chart(results: dict) -> None:
         ax.set_title(f"Qwen3-Next-80B shapes: {title}")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     fig.savefig(RESULTS / "hybrid.png", dpi=110)
     if len(labels) > 1:
         fig, ax = plt.subplots(figsize=(10, 4))
         width = 0.8 / (len(labels) - 1)
         for i, lab in enumerate(labels[1:]):
-            ratios = [w["cells"][lab]["kvtrie"]["prefill"] / w["cells"][lab]["mlx-lm LRUPromptCache"]["prefill"] for w in workloads.values()]
+            ratios = [w["cells"][lab]["kvtrie"]["prefill"] / w["cells"][lab]["mlx-lm LRUPromptCache"]["prefill"]
+                      if lab in w["cells"] else 0 for w in workloads.values()]
             ax.bar(x + i * width, ratios, width, label=lab)
         ax.axhline(0.5, color="red", lw=0.8, ls="--")
         ax.set_xticks(x + 0.4 - width / 2, list(workloads), fontsize=8)
@@ -337,7 +379,7 @@ def chart(results: dict) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="chat only, unbounded (a smoke run)")
+    p.add_argument("--quick", action="store_true", help="every target on a shorter chat trace (see QUICK)")
     p.add_argument("--full", action="store_true", help="every strategy at every budget (about 50 minutes here)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)

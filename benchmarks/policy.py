@@ -30,7 +30,7 @@ from kvtrie import PrefixCache
 from kvtrie.models.cache import KVCache
 
 from belady import belady, lru_trie
-from common import RESULTS, machine, save, verdict
+from common import RESULTS, machine, save, target, verdict
 from traces import TRACES, Request, build, oracle_cached, prompt_tokens, round_robin_doc_tokens, unique_tokens
 
 OVERSUBSCRIBED_DOCS = 3.5  # round-robin's over-subscribed budget, in documents' worth of KV
@@ -149,6 +149,19 @@ def judge(row: dict[str, Any]) -> tuple[bool, list[str]]:
     if kv + EPS < factor * best:
         misses.append(f"kvtrie < {factor:g} x Belady")
     return not misses, misses
+
+
+def row_targets(name: str, row: dict[str, Any]) -> list[dict]:
+    """The row's targets (as `judge` has them), each with its measured ratio."""
+    kv, mlx_lm, best = row["kvtrie"], row["mlx-lm"], row["Belady"]
+    out = []
+    if mlx_lm is not None:
+        out.append(target(f"{name}, {row['label']}: kvtrie hit rate / mlx-lm's ({kv:.3f} vs {mlx_lm:.3f})",
+                          row["kvtrie/mlx-lm"], f">= {TARGET_MLX_LM:g}", kv + EPS >= TARGET_MLX_LM * mlx_lm))
+    factor = TARGET_BELADY_OVER if row["kind"] == "oversubscribed" else TARGET_BELADY
+    out.append(target(f"{name}, {row['label']}: kvtrie hit rate / Belady's ({kv:.3f} vs {best:.3f})",
+                      row["kvtrie/Belady"], f">= {factor:g}", kv + EPS >= factor * best))
+    return out
 
 
 def run_trace(name: str, requests: list[Request], fractions: Sequence[float], scale: float, layout: Layout,
@@ -291,8 +304,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "machine": info, "scale": scale, "seed": args.seed, "bytes_per_token": bpt,
         "layout": {"layers": layout.layers, "kv_heads": layout.kv_heads, "head_dim": layout.head_dim,
                    "dtype": str(layout.dtype)},
-        "targets": {"kvtrie/mlx-lm": TARGET_MLX_LM, "kvtrie/Belady": TARGET_BELADY,
-                    "kvtrie/Belady (round-robin over-subscribed)": TARGET_BELADY_OVER},
+        "goals": {"kvtrie/mlx-lm": TARGET_MLX_LM, "kvtrie/Belady": TARGET_BELADY,
+                  "kvtrie/Belady (round-robin over-subscribed)": TARGET_BELADY_OVER},
         "notes": [ACCOUNTING] + ([missing] if missing else []), "traces": {},
     }
     for name in args.traces:
@@ -304,6 +317,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     met = sum(r["verdict"] == "meets" for r in rows)
     results["seconds"] = time.perf_counter() - t0
     results["summary"] = {"rows": len(rows), "meets": met}
+    results["targets"] = [t for name, res in results["traces"].items() for row in res["rows"] for t in row_targets(name, row)]
+    print(f"\ntargets{f' (--quick: traces at scale {scale:g})' if args.quick else ''}:")
+    for t in results["targets"]:
+        m = "-" if t["measured"] is None else f"{t['measured']:.3f}"
+        print(f"  {t['verdict']:<11} {t['target']}: {m} (goal {t['goal']})")
     print(f"\n{met}/{len(rows)} trace/budget rows meet every target "
           f"(kvtrie >= mlx-lm; >= {TARGET_BELADY:g} x Belady at fractional budgets, "
           f">= {TARGET_BELADY_OVER:g} x Belady round-robin over-subscribed); {results['seconds']:.1f} s")

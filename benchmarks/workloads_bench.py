@@ -1,10 +1,14 @@
 """Multi-conversation workloads against the alternatives: prefill, hit rate, TTFT, memory, restore cost.
 
-    python benchmarks/workloads_bench.py [--models tiny-llama,tiny-qwen3-next] [--users 6 --turns 4 ...]
+    python benchmarks/workloads_bench.py [--quick] [--models tiny-llama,tiny-qwen3-next] [--users 6 --turns 4 ...]
 
 For each model and workload a trace is built once (the model's own greedy replies), then
 every strategy replays it. Figures come from one run, side by side; the BLAS MLX ran on
-is recorded. Writes benchmarks/results/workloads.json and workloads.png.
+is recorded. Targets, per model and workload: kvtrie's prefill / the oracle's (<= 1.0, the
+hybrid <= 1.05), bytes held / the unique-token minimum (tiny-llama, <= 1.02), lookup + restore /
+a plain numpy copy of the restored KV (<= 1.2), continuations restored without copying (all).
+`--quick`: every model, workload and strategy on shorter traces (QUICK_SIZES).
+Writes benchmarks/results/workloads.json and workloads.png.
 """
 
 from __future__ import annotations
@@ -23,6 +27,11 @@ from kvtrie.models import load_model
 from common import RESULTS, machine, save, verdict
 from strategies import KVTrie, MlxLmLRU, NoCache, SingleEntry, mlx_lm_available
 from workloads import WORKLOADS, Sizes, build, oracle_prefill, unique_tokens
+
+
+# --quick: the same four workloads, fewer users, turns, questions and tree levels
+QUICK_SIZES = {"users": 3, "turns": 3, "system_tokens": 200, "reply_tokens": 12, "groups": 2, "prompts_per_group": 3,
+               "prefix_tokens": 300, "tree_context": 400, "tree_depth": 2}
 
 
 def kv_bytes_per_token(model) -> int:
@@ -98,7 +107,7 @@ def run(args: argparse.Namespace) -> dict:
     sizes = Sizes(**{f.name: getattr(args, f.name) for f in attrs.fields(Sizes)})
     missing = mlx_lm_available()
     copy_bufs = (np.random.default_rng(0).integers(0, 255, 64 << 20, dtype=np.uint8), np.empty(64 << 20, np.uint8))
-    results: dict = {"machine": machine(), "sizes": attrs.asdict(sizes), "notes": [], "models": {}}
+    results: dict = {"machine": machine(), "quick": args.quick, "sizes": attrs.asdict(sizes), "notes": [], "models": {}}
     if missing:
         results["notes"].append(missing)
     jobs = [(m, w) for m in args.models.split(",") for w in WORKLOADS]
@@ -174,7 +183,7 @@ def print_tables(results: dict) -> None:
                     f"{c['ttft_p50_ms']:>8.1f} {c['ttft_p95_ms']:>7.1f} {c['wall_s']:>6.2f} {c['peak_mlx_mb']:>7.1f} "
                     f"{c['bytes_per_cached_token']:>7.0f} {xmin:>5} {c['restore_us_per_request']:>10.0f}"
                 )
-    print("\ntargets:")
+    print(f"\ntargets{' (--quick: shorter traces)' if results.get('quick') else ''}:")
     for t in results["targets"]:
         print(f"  {t['verdict']:<11} {t['target']}: {t['measured']:.3f} (goal {t['goal']})")
 
@@ -211,11 +220,15 @@ def chart(results: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help=f"shorter traces: {QUICK_SIZES} (a minute or two)")
     p.add_argument("--models", default="tiny-llama,tiny-qwen3-next")
     p.add_argument("--seed", type=int, default=0)
     for f in attrs.fields(Sizes):
-        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=int, default=f.default)
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=int, default=None, help=f"default {f.default}")
     args = p.parse_args(argv)
+    for f in attrs.fields(Sizes):
+        if getattr(args, f.name) is None:
+            setattr(args, f.name, QUICK_SIZES.get(f.name, f.default) if args.quick else f.default)
     results = run(args)
     chart(results)
     print_tables(results)
