@@ -1,16 +1,29 @@
-"""The same HTTP chat workload on mlx_lm.server (its LRUPromptCache) and on `kvtrie serve`.
+"""The same HTTP chat workload on mlx_lm.server (its LRUPromptCache), on `kvtrie serve` and on vllm-mlx.
 
-    python benchmarks/server.py [--quick] [--users 12 --turns 4 ...]
+    python benchmarks/server.py [--quick] [--users 12 --turns 4 ...] [--vllm-mlx PATH]
 
 Tiny float32 llama and qwen3_next model directories (Hugging Face layout, BPE tokenizer,
 ChatML template; `tests/serving.py`) are written to a temporary directory. Workload (seeded):
 N users x T turns sharing a system prompt of a few hundred tokens, sent round-robin (turn 1
 of every user, then turn 2, ...), each reply appended as the assistant message, greedy,
 `max_tokens` 16, one request at a time (so hit rates compare); then a concurrent phase (every
-user's next turn at once, streaming: time to the first `data:` line). Both servers get the
-same flags: `--prompt-cache-bytes B --prompt-cache-size 1000000` at each budget B (only bytes
+user's next turn at once, streaming: time to the first chunk that carries output). Both
+servers get the same flags: `--prompt-cache-bytes B --prompt-cache-size 1000000` at each budget B (only bytes
 bind), nothing at "defaults" (mlx-lm: 10 entries, no byte bound; kvtrie: a quarter of the
 machine's memory).
+
+vllm-mlx (a third server, from its own venv: `--vllm-mlx PATH` or $VLLM_MLX_PYTHON, PATH its
+venv, that venv's python or its `vllm-mlx` script; skipped with a note without either) runs
+`vllm-mlx serve DIR --continuous-batching --enable-prefix-cache` (its memory-aware prefix
+cache lives in the continuous-batching scheduler), `--cache-memory-mb` = the budget rounded to
+whole MiB (its flag takes an int), nothing at defaults (20% of available RAM), with a fresh
+HOME per run (it saves its prefix cache under ~/.cache/vllm-mlx at shutdown and loads it at
+start). Its usage has no cached_tokens and its replies no logprobs: its cached tokens come
+from its log (`[schedule] ... prompt_tokens=P tokens_to_prefill=Q`: P - Q); where its reply
+equals mlx-lm's up to what it does to the text (str.strip(), special tokens left out) the
+client appends mlx-lm's text, so it gets mlx-lm's requests byte for byte, and mlx-lm's oracle.
+Its rows run after mlx-lm's in each budget, and the comparison (kvtrie / vllm-mlx: hit rate,
+TTFT p50, latency p50, peak RSS, wall) is taken at the defaults row (1.2x min with --quick).
 
 Oracle: exact prefix reuse with unlimited memory (`oracle_cached` over prompt + completion
 ids of every earlier request). Needed minimum: KV bytes per token (attention layers, from the
@@ -22,9 +35,10 @@ restart, one more turn per user). Budgets: 0.6x, 1.2x, 3x the minimum and the de
 (`--quick`: 4 users x 3 turns, 1.2x and the defaults, where the targets are).
 
 Reported per (model, budget, server): hit rate (sum of usage cached_tokens over sum of
-prompt_tokens) against the oracle's, the server process's peak resident memory (VmHWM),
-latency p50/p95 of whole non-streaming requests (16 tokens; `logprobs` for the ids), wall
-time; the concurrent phase's TTFT p50/p95. Writes benchmarks/results/server.json and server.png.
+prompt_tokens) against the oracle's, the server process's peak resident memory (VmHWM, its
+children's added), latency p50/p95 of whole non-streaming requests (16 tokens; `logprobs` for
+the ids), wall time; the concurrent phase's TTFT p50/p95; whether the greedy replies equal
+mlx-lm's. Writes benchmarks/results/server.json and server.png.
 """
 
 from __future__ import annotations
@@ -32,6 +46,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import json
+import os
 import random
 import re
 import sys
@@ -66,7 +81,8 @@ from serving import (
 )
 
 MODELS = ("llama", "qwen3_next")
-SERVERS = ("mlx-lm", "kvtrie")
+SERVERS = ("mlx-lm", "kvtrie")  # the pair the targets compare
+VLLM = "vllm-mlx"  # the third server, where its venv is given (--vllm-mlx / VLLM_MLX_PYTHON)
 BIG_SIZE = "1000000"  # --prompt-cache-size at a byte budget: only the bytes bind
 GOALS = {"llama": 0.98, "qwen3_next": 0.97}  # kvtrie hit rate / oracle's at 1.2x the minimum
 RESTORE_GOAL = 0.95  # kill -9 restart: returning conversations' prefixes restored
@@ -97,6 +113,56 @@ def build_workload(model_dir: Path, users: int, turns: int, system_tokens: int, 
     return Workload(" ".join(parts), messages)
 
 
+class ScheduleLog:
+    """Cached tokens per request from vllm-mlx's log, which its usage does not carry.
+
+    vllm-mlx (0.6) answers ``usage`` with prompt/completion/total tokens only (no
+    ``prompt_tokens_details``). Its scheduler logs, at INFO, one line per request when the
+    request enters the batch, after every fallback that drops a fetched cache:
+    ``[schedule] request=ID uid=N prompt_tokens=P tokens_to_prefill=Q[, C cached] ...``;
+    reused = P - Q (an exact hit feeds the last prompt token again: P - 1).
+    """
+
+    LINE = re.compile(r"\[schedule\] request=\S+ uid=\S+ prompt_tokens=(\d+) tokens_to_prefill=(\d+)")
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.offset = 0
+
+    def read(self) -> list[tuple[int, int]]:
+        """(prompt tokens, reused tokens) of the requests scheduled since the last read."""
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        end = data.rfind(b"\n") + 1  # whole lines only
+        self.offset += end
+        return [(int(p), int(p) - int(q)) for p, q in self.LINE.findall(data[:end].decode(errors="replace"))]
+
+
+def _carries_token(chunk: dict) -> bool:
+    """A stream chunk with generated output (not vllm-mlx's role-only first chunk, sent before prefill)."""
+    choices = chunk.get("choices") or []
+    if not choices:
+        return False
+    c = choices[0]
+    d = c.get("delta") or {}
+    return (d.get("content") is not None or bool(d.get("tool_calls")) or bool(d.get("reasoning"))
+            or bool(d.get("reasoning_content")) or c.get("finish_reason") is not None)
+
+
+def same_reply(a: str, b: str) -> bool:
+    """Replies equal up to what vllm-mlx does to the text: special tokens left out, str.strip() (which also takes
+    the control characters \\x1c-\\x1f a tiny random model emits)."""
+    def norm(t: str) -> str:
+        for tok in ("<|im_start|>", "<|im_end|>", "<|endoftext|>"):
+            t = t.replace(tok, "")
+        return t.strip()
+    return norm(a) == norm(b)
+
+
 @dataclass
 class Client:
     """Every user's conversation, and what a perfect prefix cache would have stored."""
@@ -105,11 +171,26 @@ class Client:
     model_dir: Path
     work: Workload
     max_tokens: int
+    schedule_log: ScheduleLog | None = None  # vllm-mlx: cached tokens from its log, not its usage
+    # (user, turn) -> mlx-lm's reply: where this server's reply is the same up to same_reply, mlx-lm's text joins the
+    # history, so the next requests are mlx-lm's requests byte for byte
+    reference: dict | None = None
     stored: list[list[int]] = field(default_factory=list)  # prompt + completion ids of every request
     history: list[list[dict]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.history = [[{"role": "system", "content": self.work.system}] for _ in self.work.messages]
+
+    def _ids(self, resp: dict) -> tuple[list[int], bool]:
+        """Completion ids from logprobs; else (vllm-mlx returns none) the reply re-tokenized, plus eos on "stop"."""
+        try:
+            return completion_ids(resp), False
+        except ValueError:
+            tok = load_tokenizer(self.model_dir)
+            ids = list(tok.encode(reply_text(resp), add_special_tokens=False))
+            if resp["choices"][0].get("finish_reason") == "stop":
+                ids.append(tok.eos_token_id)
+            return ids, True
 
     def ask(self, user: int, turn: int) -> dict:
         """One sequential request (non-streaming, ids via logprobs); the reply joins the history."""
@@ -119,16 +200,35 @@ class Client:
         t = time.perf_counter()
         resp = chat(self.url, msgs, self.max_tokens, logprobs=True)
         latency = time.perf_counter() - t
-        ids = completion_ids(resp)
+        ids, from_text = self._ids(resp)
         if prompt_tokens(resp) != len(prompt):
             raise RuntimeError(f"server counted {prompt_tokens(resp)} prompt tokens, the client {len(prompt)}")
+        cached = cached_tokens(resp)
+        extra: dict = {}
+        if self.schedule_log is not None:
+            lines = self.schedule_log.read()
+            match = [c for p, c in lines if p == len(prompt)]
+            cached = match[-1] if match else 0
+            if len(lines) != 1 or not match:
+                extra["log_mismatch"] = lines
+        if from_text:
+            extra["ids_from_text"] = True
+            extra["completion_tokens"] = resp["usage"].get("completion_tokens")
         self.stored.append(prompt + ids)
-        self.history[user] = msgs + [{"role": "assistant", "content": reply_text(resp)}]
-        return {"user": user, "turn": turn, "prompt": len(prompt), "cached": cached_tokens(resp), "oracle": oracle,
-                "latency_s": latency, "completion": len(ids), "done_at": time.monotonic()}
+        reply = reply_text(resp)
+        ref = (self.reference or {}).get((user, turn))
+        if ref is not None and ref != reply and same_reply(ref, reply):
+            extra["history_reply"] = "mlx-lm's"
+            reply_hist = ref
+        else:
+            reply_hist = reply
+        self.history[user] = msgs + [{"role": "assistant", "content": reply_hist}]
+        return {"user": user, "turn": turn, "prompt": len(prompt), "cached": cached, "oracle": oracle,
+                "latency_s": latency, "completion": len(ids), "reply": reply,
+                "done_at": time.monotonic(), **extra}
 
     def ask_streaming(self, user: int, turn: int) -> dict:
-        """A streaming request (time to the first `data:` line); the history is left as it was."""
+        """A streaming request (time to the first chunk with output); the history is left as it was."""
         msgs = self.history[user] + [{"role": "user", "content": self.work.messages[user][turn]}]
         prompt = chat_tokens(self.model_dir, msgs)
         oracle = oracle_cached(self.stored, prompt)
@@ -137,21 +237,25 @@ class Client:
         req = urllib.request.Request(self.url + "/v1/chat/completions", data=json.dumps(body).encode(), method="POST",
                                      headers={"Content-Type": "application/json"})
         t = time.perf_counter()
-        ttft, usage = None, {}
+        first_line, ttft, usage = None, None, {}
         with urllib.request.urlopen(req, timeout=300) as r:
             for raw in r:
                 line = raw.decode().strip()
                 if not line.startswith("data:"):
                     continue
-                if ttft is None:
-                    ttft = time.perf_counter() - t
+                now = time.perf_counter() - t
+                if first_line is None:
+                    first_line = now
                 data = line[5:].strip()
                 if data == "[DONE]":
                     break
-                usage = json.loads(data).get("usage") or usage
+                chunk = json.loads(data)
+                if ttft is None and _carries_token(chunk):
+                    ttft = now
+                usage = chunk.get("usage") or usage
         latency = time.perf_counter() - t
         return {"user": user, "turn": turn, "prompt": len(prompt), "cached": cached_tokens({"usage": usage}),
-                "oracle": oracle, "ttft_s": ttft, "latency_s": latency}
+                "oracle": oracle, "ttft_s": ttft, "first_line_s": first_line, "latency_s": latency}
 
 
 def sums(records: list[dict]) -> dict:
@@ -219,34 +323,109 @@ def minimum(stored: list[list[int]], per_token: int, snapshot: int) -> dict:
 # ----------------------------------------------------------------------------------------
 
 
-def server_cmd(server: str, model_dir: Path, port: int, flags: list[str]) -> list[str]:
+def resolve_vllm_mlx(spec: str | None) -> tuple[list[str], str] | None:
+    """vllm-mlx's command prefix (before "serve") and its venv's python, from a venv directory, its python or its
+    `vllm-mlx` script; None where not given or not there."""
+    if not spec:
+        return None
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        script, python = path / "bin" / "vllm-mlx", path / "bin" / "python"
+    elif path.name.startswith("python"):
+        script, python = path.parent / "vllm-mlx", path
+    else:
+        script, python = path, path.parent / "python"
+    if script.is_file():
+        return [str(script)], str(python)
+    if python.is_file():
+        return [str(python), "-c", "import sys; from vllm_mlx.cli import main; sys.argv[0] = 'vllm-mlx'; sys.exit(main())"], str(python)
+    return None
+
+
+def vllm_mlx_versions(python: str) -> dict:
+    import subprocess
+
+    code = ("import importlib.metadata as m, json; print(json.dumps({p: m.version(p) for p in "
+            "('vllm-mlx', 'mlx', 'mlx-lm', 'transformers')}))")
+    try:
+        out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+        return json.loads(out.stdout)
+    except Exception as e:  # a note, not a failure
+        return {"error": f"{type(e).__name__}: {e}"[:300]}
+
+
+def server_cmd(server: str, model_dir: Path, port: int, flags: list[str], vllm: list[str] | None = None) -> list[str]:
     if server == "mlx-lm":
         return mlx_lm_server_cmd(model_dir, port, *flags)
+    if server == VLLM:
+        # continuous batching: the mode with vllm-mlx's prefix cache (memory-aware, on by default), as mlx_lm.server's
+        # BatchGenerator path; the name the client sends as "model"
+        return [*vllm, "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
+                "--served-model-name", "default_model", "--continuous-batching", "--enable-prefix-cache", *flags]
     return [sys.executable, "-m", "kvtrie.serve", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port), *flags]
 
 
-def budget_flags(budget: int | None) -> list[str]:
-    return [] if budget is None else ["--prompt-cache-bytes", str(budget), "--prompt-cache-size", BIG_SIZE]
+def vllm_cache_mb(budget: int) -> int:
+    """vllm-mlx's --cache-memory-mb takes whole MiB: the nearest, at least 1."""
+    return max(1, round(budget / 2**20))
+
+
+def budget_flags(budget: int | None, server: str = "kvtrie") -> list[str]:
+    if budget is None:
+        return []
+    if server == VLLM:
+        return ["--cache-memory-mb", str(vllm_cache_mb(budget))]
+    return ["--prompt-cache-bytes", str(budget), "--prompt-cache-size", BIG_SIZE]
+
+
+def _descendants(pid: int) -> list[int]:
+    out, stack = [], [pid]
+    while stack:
+        p = stack.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                kids = [int(k) for k in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            out.extend(kids)
+            stack.extend(kids)
+    return out
+
+
+def current_rss(pid: int) -> int:
+    """VmRSS of the process and its children now, in bytes."""
+    total = 0
+    for p in [pid, *_descendants(pid)]:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
 
 
 def peak_rss(pid: int) -> int:
-    """VmHWM of the process, in bytes (0 where /proc does not say)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    """VmHWM of the process and of any children it started, in bytes (0 where /proc does not say)."""
+    total = 0
+    for p in [pid, *_descendants(pid)]:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
 
 
 def server_blas(pid: int) -> str:
-    """Whether the server process mapped an OpenBLAS (as common.blas_info, for another process)."""
+    """Whether the server process mapped an OpenBLAS from outside site-packages (the preloaded one; numpy's,
+    scipy's and torch's bundled copies do not count)."""
     try:
         maps = Path(f"/proc/{pid}/maps").read_text()
     except OSError:
         return "unknown"
-    libs = {line.split()[-1] for line in maps.splitlines() if "libopenblas" in line and "numpy" not in line}
+    libs = {line.split()[-1] for line in maps.splitlines() if "libopenblas" in line and "-packages" not in line}
     return f"OpenBLAS ({min(libs)}, preloaded)" if libs else "the mlx wheel's bundled BLAS"
 
 
@@ -285,9 +464,20 @@ def concurrent_phase(client: Client, turn: int) -> dict:
     with cf.ThreadPoolExecutor(len(users)) as pool:
         records = list(pool.map(lambda u: client.ask_streaming(u, turn), users))
     wall = time.perf_counter() - t
+    out: dict = {}
+    if client.schedule_log is not None:  # vllm-mlx: the log's lines, matched to the requests by prompt length
+        time.sleep(0.2)
+        lines = client.schedule_log.read()
+        pool_ = list(lines)
+        for r in records:
+            hit = next((i for i, (p, _) in enumerate(pool_) if p == r["prompt"]), None)
+            r["cached"] = pool_.pop(hit)[1] if hit is not None else 0
+        if pool_ or len(lines) != len(records):
+            out["log_mismatch"] = {"lines": lines, "unmatched": pool_}
     ttfts = [r["ttft_s"] for r in records if r["ttft_s"] is not None]
-    return {**sums(records), "wall_s": wall, "ttft_p50_ms": 1e3 * pct(ttfts, 50), "ttft_p95_ms": 1e3 * pct(ttfts, 95),
-            "latency_p50_ms": 1e3 * pct([r["latency_s"] for r in records], 50)}
+    first = [r["first_line_s"] for r in records if r["first_line_s"] is not None]
+    return {**sums(records), **out, "wall_s": wall, "ttft_p50_ms": 1e3 * pct(ttfts, 50), "ttft_p95_ms": 1e3 * pct(ttfts, 95),
+            "first_line_p50_ms": 1e3 * pct(first, 50), "latency_p50_ms": 1e3 * pct([r["latency_s"] for r in records], 50)}
 
 
 def summary(records: list[dict], wall: float) -> dict:
@@ -296,16 +486,33 @@ def summary(records: list[dict], wall: float) -> dict:
 
 
 def run_cell(server: str, model_dir: Path, work: Workload, args, budget: int | None, logs: Path, bar,
-             concurrent: bool) -> dict:
+             concurrent: bool, tmp: Path | None = None, reference: dict | None = None) -> dict:
     """One server at one budget: the sequential workload, then (optionally) the concurrent phase."""
     port = free_port()
     label = f"{model_dir.name}-{server}-{budget or 'defaults'}"
-    proc = ServerProcess(server_cmd(server, model_dir, port, budget_flags(budget)), port, log_path=logs / f"{label}.log")
-    cell: dict = {"flags": budget_flags(budget), "budget_bytes": budget}
+    flags = budget_flags(budget, server)
+    log = logs / f"{label}.log"
+    kw: dict = {}
+    cell: dict = {"flags": flags, "budget_bytes": budget}
+    if server == VLLM:
+        # vllm-mlx saves its prefix cache to ~/.cache/vllm-mlx/prefix_cache/<model path> at shutdown and loads it at
+        # start, always: a fresh HOME per run keeps one cell's cache out of the next
+        home = Path(tempfile.mkdtemp(prefix=f"home-{label}-", dir=tmp))
+        kw = {"env": {**os.environ, "HOME": str(home)}, "timeout": 300.0}
+        if budget is not None:
+            cell["budget_bytes"] = vllm_cache_mb(budget) * 2**20  # whole MiB
+            cell["requested_budget_bytes"] = budget
+        cell["cached_source"] = "server log ([schedule] lines): vllm-mlx's usage has no cached_tokens"
+    proc = ServerProcess(server_cmd(server, model_dir, port, flags, args.vllm_cmd), port, log_path=log, **kw)
     try:
         with proc:
             cell["startup_s"] = proc.startup_s
-            client = Client(proc.url, model_dir, work, args.max_tokens)
+            cell["rss_at_start"] = current_rss(proc.pid)  # at the first /health 200, before any request
+            client = Client(proc.url, model_dir, work, args.max_tokens,
+                            schedule_log=ScheduleLog(log) if server == VLLM else None,
+                            reference=reference if server == VLLM else None)
+            if client.schedule_log is not None:
+                client.schedule_log.read()  # past the start-up lines
             t = time.perf_counter()
             records = workload(client, args.turns, bar)
             cell.update(summary(records, time.perf_counter() - t))
@@ -316,6 +523,14 @@ def run_cell(server: str, model_dir: Path, work: Workload, args, budget: int | N
                 cell["held_bytes"] = held_bytes(stats)
                 cell["server_hit_rate"] = stats.get("hit_rate")
                 cell["recycled"] = recycled(stats)  # (sequential phase only)
+            if server == VLLM:
+                try:
+                    cache = get_json(proc.url + "/v1/cache/stats").get("engine_cache") or {}
+                    cell["vllm_cache_stats"] = cache  # (sequential phase only)
+                    cell["held_bytes"] = int(cache.get("current_memory_mb", 0) * 2**20)
+                except Exception as e:
+                    cell["vllm_cache_stats"] = {"error": str(e)[:300]}
+                cell["log_mismatches"] = sum(1 for r in records if "log_mismatch" in r)
             if concurrent:
                 cell["concurrent"] = concurrent_phase(client, args.turns)
                 bar.update(len(work.messages))
@@ -401,12 +616,21 @@ def run_restart(model_dir: Path, work: Workload, args, disk_dir: Path, logs: Pat
 
 
 def run(args: argparse.Namespace) -> dict:
-    results: dict = {"machine": machine(), "args": vars(args), "models": {}}
+    results: dict = {"machine": machine(), "args": {k: v for k, v in vars(args).items() if k != "vllm_cmd"}, "models": {}}
+    servers = SERVERS + ((VLLM,) if args.vllm_cmd else ())
+    results["servers"] = list(servers)
+    if args.vllm_cmd:
+        results["vllm_mlx"] = {"command": args.vllm_cmd[:1], "python": args.vllm_python,
+                               "versions": vllm_mlx_versions(args.vllm_python),
+                               "flags": ["--continuous-batching", "--enable-prefix-cache", "--served-model-name default_model",
+                                         "--cache-memory-mb N at a budget (whole MiB); none at defaults (20% of available RAM)"]}
+    else:
+        results["vllm_mlx"] = {"skipped": args.vllm_note}
     scales = [1.2] if args.quick else [0.6, 1.2, 3.0]  # the targets' budget is 1.2x; the others are for the table
     defaults = True  # the defaults row has targets of its own (hit rate and peak RSS against mlx-lm's)
     users = args.users
     per_cell = users * args.turns + (users if args.concurrent else 0)
-    cells = len(scales) * 2 + (2 if defaults else 0)
+    cells = len(scales) * len(servers) + (len(servers) if defaults else 0)
     total = len(MODELS) * (users * (args.turns + 2) + cells * per_cell)
     bar = tqdm(total=total, desc="server", file=sys.stderr, leave=False)
     with tempfile.TemporaryDirectory(prefix="kvtrie-server-bench-") as tmp:
@@ -426,10 +650,11 @@ def run(args: argparse.Namespace) -> dict:
             stored, source = disk.pop("stored", None), "kvtrie --disk-dir run"
             first: dict = {}  # the defaults row, run first: it sizes the budgets when the disk run failed
             if defaults or stored is None:
-                for server in ("kvtrie", "mlx-lm"):
+                for server in ("kvtrie", "mlx-lm") + ((VLLM,) if defaults and args.vllm_cmd else ()):
                     bar.set_postfix_str(f"{arch}: defaults, {server}")
-                    first[server] = run_cell(server, model_dir, work, args, None, logs, bar, args.concurrent)
-                    if stored is None and "stored" in first[server]:
+                    first[server] = run_cell(server, model_dir, work, args, None, logs, bar, args.concurrent, tmp,
+                                             replies(first.get("mlx-lm")))
+                    if stored is None and server in SERVERS and "stored" in first[server]:
                         stored, source = first[server]["stored"], f"{server} defaults run"
                     if not defaults and stored is not None:
                         break
@@ -440,18 +665,70 @@ def run(args: argparse.Namespace) -> dict:
             for s in scales:
                 label, budget = f"{s:g}x min", int(s * need["bytes"])
                 row = res["cells"][label] = {}
-                for server in SERVERS:
+                for server in servers:
                     bar.set_postfix_str(f"{arch}: {label}, {server}")
-                    row[server] = run_cell(server, model_dir, work, args, budget, logs, bar, args.concurrent)
+                    row[server] = run_cell(server, model_dir, work, args, budget, logs, bar, args.concurrent, tmp,
+                                           replies(row.get("mlx-lm")))
             if first:
-                res["cells"]["defaults"] = {s: first[s] for s in SERVERS if s in first}
+                res["cells"]["defaults"] = {s: first[s] for s in servers if s in first}
             for row in res["cells"].values():
-                for cell in row.values():
-                    if "stored" in cell:  # differs from the minimum's run only if the replies did
-                        cell["own_minimum_bytes"] = minimum(cell.pop("stored"), per_token, snapshot)["bytes"]
+                for server, cell in row.items():
+                    stored_ = cell.pop("stored", None)
+                    if stored_ is not None and server != VLLM:  # differs from the minimum's run only if the replies did
+                        cell["own_minimum_bytes"] = minimum(stored_, per_token, snapshot)["bytes"]
+                row_agreement(row)
     bar.close()
     results["targets"] = targets(results)
+    results["vs_vllm_mlx"] = comparison(results)
     return results
+
+
+def replies(cell: dict | None) -> dict | None:
+    """(user, turn) -> reply of a finished cell's sequential phase."""
+    if not cell or "records" not in cell:
+        return None
+    return {(r["user"], r["turn"]): r["reply"] for r in cell["records"]}
+
+
+def row_agreement(row: dict) -> None:
+    """Greedy replies (temperature 0, same weights) against mlx-lm's, request by request, sequential phase.
+
+    vllm-mlx returns no token ids, so its oracle was first taken from its replies re-tokenized, which overstates it
+    (an invalid UTF-8 byte comes back as U+FFFD, 3 bytes, more tokens than were generated). Where every earlier reply
+    equals mlx-lm's, its requests are mlx-lm's, and so is the oracle: mlx-lm's is used (the concurrent phase's too
+    when all its replies were equal)."""
+    ref_cell = row.get("mlx-lm", {})
+    ref_recs = ref_cell.get("records", [])
+    ref = {(r["user"], r["turn"]): r for r in ref_recs}
+    if not ref:
+        return
+    for server, cell in row.items():
+        if server == "mlx-lm" or "records" not in cell:
+            continue
+        recs = cell["records"]  # in request order (round robin), as mlx-lm's
+        exact = [(r["user"], r["turn"]) in ref and ref[(r["user"], r["turn"])]["reply"] == r["reply"] for r in recs]
+        same = [(r["user"], r["turn"]) in ref and same_reply(ref[(r["user"], r["turn"])]["reply"], r["reply"]) for r in recs]
+        diff = next(((r["user"], r["turn"]) for r, ok in zip(recs, same) if not ok), None)
+        cell["replies_vs_mlx_lm"] = {"equal": sum(exact), "equal_but_strip": sum(same), "of": len(same), "first_differs": diff}
+        if not any("ids_from_text" in r for r in recs):
+            continue
+        n_same = 0
+        for r, ok in zip(recs, same):
+            m = ref.get((r["user"], r["turn"]))
+            if m is not None and m["prompt"] == r["prompt"]:
+                r["oracle"], r["oracle_from"] = m["oracle"], "mlx-lm (same requests)"
+                n_same += 1
+            if not ok:  # the histories part here: later prompts are this server's own
+                break
+        cell.update({k: v for k, v in sums(recs).items() if k in ("oracle_cached", "oracle_hit_rate", "vs_oracle")})
+        cell["oracle_from"] = ("mlx-lm's run (same requests)" if n_same == len(recs) else
+                               f"mlx-lm's run for {n_same} of {len(recs)} requests (same requests), the rest from "
+                               f"re-tokenized replies")
+        cc, rc = cell.get("concurrent"), ref_cell.get("concurrent")
+        if cc and rc and all(same) and cc["prompt_tokens"] == rc["prompt_tokens"]:
+            cc["oracle_cached"], cc["oracle_hit_rate"] = rc["oracle_cached"], rc["oracle_hit_rate"]
+            cc["vs_oracle"] = cc["cached_tokens"] / cc["oracle_cached"] if cc["oracle_cached"] else float("nan")
+            cc["oracle_from"] = "mlx-lm's run (same requests)"
 
 
 # ----------------------------------------------------------------------------------------
@@ -491,6 +768,39 @@ def targets(results: dict) -> list[dict]:
     return out
 
 
+def _ratio(a: float | None, b: float | None) -> float:
+    if a is None or b is None or np.isnan(a) or np.isnan(b):
+        return float("nan")
+    return a / b if b else (float("inf") if a else float("nan"))
+
+
+def comparison(results: dict) -> dict:
+    """kvtrie / vllm-mlx (and mlx-lm's figures beside them) per model, at the defaults row (1.2x min without it)."""
+    out: dict = {}
+    for arch, res in results["models"].items():
+        label = "defaults" if "defaults" in res["cells"] else "1.2x min"
+        row = res["cells"].get(label, {})
+        if VLLM not in row:
+            continue
+        entry: dict = {"budget": label}
+        for server in (*SERVERS, VLLM):
+            c = row.get(server, {})
+            if "hit_rate" not in c:
+                entry[server] = {"cannot_serve": c.get("error", "no result"), "log_tail": c.get("log_tail")}
+                continue
+            entry[server] = {"hit_rate": c["hit_rate"], "vs_oracle": c["vs_oracle"],
+                             "ttft_p50_ms": c.get("concurrent", {}).get("ttft_p50_ms"),
+                             "latency_p50_ms": c["latency_p50_ms"], "latency_p95_ms": c["latency_p95_ms"],
+                             "peak_rss": c.get("peak_rss"), "rss_at_start": c.get("rss_at_start"), "wall_s": c["wall_s"],
+                             "replies_vs_mlx_lm": c.get("replies_vs_mlx_lm")}
+        kv, vm = entry["kvtrie"], entry[VLLM]
+        if "hit_rate" in kv and "hit_rate" in vm:
+            entry["kvtrie_over_vllm_mlx"] = {k: _ratio(kv[k], vm[k]) for k in
+                                             ("hit_rate", "ttft_p50_ms", "latency_p50_ms", "peak_rss", "wall_s")}
+        out[arch] = entry
+    return out
+
+
 def _fmt(v: Any, spec: str) -> str:
     return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, spec)
 
@@ -499,7 +809,17 @@ def print_tables(results: dict) -> None:
     m, a = results["machine"], results["args"]
     print(f"server on {m['device']}, mlx {m['mlx']}, BLAS: {m['blas']}; {m['cpus']} CPUs")
     print(f"{a['users']} users x {a['turns']} turns, max_tokens {a['max_tokens']}, sequential; "
-          f"latency = whole non-streaming request; TTFT (first data: line) in the concurrent phase only")
+          f"latency = whole non-streaming request; TTFT (first chunk with output) in the concurrent phase only")
+    vm = results.get("vllm_mlx", {})
+    if "skipped" in vm:
+        print(f"vllm-mlx: skipped ({vm['skipped']})")
+    else:
+        print(f"vllm-mlx {vm['versions'].get('vllm-mlx', '?')} (its venv: mlx {vm['versions'].get('mlx', '?')}, mlx-lm "
+              f"{vm['versions'].get('mlx-lm', '?')}): serve --continuous-batching (prefix cache on, memory-aware), "
+              f"--cache-memory-mb = the budget in whole MiB, nothing at defaults (20% of available RAM); its hit% from "
+              f"its log (usage has no cached_tokens), its oracle mlx-lm's where its requests were the same "
+              f"(no logprobs: no ids), "
+              f"held MiB = its own estimate")
     for arch, res in results["models"].items():
         need = res["needed_minimum"]
         blas = sorted({c.get("server_blas") for row in res["cells"].values() for c in row.values() if c.get("server_blas")})
@@ -513,7 +833,8 @@ def print_tables(results: dict) -> None:
         for label, server, c in rows:
             b = c.get("budget_bytes")
             if "error" in c and "hit_rate" not in c:
-                print(f"{label:<10} {server:<16} ERROR {c['error'][:150]}")
+                what = "cannot serve:" if server == VLLM else "ERROR"
+                print(f"{label:<10} {server:<16} {what} {c['error'][:150]}")
                 continue
             cc = c.get("concurrent", {})
             print(f"{label:<10} {server:<16} {_fmt(b and b / 2**20, '6.2f'):>6} {100 * c['hit_rate']:>5.1f} "
@@ -526,6 +847,15 @@ def print_tables(results: dict) -> None:
         if reuse:
             print(f"  kvtrie's restores into recycled buffers (arrays reclaimed / all new live arrays past 256 KiB "
                   f"restores), sequential phase: {', '.join(reuse)}")
+        agree = []
+        for label, server, c in rows:
+            rv = c.get("replies_vs_mlx_lm")
+            if rv:
+                stripped = f", {rv['equal_but_strip']}/{rv['of']} up to strip/special tokens" if rv["equal_but_strip"] != rv["equal"] else ""
+                first = f" (first differs: user {rv['first_differs'][0]} turn {rv['first_differs'][1]})" if rv["first_differs"] else ""
+                agree.append(f"{label} {server} {rv['equal']}/{rv['of']}{stripped}{first}")
+        if agree:
+            print(f"  greedy replies equal to mlx-lm's (sequential phase, same user and turn): {'; '.join(agree)}")
         rs = res["restart"]
         if "restarts" in rs:
             print(f"  restart on the same --disk-dir (SIGTERM exit {rs['sigterm_exit']}, stop {rs['sigterm_stop_s']:.1f} s, "
@@ -537,9 +867,34 @@ def print_tables(results: dict) -> None:
                       f"{_fmt(r['first_hit_request'], 'd'):>11} {f['cached']:>8}/{f['oracle']:<8} {r['restored']:>8.3f}")
         elif "error" in rs:
             print(f"  restart: ERROR {rs['error'][:300]}")
+    print_comparison(results)
     print("\ntargets:")
     for t in results["targets"]:
         print(f"  {t['verdict']:<11} {t['target']}: {t['measured']:.3f} (goal {t['goal']})")
+
+
+def print_comparison(results: dict) -> None:
+    comp = results.get("vs_vllm_mlx") or {}
+    if not comp:
+        return
+    print("\nkvtrie serve, mlx_lm.server and vllm-mlx side by side (one run; TTFT: concurrent phase; latency: sequential)")
+    print(f"{'model':<11} {'budget':<9} {'server':<8} {'hit%':>5} {'ttft p50':>8} {'lat p50':>7} {'RSS MiB':>7} {'at start':>8} {'wall s':>6}  replies = mlx-lm's")
+    for arch, e in comp.items():
+        for server in (*SERVERS, VLLM):
+            c = e[server]
+            if "cannot_serve" in c:
+                print(f"{arch:<11} {e['budget']:<9} {server:<8} cannot serve: {c['cannot_serve'][:200]}")
+                continue
+            rep = c.get("replies_vs_mlx_lm")
+            print(f"{arch:<11} {e['budget']:<9} {server:<8} {100 * c['hit_rate']:>5.1f} {_fmt(c['ttft_p50_ms'], '8.1f'):>8} "
+                  f"{c['latency_p50_ms']:>7.1f} {(c['peak_rss'] or 0) / 2**20:>7.1f} {(c['rss_at_start'] or 0) / 2**20:>8.1f} {c['wall_s']:>6.1f}  "
+                  f"{'-' if not rep else str(rep['equal']) + '/' + str(rep['of'])}"
+                  f"{'' if not rep or rep['equal_but_strip'] == rep['equal'] else ' (' + str(rep['equal_but_strip']) + ' up to strip)'}")
+        r = e.get("kvtrie_over_vllm_mlx")
+        if r:
+            print(f"{arch:<11} {e['budget']:<9} {'kvtrie / vllm-mlx':<17} hit rate {_fmt(r['hit_rate'], '.2f')}x, TTFT p50 "
+                  f"{_fmt(r['ttft_p50_ms'], '.2f')}x, latency p50 {_fmt(r['latency_p50_ms'], '.2f')}x, peak RSS "
+                  f"{_fmt(r['peak_rss'], '.2f')}x, wall {_fmt(r['wall_s'], '.2f')}x")
 
 
 def chart(results: dict, out: Path) -> Path | None:
@@ -555,18 +910,20 @@ def chart(results: dict, out: Path) -> Path | None:
     for ax, (arch, res) in zip(axes, models.items()):
         labels = list(res["cells"])
         x = np.arange(len(labels))
-        for i, server in enumerate(SERVERS):
+        servers = [s for s in (*SERVERS, VLLM) if any(s in row for row in res["cells"].values())]
+        w = 0.8 / len(servers)
+        for i, server in enumerate(servers):
             vals = [res["cells"][lab].get(server, {}).get("vs_oracle", 0.0) for lab in labels]
-            ax.bar(x + i * 0.4, vals, 0.4, label=server)
+            ax.bar(x + i * w, vals, w, label=server)
         ax.axhline(GOALS[arch], color="red", lw=0.8, ls="--")
-        ax.set_xticks(x + 0.2, labels)
+        ax.set_xticks(x + w * (len(servers) - 1) / 2, labels)
         ax.set_ylim(0, 1.1)
         ax.set_title(f"{arch}: hit rate / oracle's, by --prompt-cache-bytes")
         ax.legend(fontsize=8)
     ax = axes[-1]
     names = [(arch, lab, s) for arch, res in models.items() for lab in res["cells"] for s in res["cells"][lab]]
     rss = [models[a]["cells"][lab][s].get("peak_rss", 0) / 2**20 for a, lab, s in names]
-    ax.barh(np.arange(len(names)), rss, color=["C0" if s == "mlx-lm" else "C1" for *_, s in names])
+    ax.barh(np.arange(len(names)), rss, color=[{"mlx-lm": "C0", "kvtrie": "C1"}.get(s, "C2") for *_, s in names])
     ax.set_yticks(np.arange(len(names)), [f"{a} {lab} {s}" for a, lab, s in names], fontsize=7)
     ax.set_xlabel("server peak RSS (VmHWM), MiB")
     fig.tight_layout()
@@ -587,7 +944,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--results", default=str(RESULTS), help="where server.json and server.png go")
     p.add_argument("--logs", default=None, help="keep the servers' logs here (default: a temporary directory)")
+    p.add_argument("--vllm-mlx", default=os.environ.get("VLLM_MLX_PYTHON"), metavar="PATH",
+                   help="vllm-mlx as a third server: its venv, that venv's python or its `vllm-mlx` script "
+                        "(default: $VLLM_MLX_PYTHON; without either its rows are skipped)")
     args = p.parse_args(argv)
+    resolved = resolve_vllm_mlx(args.vllm_mlx)
+    args.vllm_cmd, args.vllm_python = resolved if resolved else (None, None)
+    args.vllm_note = None if resolved else (
+        f"{args.vllm_mlx}: no vllm-mlx script or python there" if args.vllm_mlx
+        else "no --vllm-mlx PATH nor VLLM_MLX_PYTHON given")
+    if not resolved:
+        print(f"note: vllm-mlx rows skipped: {args.vllm_note}", file=sys.stderr)
     args.users = args.users or (4 if args.quick else 12)
     args.turns = args.turns or (3 if args.quick else 4)
     t = time.perf_counter()
