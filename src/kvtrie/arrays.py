@@ -14,7 +14,7 @@ import threading
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional, Union
+from typing import Any, Optional, Union, cast
 
 import attrs
 import mlx.core as mx
@@ -74,7 +74,8 @@ def numpy_view(a: AnyArray) -> np.ndarray:
         return np.asarray(a)
     as_dtype = NUMPY_DTYPES[_VIEW_AS[a.dtype]]
     if a.size:
-        exported = memoryview(a)  # the buffer protocol: no MLX view, whose evaluation is a graph run (~25 us)
+        # the buffer protocol: no MLX view, whose evaluation is a graph run (~25 us)
+        exported = memoryview(a)  # type: ignore[arg-type]  # mx.array has it; its stubs do not say so
         if exported.c_contiguous:
             return np.frombuffer(exported.cast("B"), as_dtype).reshape(a.shape)
     return np.asarray(a.view(_VIEW_AS[a.dtype]))
@@ -278,6 +279,15 @@ def slice_axis(a: AnyArray, axis: int, start: int, stop: int) -> AnyArray:
 
 def concat_axis(parts: Sequence[AnyArray], axis: int) -> AnyArray:
     """Concatenate along `axis`; the result is on the host only if every part is."""
-    if all(isinstance(p, HostArray) for p in parts):
-        return HostArray(np.concatenate([p.data for p in parts], axis=axis), parts[0].dtype)
+    hosts = [p for p in parts if isinstance(p, HostArray)]
+    if len(hosts) == len(parts):
+        return HostArray(np.concatenate([p.data for p in hosts], axis=axis), hosts[0].dtype)
     return mx.concatenate([to_device(p) for p in parts], axis=axis)
+
+
+def tree_items(tree: Any) -> list[tuple[str, Any]]:
+    """`mlx.utils.tree_flatten(tree)`: its `(dotted name, leaf)` pairs. (Without a `destination`
+    it returns a list; its annotation also allows a dict, which a caller would have to rule out.)"""
+    from mlx.utils import tree_flatten
+
+    return cast(list[tuple[str, Any]], tree_flatten(tree))

@@ -29,12 +29,12 @@ from typing import Any, Optional
 import mlx.core as mx
 import numpy as np
 
-from .arrays import HostArray, on_cpu, to_device
+from .arrays import HostArray, on_cpu, to_device, tree_items
 from .counters import Counters
 from .disk import DiskStore
 from .errors import CacheMismatchError, PinError, SessionError
 from .history import History
-from .layers import KV, STATE, WINDOW, leaves, rule_for
+from .layers import KV, STATE, WINDOW, KVRule, StateRule, WindowRule, leaves, rule_for
 from .ledger import HOT, IN_FLIGHT, MLX_CACHE, POOL, RECYCLED, Ledger
 from .misses import (
     BLOCK,
@@ -57,7 +57,7 @@ from .shared import SharedTier, secret_bytes
 from .snapshot import KVPayload, Piece, capture_tokens, evaluate, lays_out_in_numpy, stitch
 from .storage import TieredStorage
 from .tenants import share_function
-from .trie import Match, Node, as_token_array, common_prefix
+from .trie import Match, Node, Tokens, as_token_array, common_prefix
 from .window import Recorder, record, recorder_of, restorable, restorable_max
 
 logger = logging.getLogger("kvtrie")
@@ -213,9 +213,10 @@ class PrefixCache:
         self._kinds = tuple(r.kind for r in self._rules)
         self._window_layers = tuple(i for i, k in enumerate(self._kinds) if k == WINDOW)
         self._state_layers = tuple(i for i, k in enumerate(self._kinds) if k == STATE)
-        self._geometry = {
-            i: r.geometry(c) for i, (r, c) in enumerate(zip(self._rules, probe_leaves)) if r.kind == WINDOW
-        }
+        # the rules by kind, typed (a rule's kind is its class's)
+        self._window_rules = {i: r for i, r in enumerate(self._rules) if isinstance(r, WindowRule)}
+        self._state_rules = {i: r for i, r in enumerate(self._rules) if isinstance(r, StateRule)}
+        self._geometry = {i: r.geometry(probe_leaves[i]) for i, r in self._window_rules.items()}
         self._layer_types = tuple(type(c).__name__ for c in probe_leaves)
         self._make_cache = make_cache
         self._namespace = self._check_namespace(namespace)
@@ -225,15 +226,15 @@ class PrefixCache:
         self._policy.hybrid = STATE in self._kinds
         self._counters = Counters()
         self._ledger = ledger = Ledger({})
-        policy = self._policy
+        worth = self._policy
         pager = Pager(
             device_bytes,
             host_bytes,
             disk_bytes,
-            key=policy.key,
+            key=worth.key,
             ledger=ledger,
-            deadline=policy.deadline,
-            now=lambda: policy.now,
+            deadline=worth.deadline,
+            now=lambda: worth.now,
         )
         pager.set_shares(shares)
         self._policy.bounded = pager.bounded
@@ -274,6 +275,7 @@ class PrefixCache:
         ledger.register_pushed(IN_FLIGHT, HOST)
         self._shared: Optional[SharedTier] = None
         if shared_url is not None:
+            assert isinstance(fingerprint, str)  # (checked above)
             self._shared = SharedTier(
                 shared_url,
                 fingerprint=fingerprint,
@@ -339,7 +341,7 @@ class PrefixCache:
 
     def begin(
         self,
-        tokens: Sequence[int],
+        tokens: Tokens,
         *,
         namespace: Optional[str] = None,
         capture_hints: Sequence[int] = (),
@@ -367,8 +369,8 @@ class PrefixCache:
             trie = storage.trie(ns)
             match = trie.match(arr) if trie is not None else Match((), 0)
             match, from_disk = storage.resident(trie, arr, match, len(arr))
-            if self._shared is not None and self._fill_from_shared(ns, arr, match):
-                trie = storage.trie(ns)
+            if self._shared is not None and self._fill_from_shared(self._shared, ns, arr, match):
+                trie = storage.trie(ns, create=True)  # (the fill made it)
                 match, more = storage.resident(trie, arr, trie.match(arr), len(arr))
                 from_disk |= more
             cached, full = self._usable(match, len(arr), bool(reuse_logits))
@@ -388,7 +390,7 @@ class PrefixCache:
                 for i in self._window_layers:
                     record(live[i], cached)
             last = match.last
-            plan = ()
+            plan: tuple[tuple[int, int], ...] = ()
             if self._policy.hybrid:  # (only whole-state layers are captured)
                 plan = self._policy.plan(
                     PlanRequest(
@@ -457,7 +459,7 @@ class PrefixCache:
             return NOT_CACHED
         return NEW_PREFIX if cached == 0 else None
 
-    def _fill_from_shared(self, ns: str, arr: np.ndarray, match: Match) -> bool:
+    def _fill_from_shared(self, shared: SharedTier, ns: str, arr: np.ndarray, match: Match) -> bool:
         """Bring from the shared tier what it holds beyond the local restore into the local
         trie (host tier): per-token payloads past the local match and, for a hybrid model, the
         state where they end. True if anything came."""
@@ -465,7 +467,7 @@ class PrefixCache:
         cached, _ = self._usable(match, n, False)
         have = match.length
         storage = self._storage
-        hit = self._shared.fetch(ns, arr, have, cached, n - 1, self._policy.hybrid)
+        hit = shared.fetch(ns, arr, have, cached, n - 1, self._policy.hybrid)
         if hit is None:
             return False
         trie = storage.trie(ns, create=True)
@@ -480,7 +482,7 @@ class PrefixCache:
             node = storage.boundary(trie, arr, hit.end)
         if states is not None:
             storage.attach(node, states, None, END)
-        self._shared.tokens += max(hit.end - have, 0)
+        shared.tokens += max(hit.end - have, 0)
         logger.debug("shared tier: [%d, %d) of %d tokens (states: %s)", have, hit.end, n, states is not None)
         return True
 
@@ -527,35 +529,40 @@ class PrefixCache:
     def _restore(self, live: list, used: list[Node], cached: int, from_disk: set[int]) -> None:
         """Stitch the path's per-token payloads (from either tier) into the live caches and load
         the whole states at `cached`."""
-        targets = []
+        targets: list[tuple[list[Piece], int, tuple[Any, KVRule]]] = []
         spans = [(n, min(n.end, cached) - n.start) for n in used]  # (the same for every per-token layer)
-        for i, (cache, rule, kind) in enumerate(zip(live, self._rules, self._kinds)):
-            if kind == KV:
-                if used[0].payload.layers[i] is not None:  # None: a layer the model never writes
-                    pieces = [Piece(n.payload.layers[i], 0, k) for n, k in spans]
-                    targets.append((pieces, rule.capacity(cache, cached), (cache, rule, kind)))
-            elif kind == WINDOW:
+        for i, (cache, rule) in enumerate(zip(live, self._rules)):
+            if isinstance(rule, WindowRule):
                 pieces = self._window_pieces(used, i, self._geometry[i].layout(cached))
                 if pieces:
-                    targets.append((pieces, sum(p.length for p in pieces), (cache, rule, kind)))
+                    targets.append((pieces, sum(p.length for p in pieces), (cache, rule)))
                 else:  # the window is empty here (a chunk boundary): only the position is set
                     rule.load_window(cache, None, cached)
+            elif isinstance(rule, KVRule):
+                if used[0].payload.layers[i] is not None:  # None: a layer the model never writes
+                    pieces = [Piece(n.payload.layers[i], 0, k) for n, k in spans]
+                    targets.append((pieces, rule.capacity(cache, cached), (cache, rule)))
         states = {i: used[-1].payload.layers[i] for i, kind in enumerate(self._kinds) if kind == STATE}
         # host-tier state arrays: copied in the same batch as the KV
         held = [a for p in states.values() for a in p.arrays if isinstance(a, HostArray)]
         # a growing KV cache may take up to a quarter more room, where a recycled buffer fits
-        slack = [max(cap // 4, 256) if kind == KV and rule.grows else 0 for _, cap, (_, rule, kind) in targets]
+        slack = [
+            max(cap // 4, 256) if not isinstance(rule, WindowRule) and rule.grows else 0
+            for _, cap, (_, rule) in targets
+        ]
         stitched, copies = (
             stitch(targets, self._storage.pool, self._recycler, held, slack) if targets or held else ([], [])
         )
         fresh = iter(copies)
         for i, p in states.items():
-            self._rules[i].restore(live[i], p.map(lambda a: next(fresh) if isinstance(a, HostArray) else a), cached)
-        for (_, _, (cache, rule, kind)), arrays in zip(targets, stitched):
-            if kind == KV:
-                rule.load(cache, arrays, cached)
-            else:
+            self._state_rules[i].restore(
+                live[i], p.map(lambda a: next(fresh) if isinstance(a, HostArray) else a), cached
+            )
+        for (_, _, (cache, rule)), arrays in zip(targets, stitched):
+            if isinstance(rule, WindowRule):
                 rule.load_window(cache, arrays, cached)
+            else:
+                rule.load(cache, arrays, cached)
         if self._state_layers:
             mx.eval(_live_arrays([live[i] for i in self._state_layers]))
         for node in used:
@@ -623,6 +630,8 @@ class PrefixCache:
                 mx.set_cache_limit(limit)
 
     def _capture(self, session: Session, offset: Optional[int], logits: Optional[mx.array]) -> int:
+        if session.caches is None:
+            raise SessionError("this session holds no live caches to capture")
         live = leaves(session.caches)
         held = _offset(live, self._rules)
         if offset is None:
@@ -642,7 +651,7 @@ class PrefixCache:
                 raise CacheMismatchError(
                     f"caches are at offset {offset}, past the {len(session.tokens)} tokens of begin()"
                 )
-            snap = tuple(self._rules[i].capture(live[i]) for i in self.recurrent_layers)
+            snap = tuple(self._state_rules[i].capture(live[i]) for i in self.recurrent_layers)
             kept = None
             if logits is not None and offset == len(session.tokens):
                 kept = mx.contiguous(logits)
@@ -652,7 +661,7 @@ class PrefixCache:
             session._captures[offset] = (snap, kept)
         return offset
 
-    def _commit(self, session: Session, tokens: Sequence[int], caches: Any) -> int:
+    def _commit(self, session: Session, tokens: Tokens, caches: Any) -> int:
         arr = as_token_array(tokens)
         n = len(arr)
         agreed = max([session.cached, *session._captures])
@@ -666,7 +675,7 @@ class PrefixCache:
         snapshots = dict(session._captures)
         reasons = dict(session._reasons)
         if self._policy.hybrid:
-            final = tuple(self._rules[i].capture(live[i]) for i in self.recurrent_layers)
+            final = tuple(self._state_rules[i].capture(live[i]) for i in self.recurrent_layers)
             evaluate(list(final))
             snapshots[n] = (final, snapshots.get(n, (None, None))[1])
             reasons[n] = reasons.get(n, 0) | END
@@ -697,9 +706,13 @@ class PrefixCache:
             branched = None  # where this commit's new edge hangs off a stored path, if it does
             new_nodes = []
             if added:
-                parent = (
-                    storage.split(trie, match.last, match.length) if match.ends_mid_edge else (match.last or trie.root)
-                )
+                stored = match.last
+                if stored is None:
+                    parent = trie.root
+                elif match.ends_mid_edge:
+                    parent = storage.split(trie, stored, match.length)
+                else:
+                    parent = stored
                 branched = parent if parent.children else None
                 for lo, hi, layers in self._new_payloads(live, match.length, n):
                     parent = storage.add(trie, parent, arr[lo:hi], storage.new_data(layers))
@@ -751,19 +764,17 @@ class PrefixCache:
         A window layer's positions come from its recorder or from what its live buffer still
         holds; a run nobody has becomes a node of its own holding `None` for that layer.
         """
-        sources: dict[int, list[tuple[int, int, Any]]] = {}
+        sources: dict[int, list[tuple[int, int, int, Any]]] = {}
         cuts = {start, end}
         chunk = self._policy.chunk_tokens
         if chunk:  # runs of at most `chunk` positions: eviction takes a sequence's tail, chunk by chunk
             cuts.update(range((start // chunk + 1) * chunk, end, chunk))
-        for i, kind in enumerate(self._kinds):
-            if kind != WINDOW:
-                continue
-            found = []
+        for i, window in self._window_rules.items():
+            found: list[tuple[int, int, Any]] = []
             recorder = recorder_of(live[i])
             if recorder is not None and recorder.end == end:
                 found.append((recorder.start, recorder.end, recorder))
-            for first, arrays in self._rules[i].segments(live[i]):
+            for first, arrays in window.segments(live[i]):
                 found.append((first, first + arrays[0].shape[2], arrays))
             sources[i] = [(max(lo, start), min(hi, end), lo, src) for lo, hi, src in found if lo < end and hi > start]
             cuts.update(x for lo, hi, _, _ in sources[i] for x in (lo, hi))
@@ -771,12 +782,12 @@ class PrefixCache:
         out = []
         for lo, hi in zip(bounds, bounds[1:]):
             layers: list[Any] = []
-            for i, (cache, rule, kind) in enumerate(zip(live, self._rules, self._kinds)):
-                if kind == KV:
-                    arrays = rule.live(cache)
-                    layers.append(None if arrays is None else capture_tokens(arrays, lo, hi))
-                elif kind == WINDOW:
+            for i, (cache, rule) in enumerate(zip(live, self._rules)):
+                if isinstance(rule, WindowRule):
                     layers.append(_window_payload(sources[i], lo, hi))
+                elif isinstance(rule, KVRule):
+                    held = rule.live(cache)
+                    layers.append(None if held is None else capture_tokens(held, lo, hi))
                 else:
                     layers.append(None)
             out.append((lo, hi, tuple(layers)))
@@ -785,7 +796,7 @@ class PrefixCache:
 
     def store(
         self,
-        tokens: Sequence[int],
+        tokens: Tokens,
         caches: list,
         *,
         namespace: Optional[str] = None,
@@ -811,7 +822,7 @@ class PrefixCache:
 
     # --- control: pins and clears ----------------------------------------------------
 
-    def pin(self, tokens: Sequence[int], *, namespace: Optional[str] = None, ttl: Optional[float] = None) -> int:
+    def pin(self, tokens: Tokens, *, namespace: Optional[str] = None, ttl: Optional[float] = None) -> int:
         """Keep the stored prefix `tokens` restorable regardless of the eviction policy, until
         `unpin(tokens)` or, with `ttl`, until that many seconds have passed; returns how many
         tokens are pinned (the part of `tokens` that is stored and restorable, 0 if none).
@@ -861,7 +872,7 @@ class PrefixCache:
             self._enforce()
         return p
 
-    def unpin(self, tokens: Sequence[int], *, namespace: Optional[str] = None) -> int:
+    def unpin(self, tokens: Tokens, *, namespace: Optional[str] = None) -> int:
         """End the pin made by `pin(tokens)` (the same tokens and namespace); returns the tokens it
         kept (0: there was none, or its ttl had passed). The prefix stays stored, for the
         eviction policy to judge like any other."""
@@ -915,7 +926,7 @@ class PrefixCache:
         logger.debug("clear ns=%s prefix=%s: %d tokens dropped", namespace, None if arr is None else len(arr), dropped)
         return dropped
 
-    def lookup(self, tokens: Sequence[int], *, namespace: Optional[str] = None) -> int:
+    def lookup(self, tokens: Tokens, *, namespace: Optional[str] = None) -> int:
         """How many leading tokens of `tokens` the tries hold restorable now (every tier, no
         holdback); nothing changes (kept hot sessions and the shared tier are not asked)."""
         arr = as_token_array(tokens)
@@ -936,8 +947,14 @@ class PrefixCache:
         top = None
         if last is not None and (m == len(arr) or (m == last.end and last.is_leaf)):
             top = last  # (else what is stored of the prefix continues elsewhere: nothing is its own)
-            while not top.pins and not top.parent.is_root and len(top.parent.children) == 1 and not top.parent.pins:
-                top = top.parent  # the prefix's own positions, back to where another sequence branches off
+            while (
+                not top.pins
+                and (parent := top.parent) is not None
+                and not parent.is_root
+                and len(parent.children) == 1
+                and not parent.pins
+            ):
+                top = parent  # the prefix's own positions, back to where another sequence branches off
         kept = top.start if top is not None else m
         n = len(arr)
         self._drop_hot(
@@ -1004,7 +1021,7 @@ class PrefixCache:
         dropped = False
         while order:
             held = held_bytes(self._pins.nodes())
-            if not any(budgets[t] is not None and held.get(t, 0) > budgets[t] for t in (DEVICE, HOST)):
+            if not any((b := budgets[t]) is not None and held.get(t, 0) > b for t in (DEVICE, HOST)):
                 break
             pin = order.pop(0)
             logger.info("a pin of %d tokens gives way to the budgets", len(pin.tokens))
@@ -1072,7 +1089,7 @@ class PrefixCache:
         return [
             a
             for c, r in zip(leaves(caches), self._rules)
-            for a in (_live_arrays([c]) if r.kind == STATE else (r.live(c) or ()))
+            for a in (_live_arrays([c]) if isinstance(r, StateRule) else (r.live(c) or ()))
         ]
 
     def _check_open(self) -> None:
@@ -1108,7 +1125,7 @@ class PrefixCache:
                     if self._closed:
                         return
                     self._storage.drain()
-                    self._storage.disk.persist()
+                    self._storage.require_disk().persist()
             except Exception:  # never let the thread die: the next round tries again
                 logger.exception("persisting records failed")
 
@@ -1166,7 +1183,8 @@ class PrefixCache:
             if type(c).__name__ != expected:  # by name: mlx-lm's KVCache may stand in for kvtrie's
                 raise CacheMismatchError(f"layer {i}: expected a {expected}, got {type(c).__name__}")
             held = rule.offset(c)
-            if rule.kind == KV and held == 0 and rule.live(c) is None:  # a layer this model never writes
+            # a layer this model never writes
+            if isinstance(rule, KVRule) and rule.kind == KV and held == 0 and rule.live(c) is None:
                 signature.append((KV, "unused"))
                 continue
             if held is not None and held != offset:
@@ -1318,13 +1336,11 @@ def _check_offsets(offsets: Any) -> tuple[int, ...]:
 
 def _live_arrays(live: Sequence[Any]) -> list[mx.array]:
     """The arrays a list of leaf caches holds (their `state`, whatever its layout)."""
-    from mlx.utils import tree_flatten
-
-    out = []
+    out: list[mx.array] = []
     for c in live:
         try:
             state = c.state
         except Exception:  # a cache whose state cannot be read yet
             continue
-        out.extend(a for _, a in tree_flatten(state) if isinstance(a, mx.array))
+        out.extend(a for _, a in tree_items(state) if isinstance(a, mx.array))
     return out

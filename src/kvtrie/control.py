@@ -29,7 +29,7 @@ import math
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any, Optional
+from typing import Any, Literal, Optional, overload
 
 import attrs
 
@@ -88,6 +88,14 @@ def _check(body: dict, name: str, kinds: tuple, what: str) -> Any:
     if value is not None and ((isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds)):
         raise bad_request(f'"{name}" must be {what}, got {json.dumps(value)[:80]}')
     return value
+
+
+@overload
+def parse_target(body: dict, *, required: Literal[True] = True) -> Target: ...
+
+
+@overload
+def parse_target(body: dict, *, required: bool) -> Optional[Target]: ...
 
 
 def parse_target(body: dict, *, required: bool = True) -> Optional[Target]:
@@ -150,6 +158,8 @@ def render(target: Target, tokenizer: Any, cli_args: Any) -> list[int]:
     else:
         from mlx_lm.server import convert_chat, process_message_content
 
+        if target.messages is None:
+            raise ValueError("a Target names its prefix: messages, prompt or tokens")
         messages = copy.deepcopy(target.messages)
         try:
             if tokenizer.has_chat_template:
@@ -288,7 +298,11 @@ class Controller:
                 ttl=request.ttl,
             )
             self.cache.trim_sequences(pc)
-            out = {"tokens_stored": len(tokens), "cached_before": len(tokens) - added.added, "pinned": added.pinned > 0}
+            out: dict[str, Any] = {
+                "tokens_stored": len(tokens),
+                "cached_before": len(tokens) - added.added,
+                "pinned": added.pinned > 0,
+            }
             if added.pin_error is not None:
                 out["pin_error"] = added.pin_error
             logger.info(

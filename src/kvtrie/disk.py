@@ -274,7 +274,7 @@ def _meta(header_bytes: bytes) -> tuple[dict, dict]:
     return header, meta
 
 
-def decode(data: bytes) -> tuple[tuple[Any, ...], Any, dict]:
+def decode(data: bytes | memoryview) -> tuple[tuple[Any, ...], Any, dict]:
     """The layer payloads (host arrays), logits and record header of a file made by `encode`.
 
     The arrays are read-only views of `data` (safetensors' own loader would copy them):
@@ -544,7 +544,8 @@ class DiskStore:
                 arrays = [
                     pool.take(shape, dtype) if pool is not None else np.empty(shape, dtype) for _, dtype, shape in names
                 ]
-                views = [memoryview(a.reshape(-1).view(np.uint8)) for a in arrays if a.nbytes]
+                # (an ndarray has the buffer protocol; numpy's stubs say so only for Python >= 3.12)
+                views = [memoryview(a.reshape(-1).view(np.uint8)) for a in arrays if a.nbytes]  # type: ignore[arg-type]
                 got = 0
                 for k in range(0, len(views), _IOV_MAX):
                     got += _preadv(fd, views[k : k + _IOV_MAX], 8 + n + got)
@@ -599,9 +600,10 @@ class DiskStore:
         health = self.health
         while True:
             job = self._jobs.get()
+            if job is None:
+                self._jobs.task_done()
+                return
             try:
-                if job is None:
-                    return
                 # (the outcome is in `done` before the health changes: whoever sees the change finds it there)
                 if isinstance(job, str):
                     try:

@@ -271,7 +271,8 @@ def config_info(config: Any) -> ModelInfo:
     text model's where it nests one)."""
     if not isinstance(config, dict):
         return ModelInfo()
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    nested = config.get("text_config")
+    text = nested if isinstance(nested, dict) else {}
 
     def first(key: str) -> Optional[int]:
         for source in (config, text):

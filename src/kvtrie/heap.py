@@ -80,7 +80,8 @@ def thp_mode() -> Optional[str]:
 
 
 def _glibc_version() -> Optional[tuple[int, int]]:
-    name, version = os.confstr("CS_GNU_LIBC_VERSION").split() if hasattr(os, "confstr") else ("", "")
+    text = os.confstr("CS_GNU_LIBC_VERSION") if hasattr(os, "confstr") else None  # (None: no value there)
+    name, version = text.split() if text else ("", "")
     if name != "glibc":
         return None
     major, minor = version.split(".")[:2]

@@ -87,10 +87,27 @@ class QuantizedRule(KVRule):
 
 
 @attrs.frozen
-class RotatingRule(KVRule):
-    """mlx-lm's RotatingKVCache: `keep` sink positions plus a window of `max_size` (a `WINDOW` layer)."""
+class WindowRule(KVRule):
+    """Per-token keys/values of which the live cache keeps only a window (a `WINDOW` layer)."""
 
     kind: str = WINDOW
+
+    def geometry(self, cache: Any) -> Geometry:
+        """Which positions the window holds at each length."""
+        raise NotImplementedError
+
+    def segments(self, cache: Any) -> list[tuple[int, tuple[mx.array, ...]]]:
+        """The positions the live buffer still holds: `(first position, arrays)` runs in order."""
+        raise NotImplementedError
+
+    def load_window(self, cache: Any, arrays: Optional[Sequence[mx.array]], p: int) -> None:
+        """Set the live window to `arrays` (None: empty) at position `p`."""
+        raise NotImplementedError
+
+
+@attrs.frozen
+class RotatingRule(WindowRule):
+    """mlx-lm's RotatingKVCache: `keep` sink positions plus a window of `max_size` (a `WINDOW` layer)."""
 
     def geometry(self, cache: Any) -> Geometry:
         return RotatingWindow(int(cache.keep), int(cache.max_size))
@@ -133,10 +150,8 @@ class RotatingRule(KVRule):
 
 
 @attrs.frozen
-class ChunkRule(KVRule):
+class ChunkRule(WindowRule):
     """mlx-lm's ChunkedKVCache (llama4): keys from `start_position` on, within chunks of `chunk_size`."""
-
-    kind: str = WINDOW
 
     def geometry(self, cache: Any) -> Geometry:
         return ChunkWindow(int(cache.chunk_size))

@@ -108,7 +108,7 @@ class ReplyText:
     def message(self, tools: Optional[list]) -> dict:
         """The assistant message as a client sends it back (reasoning left out)."""
         texts = self.tool_texts + ([self.tool_text] if self.prev == "tool" and self.tool_text else [])
-        calls = []
+        calls: list[dict[str, Any]] = []
         for text in texts:
             parsed = self.ctx.tool_parser(text, tools)
             for call in parsed if isinstance(parsed, list) else [parsed]:
@@ -119,7 +119,7 @@ class ReplyText:
                         "function": {"name": call["name"], "arguments": call["arguments"]},
                     }
                 )
-        message = {"role": "assistant", "content": self.text}
+        message: dict[str, Any] = {"role": "assistant", "content": self.text}
         if calls:
             message["tool_calls"] = calls
         return message
@@ -275,7 +275,7 @@ class NextTurn:
             if self._task is None:
                 self._start(provider)
             else:
-                self._advance(provider)
+                self._advance(provider, self._task)
         except Exception:
             logger.exception("next turn: a background job failed")
             self._drop()
@@ -322,12 +322,11 @@ class NextTurn:
 
         return render
 
-    def _advance(self, provider: Any) -> None:
+    def _advance(self, provider: Any, task: Task) -> None:
         import mlx.core as mx
 
         from .layers import leaves
 
-        task = self._task
         n = len(task.tokens)
         if provider.model_key != task.model_key or provider.model is None:
             self._drop()

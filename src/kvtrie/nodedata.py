@@ -45,9 +45,21 @@ class NodeData:
     tenant: str = "default"  # whose namespace holds it (`tenants.tenant_of`): byte shares are per tenant
 
     @property
+    def on_disk(self) -> DiskRef:
+        """What the records of a node whose payloads are only on disk (`layers` None) hold."""
+        assert self.disk is not None, "a node with no payloads in memory has its records' reference"
+        return self.disk
+
+    @property
+    def in_memory(self) -> tuple[LayerPayload, ...]:
+        """The payloads of a node that holds them in memory (device or host tier)."""
+        assert self.layers is not None, "the node's payloads are only on disk"
+        return self.layers
+
+    @property
     def nbytes(self) -> int:
         if self.layers is None:
-            return self.disk.nbytes
+            return self.on_disk.nbytes
         return sum(p.nbytes for p in self.layers if p is not None) + (
             self.logits.nbytes if self.logits is not None else 0
         )
@@ -56,7 +68,7 @@ class NodeData:
     def snapshot_nbytes(self) -> int:
         """Bytes of the recurrent snapshot and its logits (the rest is per-token KV)."""
         if self.layers is None:
-            return self.disk.snapshot_nbytes
+            return self.on_disk.snapshot_nbytes
         states = sum(p.nbytes for p, k in zip(self.layers, self.kinds) if k == STATE and p is not None)
         return states + (self.logits.nbytes if self.logits is not None else 0)
 
@@ -64,14 +76,14 @@ class NodeData:
     def has_state(self) -> bool:
         """Every whole-state layer has a snapshot at this node's end (true when there is none)."""
         if self.layers is None:
-            return self.disk.has_state
+            return self.on_disk.has_state
         return all(p is not None for p, k in zip(self.layers, self.kinds) if k == STATE)
 
     @property
     def has_snapshot(self) -> bool:
         """Some whole-state layer holds a snapshot here (one that could be dropped under pressure)."""
         if self.layers is None:
-            return self.disk.has_snapshot
+            return self.on_disk.has_snapshot
         return any(p is not None for p, k in zip(self.layers, self.kinds) if k == STATE)
 
     def payloads(self) -> list[Any]:
@@ -79,7 +91,7 @@ class NodeData:
 
     def with_arrays(self, fn, tier: str) -> NodeData:
         """A copy whose payload and logits arrays went through `fn` (a tier move)."""
-        layers = tuple(None if p is None else p.map(fn) for p in self.layers)
+        layers = tuple(None if p is None else p.map(fn) for p in self.in_memory)
         logits = None if self.logits is None else fn(self.logits)
         return attrs.evolve(self, layers=layers, logits=logits, tier=tier, disk=None)
 

@@ -70,6 +70,8 @@ class Pager:
         deadline: Optional[Callable[[Any], float]] = None,
         now: Optional[Callable[[], float]] = None,
     ):
+        if deadline is not None and now is None:
+            raise ValueError("a Pager with a deadline needs now (the clock deadlines are on)")
         budgets = {
             DEVICE: check_budget("device_bytes", device_bytes),
             HOST: check_budget("host_bytes", host_bytes),
@@ -218,7 +220,7 @@ class Pager:
     def _first(self, order: SortedList, dead: SortedList) -> tuple[Optional[Any], int]:
         """The most overdue node if one is past its deadline, else the first candidate in the
         policy's order, and the bytes of the blocking nodes that come before it."""
-        if dead and dead[0][0] < self.now():
+        if dead and self.now is not None and dead[0][0] < self.now():
             return self._nodes[dead[0][-1]], 0
         ahead = 0
         for key in order:

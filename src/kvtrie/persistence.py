@@ -24,7 +24,7 @@ import hashlib
 import logging
 import queue
 from collections.abc import Sequence
-from typing import Any, Optional, Protocol
+from typing import Any, Literal, Optional, Protocol, overload
 
 import attrs
 import numpy as np
@@ -44,6 +44,12 @@ logger = logging.getLogger("kvtrie")
 
 class TrieHost(Protocol):
     """What the disk tier asks of the storage that owns the tries, their orders and the tier counters."""
+
+    @overload
+    def trie(self, namespace: str, create: Literal[True]) -> Trie: ...
+
+    @overload
+    def trie(self, namespace: str, create: bool = False) -> Optional[Trie]: ...
 
     def trie(self, namespace: str, create: bool = False) -> Optional[Trie]:
         """The namespace's trie (made if `create`)."""
@@ -268,7 +274,7 @@ class DiskTier:
     def _parent_stem(self, node: Node, start: int) -> Optional[str]:
         """The record that holds the position just before `start` on `node`'s path (one in flight
         counts: its key is known before it is written)."""
-        holder = node if start > node.start else node.parent
+        holder = node if start > node.start else node.up
         if holder.parent is None:
             return None
         if holder.payload.segments and self._covered(holder):
@@ -280,7 +286,7 @@ class DiskTier:
 
     def _queue_record(self, node: Node, then_drop_memory: bool = False) -> int:
         queued = 0
-        parent = node.parent
+        parent = node.up
         if parent.parent is not None and not self._covered(parent) and parent.id not in self._persisting:
             queued += self._queue_record(parent)  # a record hangs off the one before it on its path
         return queued + self._queue_own(node, then_drop_memory)
@@ -407,25 +413,27 @@ class DiskTier:
                     self.pool,
                 )
             entry = self._persisting.get(job.node_id)
-            current = entry is not None and entry[1] is job
-            if current:
+            if entry is not None and entry[1] is not job:
+                entry = None  # (the node's current write is a later one)
+            if entry is not None:
                 del self._persisting[job.node_id]
             if error is not None:
                 self._unhang(job.record["parent"])
                 if not isinstance(error, WriteSkipped):
                     self._count_write_error()
                     logger.debug("writing a record to %s failed (%s)", self.store.dir, error)
-                if current:
-                    node = entry[0]
+                if entry is not None:
+                    back = entry[0]
                     if entry[2]:  # its memory was to go: the node is back in the host tier
-                        host.account(node.payload, -1)
-                        node.payload = attrs.evolve(node.payload, tier=HOST, disk=None)
-                        host.account(node.payload, +1)
-                        host.reindex(node)
+                        host.account(back.payload, -1)
+                        back.payload = attrs.evolve(back.payload, tier=HOST, disk=None)
+                        host.account(back.payload, +1)
+                        host.reindex(back)
                         returned += 1
-                    self.unsaved(node)  # (written once writes resume)
+                    self.unsaved(back)  # (written once writes resume)
                 continue
-            node = entry[0] if current else None
+            node = entry[0] if entry is not None else None
+            assert name is not None  # (a write that succeeded names its file)
             record = job.record
             start = record["start"]
             span = (start, start + len(record["tokens"])) if record["kv"] else None
@@ -438,6 +446,7 @@ class DiskTier:
                 self.unsaved(node)
             if not self._keep_written(job, name, superseded):
                 continue
+            assert node is not None and entry is not None  # (kept: not superseded, so the node's current write)
             self.counters.disk_writes += 1
             self._applied(node, job.stem, record)
             if entry[2]:
@@ -636,8 +645,8 @@ class DiskTier:
             logger.warning("disk tier %s: %d records of another model or cache layout deleted", store.dir, len(foreign))
             for name in foreign:
                 self._delete_now(name)
-        foreign = set(foreign)
-        records = {DiskStore.stem(n): (n, r) for n, r in found if n not in foreign}
+        gone = set(foreign)
+        records = {DiskStore.stem(n): (n, r) for n, r in found if n not in gone}
         ends: dict[str, Node] = {}  # record -> the node ending where the record ends
         latest = 0
         loaded = 0
@@ -676,6 +685,7 @@ class DiskTier:
         ns, start, tokens = record["namespace"], int(record["start"]), np.asarray(record["tokens"], dtype=np.int32)
         trie = host.trie(ns, create=True)
         parent_stem = record.get("parent")
+        at: Optional[Node]
         if parent_stem is None:
             if start != 0:
                 return None

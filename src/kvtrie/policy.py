@@ -38,6 +38,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any, Optional
 
 import attrs
@@ -294,7 +295,7 @@ class WorthPolicy:
         created: set[int],
         snapshot_bytes: Callable[[], int],
         drop: Callable[[Any], None],
-        proven: set[int] = frozenset(),
+        proven: AbstractSet[int] = frozenset(),
     ) -> None:
         """After a commit along `path` (which took the snapshots of the nodes in `created`, and
         proved the branch points in `proven`): drop the speculative snapshots that no longer

@@ -14,9 +14,9 @@ from typing import Any
 
 import attrs
 import mlx.core as mx
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_map
 
-from .arrays import AnyArray, HostArray
+from .arrays import AnyArray, HostArray, tree_items
 
 
 def _is_array(x: Any) -> bool:
@@ -32,7 +32,7 @@ class RecurrentPayload:
     nbytes: int = attrs.field(init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
-        arrays = tuple(a for _, a in tree_flatten(self.states) if _is_array(a))
+        arrays = tuple(a for _, a in tree_items(self.states) if _is_array(a))
         object.__setattr__(self, "_arrays", arrays)
         object.__setattr__(self, "nbytes", sum(a.nbytes for a in arrays))
 
@@ -52,11 +52,11 @@ def capture_state(tree: Any) -> RecurrentPayload:
     buffer, and never the live array itself, so later writes to the live cache cannot
     reach the payload.
     """
-    if not any(isinstance(a, mx.array) for _, a in tree_flatten(tree)):
+    if not any(isinstance(a, mx.array) for _, a in tree_items(tree)):
         raise ValueError("the cache holds no state yet: run the model before capturing")
     return RecurrentPayload(tree_map(lambda a: mx.contiguous(a) if isinstance(a, mx.array) else a, tree))
 
 
 def state_dtypes(tree: Any) -> tuple[Any, ...]:
     """The dtypes of a state tree's arrays, in order (part of a layer's signature)."""
-    return tuple(a.dtype for _, a in tree_flatten(tree) if isinstance(a, mx.array))
+    return tuple(a.dtype for _, a in tree_items(tree) if isinstance(a, mx.array))

@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import attrs
 
@@ -173,8 +173,8 @@ class ServerPromptCache(TriePromptCache):
         self.options = options
         self._provider = model_provider
         self._lock = threading.Lock()
-        self._splits: dict[tuple[int, ...], tuple[int, ...]] = {}
-        self._breakpoints: dict[tuple[int, ...], tuple[tuple[int, ...], tuple[str, ...]]] = {}
+        self._splits: dict[tuple[str, tuple[int, ...]], tuple[int, ...]] = {}
+        self._breakpoints: dict[tuple[str, tuple[int, ...]], tuple[tuple[int, ...], tuple[str, ...]]] = {}
         self.breakpoint_requests = 0
         self.breakpoints = 0
         self.keep_alive = KeepAlive()  # breakpoints kept for their TTL once stored
@@ -640,7 +640,7 @@ def make_batch_generator(base: type, cache: ServerPromptCache) -> type:
     class SplittingBatchGenerator(base):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            self._kvtrie_splits: dict[int, list[int]] = {}  # uid -> segment ends to store quietly
+            self._kvtrie_splits: dict[int, list[Any]] = {}  # uid -> [segments seen, segment ends to store quietly]
             self._kvtrie_namespaces: dict[int, str] = {}  # uid -> its request's namespace
             self._kvtrie_model_key = cache._provider.model_key
 
@@ -991,7 +991,8 @@ def run(
     mx.set_cache_limit(options.mlx_cache_limit)
     return_large_frees(MMAP_THRESHOLD)
     cache = ServerPromptCache(options, model_provider)
-    server.BatchGenerator = make_batch_generator(_original_batch_generator(server), cache)
+    # (mlx-lm's class replaced by a subclass made at run time: mypy allows no such assignment)
+    cast(Any, server).BatchGenerator = make_batch_generator(_original_batch_generator(server), cache)
     limits = guard.Limits.for_server(options, model_provider)
     generator_class = with_tenants(guard.with_prompt_limit(server.ResponseGenerator, limits), cache)
     generator = with_jobs(with_next_turn(generator_class, cache, enabled=options.next_turn))(model_provider, cache)
@@ -1049,7 +1050,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     saved = server.argparse, server.run, sys.argv
     shim = argparse.Namespace(**{k: getattr(argparse, k) for k in dir(argparse) if not k.startswith("__")})
     shim.ArgumentParser = _Parser
-    server.argparse, server.run = shim, run
+    patched = cast(Any, server)  # (its argparse module and run function replaced: mypy allows no such assignment)
+    patched.argparse, patched.run = shim, run
     if argv is not None:
         sys.argv = ["kvtrie serve", *argv]
     else:

@@ -162,6 +162,7 @@ def _generation_arguments(request: api.MessagesRequest, generator: Any, tokenize
     import mlx_lm.server as server
 
     cli = generator.cli_args
+    assert request.max_tokens is not None  # (only a count_tokens request has none, and it generates nothing)
     logit_bias = None
     if request.tool_choice is not None and request.tool_choice.type == "none" and tokenizer.has_tool_calling:
         start = tokenizer.encode(tokenizer.tool_call_start, add_special_tokens=False)
@@ -169,7 +170,8 @@ def _generation_arguments(request: api.MessagesRequest, generator: Any, tokenize
             logit_bias = {start[0]: BAN}
     pick = lambda value, default: default if value is None else value  # noqa: E731
     return server.GenerationArguments(
-        model=server.ModelDescription(model="default_model", draft="default_model", adapter=None),
+        # (mlx-lm passes adapter=None itself; its annotation says str)
+        model=server.ModelDescription(model="default_model", draft="default_model", adapter=None),  # type: ignore[arg-type]
         sampling=server.SamplingArguments(
             temperature=pick(request.temperature, cli.temp),
             top_p=pick(request.top_p, cli.top_p),

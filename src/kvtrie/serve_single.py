@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import attrs
 import mlx.core as mx
@@ -57,8 +57,9 @@ def dequantized(caches: Sequence[Any]) -> list:
             from mlx_lm.models.cache import KVCache
 
             n, kv = int(c.offset), KVCache()
-            kv.keys, kv.values = (
-                mx.dequantize(*parts, group_size=c.group_size, bits=c.bits)[..., :n, :] for parts in (c.keys, c.values)
+            kv.keys, kv.values = (  # (each a (packed, scales, biases) triple)
+                mx.dequantize(w, scales, biases, group_size=c.group_size, bits=c.bits)[..., :n, :]
+                for w, scales, biases in (c.keys, c.values)
             )
             kv.offset = n
             out[i] = kv
@@ -99,7 +100,7 @@ class SinglePath:
             self._local.tokenized = None if vision is not None else Tokenized(tuple(prompt), segment_ends(segments))
             return out
 
-        wrapped._kvtrie_tokenize = tokenize
+        cast(Any, wrapped)._kvtrie_tokenize = tokenize  # (a mark on the function: mypy knows no such attribute)
         return wrapped
 
     def __call__(self, model: Any, tokenizer: Any, prompt: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
@@ -185,7 +186,7 @@ def install(server: Any, generator: Any, cache: Any) -> SinglePath:
     def stream_generate(*args: Any, **kwargs: Any) -> Iterator[Any]:
         return path(*args, **kwargs)
 
-    stream_generate._kvtrie_original = original
+    cast(Any, stream_generate)._kvtrie_original = original  # (as above)
     server.stream_generate = stream_generate
     tokenize = generator._tokenize
     generator._tokenize = path.tokenize(getattr(tokenize, "_kvtrie_tokenize", tokenize))

@@ -68,6 +68,7 @@ class Gate:
         _scope.namespace = DEFAULT_TENANT
         handler.kvtrie_namespace, handler.kvtrie_caller, handler.kvtrie_body = DEFAULT_TENANT, None, None
         path = handler.path.split("?", 1)[0]
+        caller: Optional[Tenant]
         if self.tenants is None:
             caller = Tenant(DEFAULT_TENANT, admin=True)
         elif path in OPEN_PATHS:

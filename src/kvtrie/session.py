@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, Optional, Protocol
 
 import mlx.core as mx
@@ -10,6 +9,7 @@ import numpy as np
 
 from .errors import SessionError
 from .policy import BRANCH
+from .trie import Tokens
 
 
 class SessionOwner(Protocol):
@@ -17,7 +17,7 @@ class SessionOwner(Protocol):
 
     def _capture(self, session: Session, offset: Optional[int], logits: Optional[mx.array]) -> int: ...
 
-    def _commit(self, session: Session, tokens: Sequence[int], caches: Any) -> int: ...
+    def _commit(self, session: Session, tokens: Tokens, caches: Any) -> int: ...
 
     def _close(self, session: Session) -> None: ...
 
@@ -94,7 +94,7 @@ class Session:
         self._check_open("capture")
         return self._owner._capture(self, offset, logits)
 
-    def commit(self, tokens: Sequence[int], caches: Optional[list] = None) -> int:
+    def commit(self, tokens: Tokens, caches: Optional[list] = None) -> int:
         """Store the state of `tokens` held by `caches` (default: this session's); returns tokens added.
 
         The caches must hold exactly `len(tokens)` positions and `tokens` must begin with

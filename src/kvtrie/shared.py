@@ -473,7 +473,7 @@ class SharedTier:
             self._sent.popitem(last=False)
 
     def _value(self, kind: str, start: int, length: int, pieces: list, states: Optional[tuple]) -> bytes:
-        layers = []
+        layers: list[Optional[KVPayload | RecurrentPayload]] = []
         state_iter = iter(states or ())
         for i, kind_i in enumerate(self.kinds):
             if kind_i == STATE:

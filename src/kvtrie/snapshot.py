@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future
 from typing import Any, Optional
 
 import attrs
@@ -148,11 +149,11 @@ def stitch(
     results: list[list[Optional[mx.array]]] = []
     jobs = []
     for t, (pieces, capacity, _) in enumerate(targets):
-        stored = [p for p in pieces if p.payload is not None]
-        template = stored[0].payload
+        stored = [p.payload for p in pieces if p.payload is not None]
+        template = stored[0]
         results.append([None] * len(template.arrays))
         for i, a in enumerate(template.arrays):
-            if cpu or all(isinstance(p.payload.arrays[i], HostArray) for p in stored):
+            if cpu or all(isinstance(s.arrays[i], HostArray) for s in stored):
                 jobs.append((t, i, pieces, a, capacity))
                 continue
             chunks = []
@@ -187,7 +188,7 @@ def stitch(
     ]
     copies = [to_device(a) for a in whole]
     for t, i, dtype, job in futures:
-        buf = job.result() if parallel else job
+        buf = job.result() if isinstance(job, Future) else job  # (a future when parallel)
         results[t][i] = from_numpy(buf, dtype)
         pool.give(buf)
     mx.eval(results, copies)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Iterator, Sequence
-from typing import Any, Optional
+from typing import Any, Literal, Optional, overload
 
 import attrs
 import numpy as np
@@ -31,7 +31,7 @@ from .paging import DEVICE, DISK, HOST, Pager, payloads_to_host, release
 from .persistence import DiskTier
 from .policy import WorthPolicy
 from .recurrent import RecurrentPayload
-from .snapshot import evaluate, merge_kv, split_kv
+from .snapshot import KVPayload, evaluate, merge_kv, split_kv
 from .tenants import DEFAULT_TENANT, tenant_of
 from .trie import Match, Node, Trie
 
@@ -77,7 +77,14 @@ class TieredStorage:
 
     # --- structure ---------------------------------------------------------------------------
 
+    @overload
+    def trie(self, namespace: str, create: Literal[True]) -> Trie: ...
+
+    @overload
+    def trie(self, namespace: str, create: bool = False) -> Optional[Trie]: ...
+
     def trie(self, namespace: str, create: bool = False) -> Optional[Trie]:
+        """The namespace's trie; None if it has none, unless `create`."""
         trie = self.tries.get(namespace)
         if trie is None and create:
             trie = self.tries[namespace] = Trie(self._split_data, self._merge_data)
@@ -122,6 +129,7 @@ class TieredStorage:
     def boundary(self, trie: Trie, arr: np.ndarray, offset: int) -> Node:
         """The node on `arr`'s stored path that ends exactly at `offset`, splitting an edge if needed."""
         node = trie.match(arr[:offset]).last
+        assert node is not None, "the path to `offset` is stored"
         return self.split(trie, node, offset) if node.end > offset else node
 
     def attach(
@@ -181,8 +189,8 @@ class TieredStorage:
         top, bottom = split_segments(data.segments, k)
         if data.layers is None:  # on disk: only the records' references split
             n = sum(seg.length for seg in data.segments)
-            per_token = (data.disk.nbytes - data.disk.snapshot_nbytes) // n
-            ref = data.disk
+            ref = data.on_disk
+            per_token = (ref.nbytes - ref.snapshot_nbytes) // n
             return (
                 NodeData(
                     None,
@@ -204,7 +212,7 @@ class TieredStorage:
         upper: list[LayerPayload] = []
         lower: list[LayerPayload] = []
         for p, kind in zip(data.layers, self.kinds):
-            if kind == STATE or p is None:
+            if kind == STATE or not isinstance(p, KVPayload):
                 a, b = None, p
             else:
                 a, b = split_kv(p, k)
@@ -229,19 +237,19 @@ class TieredStorage:
     def _merge_data(self, upper: NodeData, lower: NodeData) -> NodeData:
         """Per-token payloads concatenate (a hole in either half is a hole in both); the upper
         node's snapshot (mid-edge now) is dropped."""
-        merged = []
-        for a, b, kind in zip(upper.layers, lower.layers, self.kinds):
+        merged: list[LayerPayload] = []
+        for a, b, kind in zip(upper.in_memory, lower.in_memory, self.kinds):
             if kind == STATE:
                 merged.append(b)
-            elif a is None or b is None:
+            elif not isinstance(a, KVPayload) or not isinstance(b, KVPayload):
                 merged.append(None)
             else:
                 merged.append(merge_kv(a, b))
         evaluate(merged)
-        release(upper.layers, self.pool)
+        release(upper.in_memory, self.pool)
         if upper.logits is not None:
             release([Logits(upper.logits)], self.pool)
-        release([p for p, kind in zip(lower.layers, self.kinds) if kind != STATE], self.pool)
+        release([p for p, kind in zip(lower.in_memory, self.kinds) if kind != STATE], self.pool)
         covered = upper.segments and lower.segments  # a merged edge is in records only if both halves were
         return attrs.evolve(lower, layers=tuple(merged), segments=upper.segments + lower.segments if covered else ())
 
@@ -296,6 +304,12 @@ class TieredStorage:
         if node.parent is not None:
             self.rekey_below(node)
 
+    def require_disk(self) -> DiskTier:
+        """The disk tier, for what runs only with one."""
+        if self.disk is None:
+            raise RuntimeError("this cache has no disk tier (disk_dir)")
+        return self.disk
+
     def tiers(self) -> tuple[str, ...]:
         """The tiers payloads move down through. A tier below the device with a zero budget (and
         nothing in it) is left out: what would move there is evicted from the tier above."""
@@ -307,12 +321,13 @@ class TieredStorage:
         """Move a node's payloads one tier (device <-> host, host -> disk) and account for it."""
         data = node.payload
         if tier == DISK:
-            if not self.disk.accepts(node):  # the disk tier is degraded and the node has no record
+            disk = self.require_disk()
+            if not disk.accepts(node):  # the disk tier is degraded and the node has no record
                 self._drop_unwritable(node)
                 return
             if data.tier == DEVICE:  # a host tier with no budget is skipped: through host memory
                 self.move(node, HOST)
-            self.disk.write_back(node)
+            disk.write_back(node)
             return
         self.account(data, -1)
         if tier == HOST:
@@ -400,19 +415,21 @@ class TieredStorage:
                     self.evict(node)
                     progress = True
                     continue
-                upper = next((t for t in reversed(chain[:-1]) if pager.next_move(t) is not None), None)
-                if upper is None:
+                above = next((t for t in reversed(chain[:-1]) if pager.next_move(t) is not None), None)
+                if above is None:
                     break
                 # the last tier holds only nodes waiting for their children: send a leaf down
                 # (it can go from there), else whatever comes first
-                leaf = next((n for n in pager.evictable_order(upper) if n.is_leaf and not n.pins), None)
-                self.move(leaf or pager.next_move(upper), chain[chain.index(upper) + 1])
+                leaf = next((n for n in pager.evictable_order(above) if n.is_leaf and not n.pins), None)
+                first = leaf or pager.next_move(above)
+                assert first is not None  # (`above` was picked for having one)
+                self.move(first, chain[chain.index(above) + 1])
                 progress = True
 
     def evict(self, node: Node) -> None:
         """Free what `node` holds: a leaf goes; an interior node drops its recurrent snapshot."""
         data = node.payload
-        parent = node.parent
+        parent = node.up  # (the root is never evicted)
         if node.is_leaf:
             self.counters.evictions += 1
             self.counters.evicted_tokens += len(node.tokens)
@@ -535,7 +552,7 @@ class TieredStorage:
             if top.pins:  # an open session uses it: keep it, look below
                 stack.extend(top.children.values())
                 continue
-            parent = top.parent
+            parent = top.up
             order, below = [], [top]
             while below:
                 m = below.pop()
@@ -614,7 +631,7 @@ class TieredStorage:
 
     def drop_subtree(self, node: Node) -> None:
         """Remove a node and all its descendants (none is pinned: pins reach every ancestor)."""
-        parent = node.parent
+        parent = node.up
         stack, order = [node], []
         while stack:
             n = stack.pop()
@@ -634,19 +651,20 @@ class TieredStorage:
     def flush_to_disk(self) -> None:
         """Everything that fits goes to disk and every write finishes (the records describe the trie)."""
         saved = dict(self.pager.budgets)
-        self.disk.retry_now()  # (degraded: one last try, so as not to lose what a recovered disk would take)
+        disk = self.require_disk()
+        disk.retry_now()  # (degraded: one last try, so as not to lose what a recovered disk would take)
         self.pager.budgets.update({DEVICE: 0, HOST: 0})
         self.enforce()
-        self.disk.persist()
-        self.disk.flush()
-        self.disk.drain()
+        disk.persist()
+        disk.flush()
+        disk.drain()
         self.pager.budgets.update(saved)
 
     def load_records(self) -> None:
         """Start warm from the directory's records that were made for the same model (see
         `DiskTier.load`): the rebuilt nodes enter the orders, the clock goes on from the last
         recorded use, and the budgets are enforced."""
-        latest = self.disk.load()
+        latest = self.require_disk().load()
         for trie in self.tries.values():
             self.reindex(*(n for n, _ in trie.walk()))
         self.clock = itertools.count(latest + 1)

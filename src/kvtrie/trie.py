@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import array
 import itertools
-from collections.abc import Callable, Iterator
-from typing import Any, Optional
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Optional, Union
 
 import attrs
 import numpy as np
@@ -25,6 +25,8 @@ def common_prefix(a: Any, b: Any) -> int:
 
 
 TOKEN_DTYPE = np.int32
+
+Tokens = Union[Sequence[int], np.ndarray]  # token ids: ints, or a 1-D integer array (see `as_token_array`)
 
 SplitFn = Callable[[Any, int], tuple[Any, Any]]
 MergeFn = Callable[[Any, Any], Any]
@@ -48,6 +50,13 @@ class Node:
     @property
     def end(self) -> int:
         return self.start + len(self.tokens)
+
+    @property
+    def up(self) -> Node:
+        """The parent of a node other than the root (asking the root is an error)."""
+        if self.parent is None:
+            raise ValueError("the root has no parent")
+        return self.parent
 
     @property
     def is_root(self) -> bool:
@@ -115,7 +124,7 @@ def as_token_array(tokens: Any) -> np.ndarray:
         except (TypeError, OverflowError):
             arr = None  # the checks below say why
         lo = int(arr.min()) if arr is not None else -1
-        if lo > 1 or (lo >= 0 and bool not in set(map(type, tokens))):
+        if arr is not None and (lo > 1 or (lo >= 0 and bool not in set(map(type, tokens)))):
             return arr
     if isinstance(tokens, (str, bytes)):
         raise TypeError(f"tokens must be a sequence of integer token ids, got {type(tokens).__name__}")
@@ -227,7 +236,7 @@ class Trie:
             raise ValueError(f"split position {at} must lie strictly inside [{node.start}, {node.end})")
         k = at - node.start
         upper_payload, lower_payload = self._split_payload(node.payload, k)
-        parent = node.parent
+        parent = node.up
         upper = Node(next(self._ids), node.tokens[:k].copy(), node.start, parent, upper_payload)
         upper.pins = node.pins
         upper.last_used = node.last_used
@@ -252,8 +261,8 @@ class Trie:
         child.payload = self._merge_payload(node.payload, child.payload)
         child.tokens = np.concatenate([node.tokens, child.tokens])
         child.start = node.start
-        child.parent = node.parent
-        node.parent.children[int(child.tokens[0])] = child
+        child.parent = node.up
+        node.up.children[int(child.tokens[0])] = child
         node.parent = None
         node.children = {}
         self.num_nodes -= 1
@@ -265,7 +274,7 @@ class Trie:
             raise ValueError(f"only a leaf can be removed, {node!r} has children")
         if node.pins:
             raise ValueError(f"{node!r} is pinned by an open session and cannot be removed")
-        parent = node.parent
+        parent = node.up
         del parent.children[int(node.tokens[0])]
         self.num_leaves -= parent.is_root or not parent.is_leaf  # else the parent becomes a leaf
         node.parent = None

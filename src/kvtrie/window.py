@@ -145,7 +145,7 @@ class Recorder:
             if at + n > lo and at < hi:
                 chosen.append(tuple(a[:, :, max(lo - at, 0) : min(hi - at, n)] for a in piece))
             at += n
-        return tuple(mx.contiguous(mx.concatenate(parts, axis=2)) for parts in zip(*chosen))
+        return tuple(mx.contiguous(mx.concatenate(list(parts), axis=2)) for parts in zip(*chosen))
 
     def reset(self, start: int) -> None:
         """Forget everything recorded: the positions before `start` are stored elsewhere now."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import attrs
 import mlx.core as mx
@@ -75,6 +75,7 @@ def generate_step(
     arr = as_token_array(prompt)
     with prefix_cache.begin(arr, namespace=namespace, capture_hints=capture_hints) as session:
         caches = session.caches
+        assert caches is not None  # (an open session holds its caches)
         done = session.cached
         step = int(kwargs.get("prefill_step_size", 2048))
         for point in session.capture_at:  # hybrid models: snapshot recurrent state on the way
@@ -89,7 +90,7 @@ def generate_step(
                 mx.array(arr[done:], dtype=mx.int32), model, prompt_cache=caches, **kwargs
             ):
                 generated.append(int(token))
-                yield token, logprobs
+                yield token, logprobs  # type: ignore[misc]  # (mlx-lm yields int tokens; its annotation says mx.array)
         finally:
             tokens = np.concatenate([arr, np.array(generated, dtype=arr.dtype)])
             held = cache_offset(caches)
@@ -131,6 +132,7 @@ def prefill(
         check_ttl(ttl)  # (before any work)
     with prefix_cache.begin(arr, namespace=namespace, capture_hints=capture_hints) as session:
         caches = session.caches
+        assert caches is not None  # (an open session holds its caches)
         done = session.cached
         for point in (*session.capture_at, len(arr)):
             for lo in range(done, point, prefill_step_size):
@@ -183,8 +185,9 @@ class TriePromptCache:
     def _trie(self, model: Any, like: Optional[list] = None) -> Optional[PrefixCache]:
         """The model's PrefixCache, made from `make_cache` or from caches shaped `like` the given ones."""
         pc = self._tries.get(model)
-        if pc is None and self._make_cache is not None:
-            pc = self._tries[model] = PrefixCache(lambda: self._make_cache(model), **self._kwargs)
+        make = self._make_cache
+        if pc is None and make is not None:
+            pc = self._tries[model] = PrefixCache(lambda: make(model), **self._kwargs)
         elif pc is None and like is not None:
             templates = [_empty_like(c) for c in like]
             pc = self._tries[model] = PrefixCache(lambda: [_empty_like(c) for c in templates], **self._kwargs)
@@ -218,6 +221,7 @@ class TriePromptCache:
     ) -> None:
         """Store the state `prompt_cache` holds for `tokens` (cut to the positions the cache holds)."""
         pc = self._trie(model, like=prompt_cache)
+        assert pc is not None  # (made `like` the given caches if need be)
         held = cache_offset(prompt_cache)
         tokens = list(tokens)[: len(tokens) if held is None else held]
         if tokens:
@@ -316,4 +320,4 @@ def use_in_server(**prefix_cache_kwargs: Any) -> None:
     def make(max_size: int = 10, max_bytes: int = 1 << 63) -> TriePromptCache:
         return TriePromptCache(max_size, max_bytes, **prefix_cache_kwargs)
 
-    server.LRUPromptCache = make
+    cast(Any, server).LRUPromptCache = make  # (replacing mlx-lm's class with a factory: mypy allows no such assignment)

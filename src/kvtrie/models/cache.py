@@ -48,13 +48,13 @@ class KVCache:
     def _store(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         prev = self.offset
         n = keys.shape[2]
-        if self.keys is None or prev + n > self.keys.shape[2]:
+        if self.keys is None or self.values is None or prev + n > self.keys.shape[2]:
             B, H, _, dk = keys.shape
             dv = values.shape[3]
             grow = ((n + self.step - 1) // self.step) * self.step
             new_k = mx.zeros((B, H, grow, dk), keys.dtype)
             new_v = mx.zeros((B, H, grow, dv), values.dtype)
-            if self.keys is None:
+            if self.keys is None or self.values is None:  # (both or neither)
                 self.keys, self.values = new_k, new_v
             else:
                 self.keys = mx.concatenate([self.keys[..., :prev, :], new_k], axis=2)
@@ -65,9 +65,9 @@ class KVCache:
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
 
     @property
-    def state(self) -> tuple[mx.array, mx.array]:
-        """The stored keys and values, exactly `offset` positions long."""
-        if self.keys is None:
+    def state(self) -> tuple[Optional[mx.array], Optional[mx.array]]:
+        """The stored keys and values, exactly `offset` positions long (None, None before the first token)."""
+        if self.keys is None or self.values is None:  # (both or neither)
             return None, None
         if self.offset == self.keys.shape[2]:
             return self.keys, self.values
@@ -111,7 +111,7 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         """Bytes of the buffers this cache holds (including unused capacity)."""
-        if self.keys is None:
+        if self.keys is None or self.values is None:  # (both or neither)
             return 0
         return self.keys.nbytes + self.values.nbytes
 

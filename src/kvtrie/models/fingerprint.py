@@ -9,7 +9,8 @@ from typing import Any
 import attrs
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten
+
+from ..arrays import tree_items
 
 _SAMPLE = 4096  # bytes hashed from each end of every weight
 
@@ -28,7 +29,7 @@ def model_fingerprint(model: Any) -> str:
     if args is not None:
         config = attrs.asdict(args) if attrs.has(type(args)) else dict(vars(args))
         h.update(json.dumps(config, sort_keys=True, default=str).encode())
-    for name, w in tree_flatten(model.parameters()):
+    for name, w in tree_items(model.parameters()):
         h.update(f"{name}:{tuple(w.shape)}:{w.dtype}".encode())
         flat = w.reshape(-1)
         view = flat.view(mx.uint16) if w.dtype == mx.bfloat16 else flat

@@ -26,7 +26,7 @@ SamplerFn = Callable[[mx.array, Sequence[int]], int]
 
 def greedy(logits: mx.array, history: Sequence[int] = ()) -> int:
     """Argmax sampling, the default."""
-    return int(mx.argmax(logits.reshape(-1)).item())
+    return int(mx.argmax(logits.reshape(-1)).item())  # type: ignore[arg-type]  # (an index: item() is an int; the stubs allow complex)
 
 
 @attrs.frozen
@@ -112,13 +112,15 @@ class Generation:
         start = session.cached if session is not None else 0
         captures = {p - start for p in session.capture_at} if session is not None else set()
         cuts = sorted(set(range(self._step, len(rest), self._step)) | captures | {len(rest)})
-        logits, done = None, 0
+        logits: Optional[mx.array] = None
+        done = 0
         for cut in cuts:
             logits = self._forward(rest[done:cut], caches)
             mx.eval(logits)
             done = cut
             if cut in captures:
                 session.capture(start + cut, logits=logits if cut == len(rest) else None)
+        assert logits is not None  # (`cuts` holds len(rest) at least)
         return logits
 
     def _run(self) -> Iterator[int]:
@@ -131,6 +133,7 @@ class Generation:
         try:
             cached = session.cached if session is not None else 0
             caches = session.caches if session is not None else self._model.make_cache()
+            assert caches is not None  # (an open session holds its caches)
             rest = prompt[cached:]
             if session is not None and session.logits is not None:  # the whole prompt, with its logits
                 logits = session.logits
@@ -224,4 +227,5 @@ def generate(
     )
     for _ in gen:
         pass
+    assert gen.result is not None  # (set once the generation ends)
     return gen.result

@@ -13,12 +13,13 @@ import os
 import shutil
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Union
+from typing import Any, Union, cast
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_unflatten
 
+from ..arrays import tree_items
 from . import llama, qwen3_next
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -103,7 +104,7 @@ def init_random_weights(model: nn.Module, seed: int) -> nn.Module:
     of uniform decay rates, biases 0; norm weights and `dt_bias` keep their constructor
     values.
     """
-    params = sorted(tree_flatten(model.parameters()))
+    params = sorted(tree_items(model.parameters()))
     keys = mx.random.split(mx.random.key(seed), len(params))
     new = []
     for (name, p), key in zip(params, keys):
@@ -157,7 +158,7 @@ def load_model(name_or_path: Union[str, PathLike], seed: int = 0) -> tuple[nn.Mo
         raise ValueError(f"{path} has no *.safetensors weight files")
     weights: dict[str, mx.array] = {}
     for file in files:
-        weights.update(mx.load(str(file)))
+        weights.update(cast(dict[str, mx.array], mx.load(str(file))))  # (a .safetensors file: a dict)
     weights = model.sanitize(weights)
     model.load_weights([(k, v.astype(dtype)) for k, v in weights.items()], strict=True)
     mx.eval(model.parameters())
@@ -178,7 +179,7 @@ def save_model(model: nn.Module, path: PathLike, tokenizer: Any = None) -> None:
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    weights = dict(tree_flatten(model.parameters()))
+    weights = dict(tree_items(model.parameters()))
     dtype = weights["model.embed_tokens.weight"].dtype
     dtype_name = next((n for n, d in _DTYPES.items() if d == dtype), None)
     if dtype_name is None:

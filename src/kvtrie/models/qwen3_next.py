@@ -293,8 +293,8 @@ def gated_delta_chunked(
     size = min(chunk, 1 << (L - 1).bit_length())
     outs = []
     for s in range(0, L, span):
-        part = (x[:, s : s + span] for x in (q, k, v, g, beta))
-        o, state = _delta_span(*part, state, size)
+        at = slice(s, s + span)
+        o, state = _delta_span(q[:, at], k[:, at], v[:, at], g[:, at], beta[:, at], state, size)
         outs.append(o)
     return mx.concatenate(outs, axis=1) if len(outs) > 1 else outs[0], state
 
@@ -464,7 +464,7 @@ class DecoderLayer(nn.Module):
         else:
             self.self_attn = Attention(args)
         if args.is_moe(layer):
-            self.mlp = SparseMoeBlock(args)
+            self.mlp: SparseMoeBlock | MLP = SparseMoeBlock(args)
         else:
             self.mlp = MLP(args.hidden_size, args.intermediate_size)
         self.input_layernorm = ZeroCenteredRMSNorm(args.hidden_size, args.rms_norm_eps)

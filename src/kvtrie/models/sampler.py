@@ -44,12 +44,12 @@ def _temperature(instance: Any, attribute: attrs.Attribute, value: float) -> Non
         raise ValueError(f"Sampler.temperature must be >= 0 (0 = greedy), got {value!r}")
 
 
-def _top_p(instance: Any, attribute: attrs.Attribute, value: float) -> None:
+def _check_top_p(instance: Any, attribute: attrs.Attribute, value: float) -> None:
     if not (0.0 < value <= 1.0):
         raise ValueError(f"Sampler.top_p must be in (0, 1] (1.0 = off), got {value!r}")
 
 
-def _min_p(instance: Any, attribute: attrs.Attribute, value: float) -> None:
+def _check_min_p(instance: Any, attribute: attrs.Attribute, value: float) -> None:
     if not (0.0 <= value < 1.0):
         raise ValueError(f"Sampler.min_p must be in [0, 1) (0.0 = off), got {value!r}")
 
@@ -85,8 +85,8 @@ class Sampler:
 
     temperature: float = attrs.field(default=1.0, converter=float, validator=_temperature)
     top_k: int = attrs.field(default=0, validator=_non_negative_int)
-    top_p: float = attrs.field(default=1.0, converter=float, validator=_top_p)
-    min_p: float = attrs.field(default=0.0, converter=float, validator=_min_p)
+    top_p: float = attrs.field(default=1.0, converter=float, validator=_check_top_p)
+    min_p: float = attrs.field(default=0.0, converter=float, validator=_check_min_p)
     repetition_penalty: float = attrs.field(default=1.0, converter=float, validator=_repetition_penalty)
     presence_penalty: float = attrs.field(default=0.0, converter=float, validator=_finite)
     frequency_penalty: float = attrs.field(default=0.0, converter=float, validator=_finite)
@@ -123,7 +123,7 @@ class Sampler:
         if self._penalised:
             x = self.apply_penalties(x, history)
         if self.greedy:
-            return int(mx.argmax(x).item())
+            return int(mx.argmax(x).item())  # type: ignore[arg-type]  # (an index: item() is an int; the stubs allow complex)
         x = x / self.temperature
         if self.top_k > 0 and self.top_k < x.shape[0]:
             x = _top_k(x, self.top_k)
@@ -132,7 +132,7 @@ class Sampler:
         if self.min_p > 0.0:
             x = _min_p(x, self.min_p)
         self._key, sub = mx.random.split(self._key)
-        return int(mx.random.categorical(x, key=sub).item())
+        return int(mx.random.categorical(x, key=sub).item())  # type: ignore[arg-type]  # (as above)
 
     def apply_penalties(self, logits: mx.array, history: History) -> mx.array:
         """Return float32 `[V]` logits with the repetition/presence/frequency penalties applied."""

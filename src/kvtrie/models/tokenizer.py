@@ -17,7 +17,7 @@ import codecs
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -241,7 +241,8 @@ class StreamingDetokenizer:
 
     def __init__(self, tokenizer: TokenizerLike) -> None:
         self.tokenizer = tokenizer
-        self._bytewise = hasattr(tokenizer, "id_to_token_bytes")
+        self._token_bytes: Optional[Callable[[int], bytes]] = getattr(tokenizer, "id_to_token_bytes", None)
+        self._bytewise = self._token_bytes is not None
         self.reset()
 
     def reset(self) -> None:
@@ -262,8 +263,8 @@ class StreamingDetokenizer:
 
     def add_token(self, token_id: int) -> str:
         """Feed one id; return the text it completes (possibly "")."""
-        if self._bytewise:
-            return self._emit(self._utf8.decode(self.tokenizer.id_to_token_bytes(int(token_id))))
+        if self._token_bytes is not None:
+            return self._emit(self._utf8.decode(self._token_bytes(int(token_id))))
         self._window.append(int(token_id))
         text = self.tokenizer.decode(self._window)
         if len(text) <= len(self._prefix) or text.endswith("\ufffd"):
