@@ -191,15 +191,17 @@ class DiskTier:
     def _unhang(self, parent: Optional[str]) -> None:
         """A record naming `parent` is gone, or was never written: `parent` goes too if nothing else
         uses it (a record superseded while records hung off it was kept for them)."""
-        if parent is None:
-            return
+        if parent is not None and self._last_child_gone(parent):
+            self._drop_record(parent)
+
+    def _last_child_gone(self, parent: str) -> bool:
+        """One record fewer hangs off `parent`: True when none is left and nothing else uses it."""
         left = self._children.get(parent, 0) - 1
         if left > 0:
             self._children[parent] = left
-            return
+            return False
         self._children.pop(parent, None)
-        if parent not in self._refs:
-            self._drop_record(parent)
+        return parent not in self._refs
 
     def _drop_record(self, stem: str) -> None:
         """Delete a record nothing uses or hangs off, and let go of the one it hangs off (iterative:
@@ -210,14 +212,7 @@ class DiskTier:
             if name is None:
                 return
             self.store.delete_later(name)
-            if parent is None:
-                return
-            left = self._children.get(parent, 0) - 1
-            if left > 0:
-                self._children[parent] = left
-                return
-            self._children.pop(parent, None)
-            if parent in self._refs:
+            if parent is None or not self._last_child_gone(parent):
                 return
             stem = parent
 
